@@ -33,7 +33,7 @@ $(STAMPS)/detectron2: dev/install_detectron2.py $(STAMPS)/requirements
 	$(PY) dev/install_detectron2.py
 	@touch $@
 
-$(STAMPS)/project: setup.py setup.cfg $(OP_SOURCES) $(STAMPS)/detectron2 $(STAMPS)/assets
+$(STAMPS)/project: setup.py setup.cfg $(OP_SOURCES) $(STAMPS)/assets $(STAMPS)/detectron2
 	@echo "[setup] 5/5 building mimicdet and its op library mimicdet._C (editable install)"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $@
