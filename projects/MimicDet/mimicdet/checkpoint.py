@@ -1,18 +1,58 @@
-"""Checkpoint loading that never unpickles arbitrary objects."""
+"""Checkpoints that load without unpickling arbitrary objects and save without half-written files."""
+import os
 import pickle
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 
+def _atomic_write(path, write):
+    """
+    Calls `write(file)` on a temporary file beside `path`, then renames it onto `path`: a crash or
+    kill at any moment leaves either the old file or the complete new one, never a truncated one.
+    """
+    # Beside the target (same file system, so the rename is atomic); plain open keeps the umask.
+    tmp_path = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp_path, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+
+
 class WeightsOnlyCheckpointer(DetectionCheckpointer):
     """
-    A `DetectionCheckpointer` whose `.pth` loading always uses `torch.load(weights_only=True)`,
-    whatever torch's default is, so a checkpoint can only hold tensors, numbers, strings and
-    containers of them. A checkpoint that holds anything else is refused with an error naming
-    the file; there is no fallback to unsafe loading. detectron2's `.pkl` model-zoo files keep
-    detectron2's own loader.
+    A `DetectionCheckpointer` that is safe on both ends:
+
+    * `.pth` files always load with `torch.load(weights_only=True)`, whatever torch's default is,
+      so a checkpoint can only hold tensors, numbers, strings and containers of them. Anything else
+      is refused with an error naming the file; there is no fallback to unsafe loading.
+      detectron2's `.pkl` model-zoo files keep detectron2's own loader.
+    * checkpoints and the `last_checkpoint` tag are written atomically (temporary file, then
+      rename), so a kill during a save never leaves a truncated checkpoint or a tag pointing at one.
     """
+
+    def save(self, name, **kwargs):
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        _atomic_write(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        tag_file = os.path.join(self.save_dir, "last_checkpoint")
+        _atomic_write(tag_file, lambda f: f.write(last_filename_basename.encode()))
 
     def _load_file(self, filename):
         if filename.endswith(".pkl"):
