@@ -1,5 +1,7 @@
-"""Datasets used by the MimicDet project."""
+"""Datasets used by the MimicDet project, and checks that catch badly converted data early."""
 
+from .dataset_checks import check_detection_dataset_dicts
 from .deepforest import register_deepforest
+from .mapper import MimicDetDatasetMapper
 
-__all__ = ["register_deepforest"]
+__all__ = ["MimicDetDatasetMapper", "check_detection_dataset_dicts", "register_deepforest"]
