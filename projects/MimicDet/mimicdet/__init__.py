@@ -1,4 +1,8 @@
 """MimicDet for Detectron2: a one-stage detector trained by mimicking a two-stage head."""
-from .checkpoint import WeightsOnlyCheckpointer
 
-__all__ = ["WeightsOnlyCheckpointer"]
+from . import backbone as _  # noqa: F401 registers the backbone builder
+from . import modeling as _  # noqa: F401,F811 registers MimicDet and its T-head
+from .checkpoint import WeightsOnlyCheckpointer
+from .config import add_mimicdet_config
+
+__all__ = ["WeightsOnlyCheckpointer", "add_mimicdet_config"]

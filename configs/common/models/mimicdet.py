@@ -1,0 +1,95 @@
+"""MimicDet R-50-FPN as a LazyConfig; the same model (and values) as add_mimicdet_config builds."""
+
+from detectron2.config import LazyCall as L
+from detectron2.modeling.backbone import BasicStem, ResNet
+from detectron2.modeling.backbone.fpn import LastLevelP6P7
+from detectron2.modeling.matcher import Matcher
+
+from mimicdet.backbone import StaggeredFPN
+from mimicdet.modeling import MimicDet, MimicTHead, RefinementModule, SHead
+
+model = L(MimicDet)(
+    backbone=L(StaggeredFPN)(
+        bottom_up=L(ResNet)(
+            stem=L(BasicStem)(in_channels=3, out_channels=64, norm="FrozenBN"),
+            stages=L(ResNet.make_default_stages)(depth=50, stride_in_1x1=True, norm="FrozenBN"),
+            out_features=["res2", "res3", "res4", "res5"],
+            freeze_at=2,
+        ),
+        in_features="${.bottom_up.out_features}",
+        out_channels=256,
+        top_block=L(LastLevelP6P7)(in_channels=2048, out_channels="${..out_channels}"),
+    ),
+    refinement=L(RefinementModule)(
+        in_channels="${..backbone.out_channels}",
+        conv_dim=256,
+        strides=[8, 16, 32, 64, 128],
+        anchor_size_per_stride=4.0,
+        anchor_offset=0.5,
+        canonical_box_size=224,
+        canonical_level=4,
+        center_sampling_ratio=0.3,
+        min_center_radius=0.5,
+        bbox_reg_weights=(1.0, 1.0, 1.0, 1.0),
+        prior_prob=0.01,
+        pre_nms_topk_train=2000,
+        nms_thresh_train=0.8,
+        post_nms_topk_train=2000,
+        topk_test=1000,
+    ),
+    s_head=L(SHead)(
+        in_channels="${..backbone.out_channels}",
+        num_classes="${..num_classes}",
+        conv_dim=256,
+        kernel_sizes=[3, 5, 5, 5, 5],
+        offset_dims=[64, 128],
+        fc_dim=1024,
+        detach_guidance=True,
+        iou_threshold=0.6,
+        batch_size_per_image=128,
+        bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
+    ),
+    t_head=L(MimicTHead)(
+        pool_levels=[2, 3, 4, 5, 6],
+        staggered=True,
+        canonical_box_size="${..refinement.canonical_box_size}",
+        canonical_level="${..refinement.canonical_level}",
+        in_channels="${..backbone.out_channels}",
+        pooler_resolution=7,
+        pooler_type="ROIAlignV2",
+        pooler_sampling_ratio=0,
+        num_conv=4,
+        conv_dim=256,
+        num_fc=2,
+        fc_dim=1024,
+        bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
+        smooth_l1_beta=0.0,
+        num_classes="${..num_classes}",
+        proposal_append_gt=True,
+        batch_size_per_image=128,
+        positive_fraction=0.25,
+        proposal_matcher=L(Matcher)(
+            thresholds=[0.6], labels=[0, 1], allow_low_quality_matches=False
+        ),
+    ),
+    head_in_features=["p3", "p4", "p5", "p6", "p7"],
+    num_classes=80,
+    mimic_paths=["cls", "reg"],
+    mimic_per_image=64,
+    detach_teacher=True,
+    loss_weights={
+        "loss_refine_cls": 1.0,
+        "loss_refine_box": 1.0,
+        "loss_s_cls": 1.0,
+        "loss_s_box": 1.0,
+        "loss_t_cls": 1.0,
+        "loss_t_box": 1.0,
+        "loss_mimic_cls": 1.0,
+        "loss_mimic_reg": 1.0,
+    },
+    test_score_thresh=0.005,
+    test_nms_thresh=0.6,
+    max_detections_per_image=100,
+    pixel_mean=[103.530, 116.280, 123.675],
+    pixel_std=[1.0, 1.0, 1.0],
+)

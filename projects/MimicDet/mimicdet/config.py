@@ -1,0 +1,143 @@
+"""Default config keys of MimicDet; every key says whether the paper fixes it or we chose it."""
+
+from detectron2.config import CfgNode as CN
+
+
+def add_mimicdet_config(cfg):
+    """
+    Add the ``MODEL.MIMICDET`` namespace and set detectron2 keys that MimicDet reads
+    (``MODEL.ROI_HEADS.*`` and ``MODEL.ROI_BOX_HEAD.*`` configure the T-head, because
+    detectron2's ``ROIHeads.from_config`` reads them; ``MODEL.ROI_HEADS.NUM_CLASSES`` is the one
+    number of classes for every head).
+    """
+    _C = cfg
+
+    # paper: the detector
+    _C.MODEL.META_ARCHITECTURE = "MimicDet"
+    # paper: ResNet / ResNeXt under the staggered FPN (P2..P7, P6/P7 from C5)
+    _C.MODEL.BACKBONE.NAME = "build_mimicdet_resnet_fpn_backbone"
+    # paper: C2..C5 out of the ResNet
+    _C.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # paper: FPN over C2..C5 (P2 feeds only the training-time T-head)
+    _C.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+
+    _C.MODEL.MIMICDET = CN()
+    # paper: the T-head pools a box from one level finer than the S-head handles it on
+    _C.MODEL.MIMICDET.STAGGERED = True
+    # multipliers of the loss terms; the paper sums them unweighted
+    _C.MODEL.MIMICDET.LOSS_WEIGHTS = CN()
+    # paper: 1 (refinement objectness BCE)
+    _C.MODEL.MIMICDET.LOSS_WEIGHTS.REFINE_CLS = 1.0
+    # paper: 1 (refinement box L1)
+    _C.MODEL.MIMICDET.LOSS_WEIGHTS.REFINE_BOX = 1.0
+    # paper: 1 (S-head cross-entropy)
+    _C.MODEL.MIMICDET.LOSS_WEIGHTS.S_CLS = 1.0
+    # paper: 1 (S-head box L1)
+    _C.MODEL.MIMICDET.LOSS_WEIGHTS.S_BOX = 1.0
+    # paper: 1 (T-head cross-entropy)
+    _C.MODEL.MIMICDET.LOSS_WEIGHTS.T_CLS = 1.0
+    # paper: 1 (T-head box L1)
+    _C.MODEL.MIMICDET.LOSS_WEIGHTS.T_BOX = 1.0
+    # paper: 1 (mimic loss, classification path)
+    _C.MODEL.MIMICDET.LOSS_WEIGHTS.MIMIC_CLS = 1.0
+    # paper: 1 (mimic loss, regression path)
+    _C.MODEL.MIMICDET.LOSS_WEIGHTS.MIMIC_REG = 1.0
+
+    _C.MODEL.MIMICDET.REFINE = CN()
+    # paper: the refinement module and the S-head run on P3..P7
+    _C.MODEL.MIMICDET.REFINE.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # paper: one square anchor per location, side = 4 x stride
+    _C.MODEL.MIMICDET.REFINE.ANCHOR_SIZE_PER_STRIDE = 4.0
+    # default (ours): anchors centred in their cell, as FCOS places its points
+    _C.MODEL.MIMICDET.REFINE.ANCHOR_OFFSET = 0.5
+    # paper: 256-channel 3x3 conv before the objectness and box branches
+    _C.MODEL.MIMICDET.REFINE.CONV_DIM = 256
+    # default (ours): detectron2's canonical FPN level rule assigns each GT to one level
+    _C.MODEL.MIMICDET.REFINE.CANONICAL_BOX_SIZE = 224
+    # default (ours): detectron2's canonical level (stride 16) for a 224-pixel box
+    _C.MODEL.MIMICDET.REFINE.CANONICAL_LEVEL = 4
+    # default (notes): positive centres lie in the GT shrunk to 0.3 of its width and height
+    _C.MODEL.MIMICDET.REFINE.CENTER_SAMPLING_RATIO = 0.3
+    # default (ours): the shrunk box is at least one cell wide, so small GTs keep a positive
+    _C.MODEL.MIMICDET.REFINE.MIN_CENTER_RADIUS = 0.5
+    # default (ours): Faster R-CNN RPN delta weights for the anchor -> refined box step
+    _C.MODEL.MIMICDET.REFINE.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+    # default (ours): RetinaNet's objectness prior so the many negatives don't swamp early BCE
+    _C.MODEL.MIMICDET.REFINE.PRIOR_PROB = 0.01
+    # default (ours): top-k refined boxes per level before the training NMS, as detectron2's RPN
+    _C.MODEL.MIMICDET.REFINE.PRE_NMS_TOPK_TRAIN = 2000
+    # paper: NMS IoU of the refined boxes in training
+    _C.MODEL.MIMICDET.REFINE.NMS_THRESH_TRAIN = 0.8
+    # paper: refined boxes kept per image in training (the S-head samples, the T-head pool)
+    _C.MODEL.MIMICDET.REFINE.POST_NMS_TOPK_TRAIN = 2000
+    # paper: refined boxes per image, by objectness, that the S-head scores at inference
+    _C.MODEL.MIMICDET.REFINE.TOPK_TEST = 1000
+
+    _C.MODEL.MIMICDET.S_HEAD = CN()
+    # paper: channels of the guided deformable conv
+    _C.MODEL.MIMICDET.S_HEAD.CONV_DIM = 256
+    # paper: 3x3 deformable conv on P3 (compute), 5x5 on P4..P7; one entry per REFINE level
+    _C.MODEL.MIMICDET.S_HEAD.KERNEL_SIZES = [3, 5, 5, 5, 5]
+    # paper: hidden widths of the offset micro-network (1x1 convs 64 -> 128 -> 2*k*k)
+    _C.MODEL.MIMICDET.S_HEAD.OFFSET_DIMS = [64, 128]
+    # default (ours): the refinement is trained by its own losses; offsets follow its boxes
+    _C.MODEL.MIMICDET.S_HEAD.DETACH_GUIDANCE = True
+    # paper: 1024-d classification and regression features, as the T-head's
+    _C.MODEL.MIMICDET.S_HEAD.FC_DIM = 1024
+    # paper: a refined box is positive at IoU >= 0.6 with a GT, as in the T-head
+    _C.MODEL.MIMICDET.S_HEAD.IOU_THRESHOLD = 0.6
+    # default (notes): classification samples per image: all positives + hardest negatives
+    _C.MODEL.MIMICDET.S_HEAD.BATCH_SIZE_PER_IMAGE = 128
+    # paper: deltas of the S-head relative to the refined box, Fast R-CNN weights
+    _C.MODEL.MIMICDET.S_HEAD.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+    # paper: COCO evaluation score threshold
+    _C.MODEL.MIMICDET.S_HEAD.SCORE_THRESH_TEST = 0.005
+    # paper: per-class NMS IoU at inference
+    _C.MODEL.MIMICDET.S_HEAD.NMS_THRESH_TEST = 0.6
+
+    _C.MODEL.MIMICDET.T_HEAD = CN()
+    # default (ours): False drops the T-head from training (the paper's "S-head alone" row)
+    _C.MODEL.MIMICDET.T_HEAD.ENABLED = True
+    # paper: four 3x3 convs in the regression path
+    _C.MODEL.MIMICDET.T_HEAD.NUM_CONV = 4
+    # paper: 256 channels in those convs
+    _C.MODEL.MIMICDET.T_HEAD.CONV_DIM = 256
+    # paper: two fcs before the class logits
+    _C.MODEL.MIMICDET.T_HEAD.NUM_FC = 2
+    # paper: 1024-d fcs in both paths (the regression path has one)
+    _C.MODEL.MIMICDET.T_HEAD.FC_DIM = 1024
+
+    _C.MODEL.MIMICDET.MIMIC = CN()
+    # paper: mimic loss on; False is the "S-head alone" ablation (no mimic loss)
+    _C.MODEL.MIMICDET.MIMIC.ENABLED = True
+    # paper: dual path; ["cls"] or ["reg"] are the single-path ablations
+    _C.MODEL.MIMICDET.MIMIC.PATHS = ["cls", "reg"]
+    # default (notes): B_m holds up to 64 T-head samples per image
+    _C.MODEL.MIMICDET.MIMIC.NUM_PER_IMAGE = 64
+    # default (notes): the mimic gradient trains the S-head and backbone, not the T-head
+    _C.MODEL.MIMICDET.MIMIC.DETACH_TEACHER = True
+
+    # the T-head is a detectron2 ROIHeads and reads the usual ROI_HEADS / ROI_BOX_HEAD keys;
+    # MODEL.ROI_HEADS.NUM_CLASSES is the number of classes of every MimicDet head
+    # paper: the training-only two-stage head
+    _C.MODEL.ROI_HEADS.NAME = "MimicTHead"
+    # paper: a box is positive at IoU >= 0.6 with a GT
+    _C.MODEL.ROI_HEADS.IOU_THRESHOLDS = [0.6]
+    # paper: below 0.6 background, above foreground (no ignored band)
+    _C.MODEL.ROI_HEADS.IOU_LABELS = [0, 1]
+    # paper: 128 sampled boxes per image
+    _C.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 128
+    # paper: positives:negatives 1:3
+    _C.MODEL.ROI_HEADS.POSITIVE_FRACTION = 0.25
+    # default (ours): GT boxes join the T-head pool, as detectron2 does for its RPN proposals
+    _C.MODEL.ROI_HEADS.PROPOSAL_APPEND_GT = True
+    # paper: 7x7 RoIAlign
+    _C.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
+    # default (ours): detectron2's pixel-aligned RoIAlign
+    _C.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIAlignV2"
+    # default (ours): detectron2's adaptive sampling points per bin
+    _C.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO = 0
+    # paper: Fast R-CNN delta weights, class-agnostic
+    _C.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+    # paper: L1 box loss (smooth L1 with beta 0)
+    _C.MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA = 0.0

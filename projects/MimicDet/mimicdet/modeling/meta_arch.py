@@ -1,0 +1,263 @@
+"""MimicDet: a one-stage detector whose dense S-head mimics a training-only two-stage T-head."""
+
+import logging
+from typing import Dict, List, Optional, Sequence
+
+from detectron2.config import configurable
+from detectron2.layers import batched_nms, cat
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_roi_heads
+from detectron2.modeling.backbone import Backbone
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils.events import get_event_storage
+from torch import Tensor, nn
+
+from .mimic_loss import dual_path_mimic_losses, sample_mimic_boxes
+from .refinement import RefinementModule
+from .s_head import SHead
+
+__all__ = ["MimicDet"]
+
+logger = logging.getLogger(__name__)
+
+
+@META_ARCH_REGISTRY.register()
+class MimicDet(DenseDetector):
+    """
+    Training: staggered pyramid P2..P7 -> refinement (P3..P7) -> refined boxes -> S-head (dense,
+    P3..P7) and T-head (sampled boxes, pooled one level finer) -> refinement, S-head, T-head and
+    mimic losses. Inference: P3..P7 -> refinement -> top refined boxes -> S-head; the T-head and
+    P2 never run.
+
+    ``forward`` is :class:`DenseDetector`'s flow with two heads in sequence instead of one, so
+    the base's ``head`` is unused; preprocessing, the loss-normaliser EMA and the dense
+    transposes come from the base.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        refinement: RefinementModule,
+        s_head: SHead,
+        t_head: Optional[nn.Module],
+        head_in_features: List[str],
+        num_classes: int,
+        mimic_paths: Sequence[str],
+        mimic_per_image: int,
+        detach_teacher: bool,
+        loss_weights: Dict[str, float],
+        test_score_thresh: float,
+        test_nms_thresh: float,
+        max_detections_per_image: int,
+        pixel_mean,
+        pixel_std,
+    ):
+        """
+        Args:
+            backbone: a pyramid returning ``head_in_features`` (and the T-head's finer level in
+                training), e.g. :class:`StaggeredFPN`.
+            refinement, s_head: the dense modules on ``head_in_features``.
+            t_head: the T-head (:class:`MimicTHead`), or None to train the S-head alone.
+            head_in_features: the dense levels, e.g. ``["p3", ..., "p7"]``.
+            num_classes: foreground classes ``C``.
+            mimic_paths: subset of ``("cls", "reg")`` to mimic; empty turns mimicking off.
+            mimic_per_image: size of B_m per image.
+            detach_teacher: stop the mimic gradient at the T-head.
+            loss_weights: multiplier per loss name; missing names weigh 1.
+            test_score_thresh, test_nms_thresh, max_detections_per_image: inference filtering.
+            pixel_mean, pixel_std: see :class:`DenseDetector`.
+        """
+        super().__init__(
+            backbone, None, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std
+        )
+        assert t_head is not None or not mimic_paths, "mimicking needs the T-head"
+        self.refinement = refinement
+        self.s_head = s_head
+        self.roi_heads = t_head
+        self.num_classes = num_classes
+        self.mimic_paths = list(mimic_paths)
+        self.mimic_per_image = mimic_per_image
+        self.detach_teacher = detach_teacher
+        self.loss_weights = dict(loss_weights)
+        self.test_score_thresh = test_score_thresh
+        self.test_nms_thresh = test_nms_thresh
+        self.max_detections_per_image = max_detections_per_image
+        self.register_load_state_dict_post_hook(_explain_absent_training_only_weights)
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        mcfg = cfg.MODEL.MIMICDET
+        dense_shapes = [shapes[f] for f in mcfg.REFINE.IN_FEATURES]
+        weights = mcfg.LOSS_WEIGHTS
+        return {
+            "backbone": backbone,
+            "refinement": RefinementModule(cfg, dense_shapes),
+            "s_head": SHead(cfg, dense_shapes),
+            "t_head": build_roi_heads(cfg, shapes) if mcfg.T_HEAD.ENABLED else None,
+            "head_in_features": mcfg.REFINE.IN_FEATURES,
+            "num_classes": cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+            "mimic_paths": mcfg.MIMIC.PATHS if mcfg.MIMIC.ENABLED else [],
+            "mimic_per_image": mcfg.MIMIC.NUM_PER_IMAGE,
+            "detach_teacher": mcfg.MIMIC.DETACH_TEACHER,
+            "loss_weights": {
+                "loss_refine_cls": weights.REFINE_CLS,
+                "loss_refine_box": weights.REFINE_BOX,
+                "loss_s_cls": weights.S_CLS,
+                "loss_s_box": weights.S_BOX,
+                "loss_t_cls": weights.T_CLS,
+                "loss_t_box": weights.T_BOX,
+                "loss_mimic_cls": weights.MIMIC_CLS,
+                "loss_mimic_reg": weights.MIMIC_REG,
+            },
+            "test_score_thresh": mcfg.S_HEAD.SCORE_THRESH_TEST,
+            "test_nms_thresh": mcfg.S_HEAD.NMS_THRESH_TEST,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
+
+    def forward(self, batched_inputs: List[Dict[str, Tensor]]):
+        """
+        Args:
+            batched_inputs: as :class:`DenseDetector`; ``instances`` is needed in training.
+
+        Returns:
+            training: dict of losses; inference: per image ``{"instances": Instances}`` with
+            ``pred_boxes``, ``scores``, ``pred_classes`` at the requested output size.
+        """
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        if self.training:
+            assert "instances" in batched_inputs[0], "Instance annotations are missing in training!"
+            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+            return self.forward_training(images, features, gt_instances)
+
+        results = self.forward_inference(images, features)
+        processed = []
+        for result, inputs, image_size in zip(results, batched_inputs, images.image_sizes):
+            height = inputs.get("height", image_size[0])
+            width = inputs.get("width", image_size[1])
+            processed.append({"instances": detector_postprocess(result, height, width)})
+        return processed
+
+    def _dense_forward(self, features: Dict[str, Tensor]):
+        """
+        Returns:
+            anchors ``(R, 4)``, anchor levels ``(R,)``, and the dense predictions flattened over
+            levels: objectness ``(N, R)``, refinement deltas ``(N, R, 4)``, S-head logits
+            ``(N, R, C + 1)``, S-head deltas ``(N, R, 4)`` and per-level S-head regression
+            features ``(N, D, Hi, Wi)``.
+        """
+        dense = [features[f] for f in self.head_in_features]
+        anchors, anchor_levels = self.refinement.anchors(dense)
+        objectness, refine_deltas = self.refinement(dense)
+        s_logits, s_deltas, s_reg_feats = self.s_head(dense, refine_deltas)
+        flat = self._transpose_dense_predictions(
+            [objectness, refine_deltas, s_logits, s_deltas], [1, 4, self.num_classes + 1, 4]
+        )
+        objectness, refine_deltas, s_logits, s_deltas = [cat(x, dim=1) for x in flat]
+        return (
+            anchors,
+            anchor_levels,
+            objectness.squeeze(2),
+            refine_deltas,
+            s_logits,
+            s_deltas,
+            s_reg_feats,
+        )
+
+    def forward_training(
+        self, images: ImageList, features: Dict[str, Tensor], gt_instances: List[Instances]
+    ) -> Dict[str, Tensor]:
+        anchors, anchor_levels, objectness, refine_deltas, s_logits, s_deltas, s_reg_feats = (
+            self._dense_forward(features)
+        )
+        gt_labels, gt_boxes = self.refinement.label_anchors(anchors, anchor_levels, gt_instances)
+        num_pos = gt_labels.sum().item()
+        get_event_storage().put_scalar("refine/num_pos_anchors", num_pos / len(gt_instances))
+        # positives per batch vary a lot; RetinaNet's EMA keeps the normaliser stable
+        normalizer = self._ema_update("refine_loss_normalizer", max(num_pos, 1), 100)
+        losses = self.refinement.losses(
+            anchors, objectness, refine_deltas, gt_labels, gt_boxes, normalizer
+        )
+
+        refined = self.refinement.refined_boxes(
+            anchors, anchor_levels, objectness, refine_deltas, images.image_sizes
+        )
+        losses.update(self.s_head.losses(refined, s_logits, s_deltas, gt_instances))
+
+        if self.roi_heads is not None:
+            sampled, t_losses = self.roi_heads(images, features, refined, gt_instances)
+            losses.update(t_losses)
+            if self.mimic_paths:
+                # flattened like the other dense outputs, so anchor_index addresses it
+                reg_dim = s_reg_feats[0].shape[1]
+                reg_feats = cat(self._transpose_dense_predictions([s_reg_feats], [reg_dim])[0], 1)
+                losses.update(
+                    dual_path_mimic_losses(
+                        sample_mimic_boxes(sampled, self.mimic_per_image),
+                        s_logits,
+                        reg_feats,
+                        self.mimic_paths,
+                        self.detach_teacher,
+                    )
+                )
+        return {k: v * self.loss_weights.get(k, 1.0) for k, v in losses.items()}
+
+    def forward_inference(self, images: ImageList, features: Dict[str, Tensor]) -> List[Instances]:
+        anchors, anchor_levels, objectness, refine_deltas, s_logits, s_deltas, _ = (
+            self._dense_forward(features)
+        )
+        refined = self.refinement.refined_boxes(
+            anchors, anchor_levels, objectness, refine_deltas, images.image_sizes
+        )
+        return [
+            self.inference_single_image(r, logits[r.anchor_index], deltas[r.anchor_index])
+            for r, logits, deltas in zip(refined, s_logits, s_deltas)
+        ]
+
+    def inference_single_image(
+        self, refined: Instances, pred_logits: Tensor, pred_deltas: Tensor
+    ) -> Instances:
+        """
+        Args:
+            refined: the image's top refined boxes (``proposal_boxes``), K of them.
+            pred_logits: ``(K, C + 1)``; pred_deltas: ``(K, 4)``, the S-head at their locations.
+        """
+        boxes, scores = self.s_head.predict(refined.proposal_boxes.tensor, pred_logits, pred_deltas)
+        boxes = Boxes(boxes)
+        boxes.clip(refined.image_size)
+        box_idx, classes = (scores > self.test_score_thresh).nonzero(as_tuple=True)
+        boxes, scores = boxes[box_idx], scores[box_idx, classes]
+        keep = batched_nms(boxes.tensor, scores, classes, self.test_nms_thresh)
+        keep = keep[: self.max_detections_per_image]
+        return Instances(
+            refined.image_size,
+            pred_boxes=boxes[keep],
+            scores=scores[keep],
+            pred_classes=classes[keep],
+        )
+
+
+def _explain_absent_training_only_weights(model: MimicDet, incompatible_keys):
+    """
+    A deployed checkpoint (``tools/convert_to_deploy.py``) has no T-head and no P2 branch; say so
+    once instead of listing every tensor as missing.
+    """
+    prefixes = ["roi_heads."]
+    for name in getattr(model.backbone, "training_only_modules", []):
+        prefixes.append(f"backbone.{name}.")
+    absent = [k for k in incompatible_keys.missing_keys if k.startswith(tuple(prefixes))]
+    if not absent:
+        return
+    for k in absent:
+        incompatible_keys.missing_keys.remove(k)
+    logger.info(
+        f"Checkpoint has no weights for the training-only modules {sorted(set(prefixes))} "
+        f"({len(absent)} tensors): they keep their initialisation; inference never runs them."
+    )

@@ -1,0 +1,75 @@
+"""The dual-path cosine mimic loss between the S-head and the T-head."""
+
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from detectron2.layers import cat, nonzero_tuple
+from detectron2.structures import Instances
+from torch import Tensor
+
+__all__ = ["cosine_mimic_loss", "sample_mimic_boxes", "dual_path_mimic_losses"]
+
+# the Instances field that holds the T-head's side of each path
+_TEACHER_FIELDS = {"cls": "teacher_cls_logits", "reg": "teacher_reg_feats"}
+
+
+def cosine_mimic_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """
+    ``mean(1 - cos(student_i, teacher_i))`` over rows: 0 for identical, 2 for opposite features.
+
+    Args:
+        student, teacher: ``(M, D)``.
+
+    Returns:
+        a scalar; 0 (still connected to ``student``) when ``M == 0``.
+    """
+    if student.numel() == 0:
+        return student.sum() * 0.0
+    return (1.0 - F.cosine_similarity(student, teacher, dim=1)).mean()
+
+
+def sample_mimic_boxes(instances: List[Instances], num_per_image: int) -> List[Instances]:
+    """
+    B_m: a random subset, up to ``num_per_image`` per image, of the T-head's sampled boxes that
+    came from the refinement (``anchor_index >= 0``; appended GT boxes have no anchor location).
+    """
+    out = []
+    for inst in instances:
+        idx = nonzero_tuple(inst.anchor_index >= 0)[0]
+        idx = idx[torch.randperm(len(idx), device=idx.device)[:num_per_image]]
+        out.append(inst[idx])
+    return out
+
+
+def dual_path_mimic_losses(
+    boxes: List[Instances],
+    student_cls_logits: Tensor,
+    student_reg_feats: Tensor,
+    paths: Sequence[str] = ("cls", "reg"),
+    detach_teacher: bool = True,
+) -> Dict[str, Tensor]:
+    """
+    Mimic loss over B_m, with the S-head read at each box's original anchor location.
+
+    Args:
+        boxes: per image, B_m with ``anchor_index``, ``teacher_cls_logits`` ``(Mi, C + 1)``
+            and ``teacher_reg_feats`` ``(Mi, D)``.
+        student_cls_logits: ``(N, R, C + 1)`` the S-head's logits flattened over levels.
+        student_reg_feats: ``(N, R, D)`` the S-head's regression features likewise.
+        paths: which of ``"cls"`` (class logits) and ``"reg"`` (regression features) to mimic.
+        detach_teacher: stop the mimic gradient at the T-head.
+
+    Returns:
+        ``loss_mimic_cls`` and / or ``loss_mimic_reg``.
+    """
+    assert set(paths) <= set(_TEACHER_FIELDS), f"unknown mimic paths {paths}"
+    students = {"cls": student_cls_logits, "reg": student_reg_feats}
+    losses = {}
+    for path in paths:
+        student = cat([s[b.anchor_index] for s, b in zip(students[path], boxes)])
+        teacher = cat([b.get(_TEACHER_FIELDS[path]) for b in boxes])
+        if detach_teacher:
+            teacher = teacher.detach()
+        losses[f"loss_mimic_{path}"] = cosine_mimic_loss(student, teacher)
+    return losses

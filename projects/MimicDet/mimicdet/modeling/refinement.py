@@ -1,0 +1,278 @@
+"""The refinement module: one anchor per location, objectness and a first box regression."""
+
+import math
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec, batched_nms, cat, nonzero_tuple
+from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.structures import Boxes, Instances
+from torch import Tensor, nn
+
+__all__ = ["RefinementModule", "canonical_levels"]
+
+
+def canonical_levels(
+    boxes: Tensor, canonical_box_size: float, canonical_level: int, min_level: int, max_level: int
+) -> Tensor:
+    """
+    detectron2's FPN level rule (as ``assign_boxes_to_levels``):
+    ``floor(canonical_level + log2(sqrt(area) / canonical_box_size))`` clamped to the pyramid.
+
+    Args:
+        boxes: ``(M, 4)`` XYXY boxes.
+
+    Returns:
+        ``(M,)`` int64 pyramid levels (e.g. 3 for P3), not offsets.
+    """
+    sizes = Boxes(boxes).area().sqrt()
+    levels = torch.floor(canonical_level + torch.log2(sizes / canonical_box_size + 1e-8))
+    return levels.clamp(min=min_level, max=max_level).to(torch.int64)
+
+
+class RefinementModule(nn.Module):
+    """
+    Shared across P3..P7: a 3x3 conv and ReLU, then sibling 1x1 convs for one objectness logit and
+    4 box deltas per location; one square anchor per location.
+
+    It also labels anchors (by scale and centre), computes its own losses and turns its
+    predictions into the refined boxes that the S-head classifies and the T-head samples from.
+    Dense predictions are handled flattened over levels: ``R = sum_i Hi * Wi`` per image, level
+    by level, row-major within a level; that flat index is a refined box's "anchor location".
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        conv_dim: int,
+        strides: List[int],
+        anchor_size_per_stride: float,
+        anchor_offset: float,
+        canonical_box_size: float,
+        canonical_level: int,
+        center_sampling_ratio: float,
+        min_center_radius: float,
+        bbox_reg_weights: Tuple[float, float, float, float],
+        prior_prob: float,
+        pre_nms_topk_train: int,
+        nms_thresh_train: float,
+        post_nms_topk_train: int,
+        topk_test: int,
+    ):
+        """
+        Args:
+            in_channels: channels of every input level.
+            conv_dim: channels of the 3x3 conv.
+            strides: stride of each input level, fine to coarse, e.g. ``[8, 16, 32, 64, 128]``.
+            anchor_size_per_stride: anchor side in units of its level's stride.
+            anchor_offset: anchor centre within its cell, in strides (0.5 = cell centre).
+            canonical_box_size, canonical_level: level rule that assigns each GT to one level.
+            center_sampling_ratio: an anchor is positive if its centre lies in the GT shrunk about
+                its centre to this fraction of its width and height.
+            min_center_radius: lower bound of the shrunk box's half-size, in strides.
+            bbox_reg_weights: :class:`Box2BoxTransform` weights from anchor to refined box.
+            prior_prob: initial foreground probability of the objectness logit.
+            pre_nms_topk_train: refined boxes per level kept, by objectness, before the NMS.
+            nms_thresh_train: IoU of the per-image NMS over refined boxes in training.
+            post_nms_topk_train: refined boxes per image kept after the NMS in training.
+            topk_test: refined boxes per image kept, by objectness, at inference (no NMS).
+        """
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, conv_dim, kernel_size=3, padding=1)
+        self.objectness = nn.Conv2d(conv_dim, 1, kernel_size=1)
+        self.box_deltas = nn.Conv2d(conv_dim, 4, kernel_size=1)
+        for layer in [self.conv, self.objectness, self.box_deltas]:
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.constant_(layer.bias, 0.0)
+        nn.init.constant_(self.objectness.bias, -math.log((1 - prior_prob) / prior_prob))
+
+        self.anchor_generator = DefaultAnchorGenerator(
+            sizes=[[anchor_size_per_stride * s] for s in strides],
+            aspect_ratios=[[1.0]],
+            strides=strides,
+            offset=anchor_offset,
+        )
+        self.levels = [int(math.log2(s)) for s in strides]
+        self.canonical_box_size = canonical_box_size
+        self.canonical_level = canonical_level
+        self.center_sampling_ratio = center_sampling_ratio
+        self.min_center_radius = min_center_radius
+        self.box2box_transform = Box2BoxTransform(weights=bbox_reg_weights)
+        self.pre_nms_topk_train = pre_nms_topk_train
+        self.nms_thresh_train = nms_thresh_train
+        self.post_nms_topk_train = post_nms_topk_train
+        self.topk_test = topk_test
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: List[ShapeSpec]):
+        rcfg = cfg.MODEL.MIMICDET.REFINE
+        return {
+            "in_channels": input_shape[0].channels,
+            "conv_dim": rcfg.CONV_DIM,
+            "strides": [s.stride for s in input_shape],
+            "anchor_size_per_stride": rcfg.ANCHOR_SIZE_PER_STRIDE,
+            "anchor_offset": rcfg.ANCHOR_OFFSET,
+            "canonical_box_size": rcfg.CANONICAL_BOX_SIZE,
+            "canonical_level": rcfg.CANONICAL_LEVEL,
+            "center_sampling_ratio": rcfg.CENTER_SAMPLING_RATIO,
+            "min_center_radius": rcfg.MIN_CENTER_RADIUS,
+            "bbox_reg_weights": rcfg.BBOX_REG_WEIGHTS,
+            "prior_prob": rcfg.PRIOR_PROB,
+            "pre_nms_topk_train": rcfg.PRE_NMS_TOPK_TRAIN,
+            "nms_thresh_train": rcfg.NMS_THRESH_TRAIN,
+            "post_nms_topk_train": rcfg.POST_NMS_TOPK_TRAIN,
+            "topk_test": rcfg.TOPK_TEST,
+        }
+
+    def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+        """
+        Args:
+            features: per level ``(N, C, Hi, Wi)``.
+
+        Returns:
+            objectness logits per level ``(N, 1, Hi, Wi)`` and deltas per level ``(N, 4, Hi, Wi)``.
+        """
+        logits, deltas = [], []
+        for x in features:
+            t = F.relu(self.conv(x))
+            logits.append(self.objectness(t))
+            deltas.append(self.box_deltas(t))
+        return logits, deltas
+
+    def anchors(self, features: List[Tensor]) -> Tuple[Boxes, Tensor]:
+        """
+        Returns:
+            the anchors of all levels, ``(R, 4)`` Boxes, and each anchor's level, ``(R,)`` int64.
+        """
+        anchors = self.anchor_generator(features)
+        levels = [
+            torch.full((len(a),), lvl, device=a.device) for a, lvl in zip(anchors, self.levels)
+        ]
+        return Boxes.cat(anchors), torch.cat(levels)
+
+    def gt_levels(self, boxes: Tensor) -> Tensor:
+        """``(M, 4)`` GT boxes -> ``(M,)`` the level each one is assigned to."""
+        return canonical_levels(
+            boxes, self.canonical_box_size, self.canonical_level, self.levels[0], self.levels[-1]
+        )
+
+    @torch.no_grad()
+    def label_anchors(
+        self, anchors: Boxes, anchor_levels: Tensor, gt_instances: List[Instances]
+    ) -> Tuple[Tensor, Tensor]:
+        """
+        Each GT goes to one level by its size; an anchor of that level is positive if its centre
+        lies in the GT shrunk about its centre (the smallest such GT wins).
+
+        Args:
+            anchors: ``(R, 4)``; anchor_levels: ``(R,)``.
+            gt_instances: per image, with ``gt_boxes``.
+
+        Returns:
+            ``(N, R)`` bool positive mask and ``(N, R, 4)`` the GT box of each positive
+            (zeros elsewhere).
+        """
+        centers = anchors.get_centers()
+        strides = (2.0 ** anchor_levels.float())[:, None]
+        gt_labels, matched_boxes = [], []
+        for inst in gt_instances:
+            gt = inst.gt_boxes.tensor
+            if len(gt) == 0:
+                gt_labels.append(torch.zeros(len(anchors), dtype=torch.bool, device=gt.device))
+                matched_boxes.append(torch.zeros_like(anchors.tensor))
+                continue
+            gt_centers = (gt[:, :2] + gt[:, 2:]) / 2
+            half_size = torch.maximum(
+                (gt[:, 2:] - gt[:, :2])[None] * self.center_sampling_ratio / 2,
+                strides[:, :, None] * self.min_center_radius,
+            )  # (R, G, 2)
+            inside = ((centers[:, None] - gt_centers[None]).abs() <= half_size).all(dim=2)
+            on_level = anchor_levels[:, None] == self.gt_levels(gt)[None]
+            area = Boxes(gt).area()[None].expand(len(anchors), -1)
+            area = torch.where(inside & on_level, area, torch.full_like(area, float("inf")))
+            min_area, idx = area.min(dim=1)
+            gt_labels.append(torch.isfinite(min_area))
+            matched_boxes.append(gt[idx])
+        return torch.stack(gt_labels), torch.stack(matched_boxes)
+
+    def losses(
+        self,
+        anchors: Boxes,
+        pred_logits: Tensor,
+        pred_deltas: Tensor,
+        gt_labels: Tensor,
+        gt_boxes: Tensor,
+        normalizer: float,
+    ):
+        """
+        BCE over all anchors and L1 over positives' deltas, both summed and divided by
+        ``normalizer`` (an EMA of the number of positives kept by the meta-architecture).
+
+        Args:
+            anchors: ``(R, 4)``; pred_logits: ``(N, R)``; pred_deltas: ``(N, R, 4)``;
+            gt_labels: ``(N, R)`` bool; gt_boxes: ``(N, R, 4)``.
+        """
+        loss_cls = F.binary_cross_entropy_with_logits(
+            pred_logits, gt_labels.to(pred_logits.dtype), reduction="sum"
+        )
+        target_deltas = self.box2box_transform.get_deltas(
+            anchors.tensor[None].expand_as(gt_boxes).reshape(-1, 4), gt_boxes.reshape(-1, 4)
+        ).view_as(gt_boxes)
+        loss_box = F.l1_loss(pred_deltas[gt_labels], target_deltas[gt_labels], reduction="sum")
+        return {"loss_refine_cls": loss_cls / normalizer, "loss_refine_box": loss_box / normalizer}
+
+    @torch.no_grad()
+    def refined_boxes(
+        self,
+        anchors: Boxes,
+        anchor_levels: Tensor,
+        pred_logits: Tensor,
+        pred_deltas: Tensor,
+        image_sizes: List[Tuple[int, int]],
+    ) -> List[Instances]:
+        """
+        Decode the refined boxes and keep, per image, the top ``pre_nms_topk_train`` per level,
+        NMS, top ``post_nms_topk_train`` (training) or the top ``topk_test`` by objectness
+        (inference).
+
+        Args:
+            anchors: ``(R, 4)``; anchor_levels: ``(R,)``; pred_logits: ``(N, R)``;
+            pred_deltas: ``(N, R, 4)``.
+
+        Returns:
+            per image, Instances with ``proposal_boxes`` (detached), ``objectness_logits``,
+            ``levels`` (the pyramid level, e.g. 3) and ``anchor_index`` (flat location in R).
+        """
+        results = []
+        for logits, deltas, image_size in zip(pred_logits, pred_deltas, image_sizes):
+            if self.training:
+                candidates = []
+                for level in self.levels:
+                    idx = nonzero_tuple(anchor_levels == level)[0]
+                    k = min(self.pre_nms_topk_train, len(idx))
+                    candidates.append(idx[logits[idx].topk(k).indices])
+                idx = cat(candidates)
+            else:
+                idx = logits.topk(min(self.topk_test, len(logits))).indices
+            boxes = Boxes(self.box2box_transform.apply_deltas(deltas[idx], anchors.tensor[idx]))
+            boxes.clip(image_size)
+            keep = boxes.nonempty()
+            idx, boxes = idx[keep], boxes[keep]
+            if self.training:
+                # one NMS over all levels: refined boxes of neighbouring levels may coincide
+                keep = batched_nms(
+                    boxes.tensor, logits[idx], torch.zeros_like(idx), self.nms_thresh_train
+                )[: self.post_nms_topk_train]
+                idx, boxes = idx[keep], boxes[keep]
+            inst = Instances(image_size)
+            inst.proposal_boxes = boxes
+            inst.objectness_logits = logits[idx]
+            inst.levels = anchor_levels[idx]
+            inst.anchor_index = idx
+            results.append(inst)
+        return results

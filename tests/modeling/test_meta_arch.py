@@ -1,0 +1,131 @@
+"""MimicDet end to end: losses, gradient flow, inference path, ablation switches."""
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from mimicdet.modeling import MimicDet
+
+ALL_LOSSES = {
+    "loss_refine_cls",
+    "loss_refine_box",
+    "loss_s_cls",
+    "loss_s_box",
+    "loss_t_cls",
+    "loss_t_box",
+    "loss_mimic_cls",
+    "loss_mimic_reg",
+}
+
+
+def _train_losses(model, inputs):
+    model.train()
+    with EventStorage():
+        return model(inputs)
+
+
+def test_loss_dict_keys_and_finite(cfg, make_inputs):
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert isinstance(model, MimicDet)
+    losses = _train_losses(model, make_inputs())
+    assert set(losses) == ALL_LOSSES
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.s_head.cls_score.weight.grad.abs().sum() > 0
+    assert model.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_mimic_gradient_reaches_s_head_and_t_head_only_if_not_detached(cfg, make_inputs, detach):
+    cfg.MODEL.MIMICDET.MIMIC.DETACH_TEACHER = detach
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    losses = _train_losses(model, make_inputs())
+    (losses["loss_mimic_cls"] + losses["loss_mimic_reg"]).backward()
+
+    def grad_norm(module):
+        return sum(p.grad.abs().sum() for p in module.parameters() if p.grad is not None)
+
+    assert grad_norm(model.s_head.cls_score) > 0 and grad_norm(model.s_head.reg_fc) > 0
+    assert grad_norm(model.backbone) > 0
+    t_head_grad = grad_norm(model.roi_heads)
+    assert (t_head_grad == 0) if detach else (t_head_grad > 0)
+
+
+def test_inference_runs_no_t_head_and_no_p2(cfg, make_inputs):
+    cfg.TEST.DETECTIONS_PER_IMAGE = 7
+    model = build_model(cfg).eval()
+    called = []
+    for name, module in model.named_modules():
+        if name.startswith("roi_heads") or name in (
+            "backbone.fpn_lateral2",
+            "backbone.fpn_output2",
+        ):
+            module.register_forward_hook(lambda m, i, o, name=name: called.append(name))
+    inputs = make_inputs(num_images=2, size=96)
+    inputs[1]["height"], inputs[1]["width"] = 192, 144
+    with torch.no_grad():
+        outputs = model(inputs)
+    assert called == []
+    for out, size in zip(outputs, [(96, 96), (192, 144)]):
+        inst = out["instances"]
+        assert inst.image_size == size
+        assert {"pred_boxes", "scores", "pred_classes"} <= set(inst.get_fields())
+        assert 0 < len(inst) <= 7
+        assert (inst.scores > 0.005).all() and (inst.pred_classes < 2).all()
+
+    # the same model in training mode does run them
+    _train_losses(model, make_inputs())
+    assert "roi_heads" in called and "backbone.fpn_lateral2" in called
+
+
+def test_images_without_annotations_train(cfg, make_inputs):
+    inputs = make_inputs(num_images=2)
+    inputs[0]["instances"] = inputs[0]["instances"][[]]
+    inputs[1]["instances"] = Instances((96, 96), gt_boxes=Boxes(torch.zeros(0, 4)))
+    inputs[1]["instances"].gt_classes = torch.zeros(0, dtype=torch.int64)
+    model = build_model(cfg)
+    losses = _train_losses(model, inputs)
+    assert set(losses) == ALL_LOSSES
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_refine_box"] == 0 and losses["loss_s_box"] == 0
+    sum(losses.values()).backward()
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["MODEL.MIMICDET.MIMIC.ENABLED", False],
+            ALL_LOSSES - {"loss_mimic_cls", "loss_mimic_reg"},
+        ),
+        (
+            ["MODEL.MIMICDET.MIMIC.ENABLED", False, "MODEL.MIMICDET.T_HEAD.ENABLED", False],
+            {"loss_refine_cls", "loss_refine_box", "loss_s_cls", "loss_s_box"},
+        ),
+        (["MODEL.MIMICDET.MIMIC.PATHS", ["cls"]], ALL_LOSSES - {"loss_mimic_reg"}),
+        (["MODEL.MIMICDET.MIMIC.PATHS", ["reg"]], ALL_LOSSES - {"loss_mimic_cls"}),
+        (["MODEL.MIMICDET.STAGGERED", False], ALL_LOSSES),
+    ],
+)
+def test_ablation_switches(cfg, make_inputs, overrides, expected):
+    cfg.merge_from_list(overrides)
+    model = build_model(cfg)
+    assert (model.roi_heads is None) == (not cfg.MODEL.MIMICDET.T_HEAD.ENABLED)
+    losses = _train_losses(model, make_inputs())
+    assert set(losses) == expected
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_loss_weights_scale_their_terms(cfg, make_inputs):
+    inputs = make_inputs()
+    torch.manual_seed(0)
+    base = _train_losses(build_model(cfg), inputs)
+    cfg.MODEL.MIMICDET.LOSS_WEIGHTS.S_CLS = 0.5
+    torch.manual_seed(0)
+    scaled = _train_losses(build_model(cfg), inputs)
+    torch.testing.assert_close(scaled["loss_s_cls"], 0.5 * base["loss_s_cls"])
+    torch.testing.assert_close(scaled["loss_refine_cls"], base["loss_refine_cls"])

@@ -1,0 +1,109 @@
+"""Refinement module: anchors, scale-and-centre labels, refined boxes."""
+
+import torch
+from detectron2.layers import ShapeSpec
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from mimicdet.modeling import RefinementModule
+
+STRIDES = [8, 16, 32, 64, 128]
+SIZE = 256
+
+
+def _module(cfg):
+    return RefinementModule(cfg, [ShapeSpec(channels=32, stride=s) for s in STRIDES])
+
+
+def _features(n=1):
+    return [torch.zeros(n, 32, SIZE // s, SIZE // s) for s in STRIDES]
+
+
+def _positive_cells(module, boxes):
+    """Label one image with `boxes`; returns {(level, row, col): matched GT index}."""
+    anchors, levels = module.anchors(_features())
+    gt = Instances((SIZE, SIZE), gt_boxes=Boxes(torch.tensor(boxes, dtype=torch.float32)))
+    labels, matched = module.label_anchors(anchors, levels, [gt])
+    cells = {}
+    for idx in labels[0].nonzero().flatten().tolist():
+        level = int(levels[idx])
+        local = idx - int((levels < level).sum())
+        width = SIZE // 2**level
+        gt_idx = [tuple(b) for b in boxes].index(tuple(matched[0, idx].tolist()))
+        cells[(level, local // width, local % width)] = gt_idx
+    return cells
+
+
+def test_one_square_anchor_per_location(cfg):
+    anchors, levels = _module(cfg).anchors(_features())
+    assert len(anchors) == sum((SIZE // s) ** 2 for s in STRIDES)
+    w = anchors.tensor[:, 2] - anchors.tensor[:, 0]
+    h = anchors.tensor[:, 3] - anchors.tensor[:, 1]
+    torch.testing.assert_close(w, 4.0 * 2.0 ** levels.float())
+    torch.testing.assert_close(h, w)
+    # first anchor of P3 is centred in the first 8x8 cell
+    torch.testing.assert_close(anchors.get_centers()[0], torch.tensor([4.0, 4.0]))
+
+
+def test_box_lands_on_its_level_and_centre_cells(cfg):
+    module = _module(cfg)
+    # sqrt(area) 64 -> floor(4 + log2(64 / 224)) = 2 -> clamped to P3; stride 8, centres 8i + 4;
+    # shrunk box: 64 +- 0.3 * 64 / 2 = [54.4, 73.6] holds centres 60 and 68 (cells 7, 8)
+    small = (32, 32, 96, 96)
+    # sqrt(area) 240 -> P4; stride 16, centres 16j + 8; 128 +- 36 holds 104..152 (cells 6..9)
+    large = (8, 8, 248, 248)
+    cells = _positive_cells(module, [small, large])
+    expected = {(3, r, c): 0 for r in (7, 8) for c in (7, 8)}
+    expected.update({(4, r, c): 1 for r in range(6, 10) for c in range(6, 10)})
+    assert cells == expected
+
+
+def test_overlapping_claims_go_to_the_smallest_box(cfg):
+    # both on P3; the larger one (64 +- 12) claims cells 6..9, the smaller one cells 7..8
+    cells = _positive_cells(_module(cfg), [(24, 24, 104, 104), (32, 32, 96, 96)])
+    expected = {(3, r, c): 0 for r in range(6, 10) for c in range(6, 10)}
+    expected.update({(3, r, c): 1 for r in (7, 8) for c in (7, 8)})
+    assert cells == expected
+
+
+def test_small_box_keeps_the_cell_holding_its_centre(cfg):
+    box = (100, 100, 110, 110)  # shrunk to 3 px: no anchor centre inside without the floor
+    assert _positive_cells(_module(cfg), [box]) == {(3, 13, 13): 0}
+    cfg.MODEL.MIMICDET.REFINE.MIN_CENTER_RADIUS = 0.0
+    assert _positive_cells(_module(cfg), [box]) == {}
+
+
+def test_losses_and_refined_boxes(cfg):
+    cfg.MODEL.MIMICDET.REFINE.PRE_NMS_TOPK_TRAIN = 50
+    cfg.MODEL.MIMICDET.REFINE.POST_NMS_TOPK_TRAIN = 30
+    cfg.MODEL.MIMICDET.REFINE.TOPK_TEST = 40
+    module = _module(cfg)
+    feats = [torch.randn_like(f) for f in _features(2)]
+    anchors, levels = module.anchors(feats)
+    logits, deltas = module(feats)
+    assert [x.shape[1] for x in logits] == [1] * 5 and [x.shape[1] for x in deltas] == [4] * 5
+    logits = torch.cat([x.flatten(1) for x in logits], dim=1)
+    deltas = torch.cat([x.permute(0, 2, 3, 1).reshape(2, -1, 4) for x in deltas], dim=1)
+
+    gt = [Instances((SIZE, SIZE), gt_boxes=Boxes(torch.tensor([[32.0, 32, 96, 96]])))] * 2
+    labels, matched = module.label_anchors(anchors, levels, gt)
+    losses = module.losses(anchors, logits, deltas, labels, matched, normalizer=8.0)
+    assert set(losses) == {"loss_refine_cls", "loss_refine_box"}
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+
+    with EventStorage():
+        refined = module.refined_boxes(anchors, levels, logits, deltas, [(SIZE, SIZE)] * 2)
+    for inst, lg, dl in zip(refined, logits, deltas):
+        assert 0 < len(inst) <= 30
+        assert (inst.levels == levels[inst.anchor_index]).all()
+        torch.testing.assert_close(inst.objectness_logits, lg[inst.anchor_index])
+        expected = module.box2box_transform.apply_deltas(
+            dl[inst.anchor_index], anchors.tensor[inst.anchor_index]
+        ).clamp(0, SIZE)
+        torch.testing.assert_close(inst.proposal_boxes.tensor, expected)
+        assert not inst.proposal_boxes.tensor.requires_grad
+
+    module.eval()
+    refined = module.refined_boxes(anchors, levels, logits, deltas, [(SIZE, SIZE)] * 2)
+    top = logits[0].topk(40).indices
+    assert set(refined[0].anchor_index.tolist()) <= set(top.tolist())

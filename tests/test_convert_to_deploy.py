@@ -1,0 +1,54 @@
+"""tools/convert_to_deploy.py: smaller checkpoint, identical inference, one quiet log line."""
+
+import logging
+import os
+import subprocess
+import sys
+
+import torch
+from detectron2.modeling import build_model
+
+from mimicdet import WeightsOnlyCheckpointer
+
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+TOOL = os.path.join(ROOT, "tools", "convert_to_deploy.py")
+
+
+def _predict(cfg, weights, inputs):
+    model = build_model(cfg).eval()
+    WeightsOnlyCheckpointer(model).load(weights)
+    with torch.no_grad():
+        return model(inputs)
+
+
+def test_deploy_checkpoint_is_smaller_and_predicts_identically(cfg, make_inputs, tmp_path, caplog):
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    WeightsOnlyCheckpointer(model, save_dir=str(tmp_path)).save("full")
+    full, deploy = str(tmp_path / "full.pth"), str(tmp_path / "deploy.pth")
+
+    proc = subprocess.run(
+        [sys.executable, TOOL, full, deploy], capture_output=True, text=True, check=True
+    )
+    assert "file size" in proc.stdout and "parameters" in proc.stdout
+
+    keys = torch.load(deploy, weights_only=True)["model"].keys()
+    assert not any(k.startswith("roi_heads.") for k in keys)
+    assert not any(k.startswith(("backbone.fpn_lateral2.", "backbone.fpn_output2.")) for k in keys)
+    assert "backbone.fpn_lateral3.weight" in keys and "s_head.cls_score.weight" in keys
+    assert os.path.getsize(deploy) < os.path.getsize(full)
+
+    inputs = make_inputs(num_images=2, size=96)
+    expected = _predict(cfg, full, inputs)
+    with caplog.at_level(logging.INFO):
+        got = _predict(cfg, deploy, inputs)
+    for a, b in zip(expected, got):
+        a, b = a["instances"], b["instances"]
+        assert len(a) > 0
+        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+        assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_classes, b.pred_classes)
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not any("roi_heads" in w or "fpn_lateral2" in w for w in warnings), warnings
+    explained = [r.getMessage() for r in caplog.records if "training-only" in r.getMessage()]
+    assert len(explained) == 1

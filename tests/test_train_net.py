@@ -1,0 +1,111 @@
+"""train_net.main: a few training iterations, then --eval-only, in-process on a tiny dataset."""
+
+import os
+import sys
+
+import pytest
+from detectron2.engine import default_argument_parser
+
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+sys.path.insert(0, ROOT)
+import train_net  # noqa: E402
+
+YAML = os.path.join(ROOT, "configs", "COCO-Detection", "mimicdet_R_50_FPN_1x.yaml")
+LAZY = os.path.join(ROOT, "configs", "COCO-Detection", "mimicdet_R_50_FPN_1x.py")
+
+
+def _run(argv):
+    return train_net.main(default_argument_parser().parse_args(argv))
+
+
+def _data_opts(name, size=96):
+    return [
+        "DATASETS.TRAIN", f"('{name}',)",
+        "DATASETS.TEST", f"('{name}',)",
+        "DATALOADER.NUM_WORKERS", "0",
+        "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.BASE_LR", "0.005",
+        "SOLVER.WARMUP_ITERS", "0",
+        "INPUT.MIN_SIZE_TRAIN", f"({size},)",
+        "INPUT.MAX_SIZE_TRAIN", str(size),
+        "INPUT.MIN_SIZE_TEST", str(size),
+        "INPUT.MAX_SIZE_TEST", str(size),
+        "TEST.EVAL_PERIOD", "0",
+    ]  # fmt: skip
+
+
+def test_yaml_train_then_eval_only(tmp_path, tiny_coco, tiny_opts):
+    name = tiny_coco("mimicdet_tiny_yaml")
+    out = str(tmp_path / "out")
+    opts = tiny_opts + _data_opts(name) + ["OUTPUT_DIR", out]
+    _run(
+        ["--config-file", YAML, "--num-gpus", "0"]
+        + opts
+        + ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2"]
+    )
+    assert os.path.isfile(os.path.join(out, "model_final.pth"))
+    assert os.path.isfile(os.path.join(out, "model_0000001.pth"))
+    assert os.path.isfile(os.path.join(out, "metrics.json"))
+
+    final = os.path.join(out, "model_final.pth")
+    results = _run(["--config-file", YAML, "--eval-only"] + opts + ["MODEL.WEIGHTS", final])
+    assert {"AP", "AP50", "AP75"} <= set(results["bbox"])
+
+
+@pytest.mark.slow
+def test_lazyconfig_train_then_eval_only(tmp_path, tiny_coco):
+    name = tiny_coco("mimicdet_tiny_lazy")
+    out = str(tmp_path / "out")
+    opts = [
+        f"dataloader.train.dataset.names={name}",
+        f"dataloader.test.dataset.names={name}",
+        "dataloader.train.total_batch_size=2",
+        "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0",
+        "dataloader.train.mapper.augmentations.0.short_edge_length=[96]",
+        "dataloader.train.mapper.augmentations.0.max_size=96",
+        "dataloader.test.mapper.augmentations.0.short_edge_length=96",
+        "dataloader.test.mapper.augmentations.0.max_size=96",
+        "model.pixel_std=[57.375,57.120,58.395]",
+        "optimizer.lr=0.0001",
+        "model.num_classes=2",
+        "model.refinement.topk_test=100",
+        "train.init_checkpoint=",
+        "train.device=cpu",
+        "train.max_iter=2",
+        "train.eval_period=0",
+        f"train.output_dir={out}",
+    ]
+    _run(["--config-file", LAZY] + opts)
+    final = os.path.join(out, "model_final.pth")
+    assert os.path.isfile(final)
+    opts = [o for o in opts if not o.startswith("train.init_checkpoint")]
+    results = _run(
+        ["--config-file", LAZY, "--eval-only"] + opts + [f"train.init_checkpoint={final}"]
+    )
+    assert {"AP", "AP50"} <= set(results["bbox"])
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_synthetic_rectangles(tmp_path, tiny_coco, tiny_opts):
+    name = tiny_coco("mimicdet_tiny_overfit", num_images=6)
+    out = str(tmp_path / "out")
+    opts = tiny_opts + _data_opts(name) + ["OUTPUT_DIR", out]
+    train_opts = [
+        "SOLVER.IMS_PER_BATCH", "4",
+        "SOLVER.BASE_LR", "0.01",
+        "SOLVER.WARMUP_ITERS", "20",
+        "SOLVER.STEPS", "()",
+        "SOLVER.MAX_ITER", "100",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
+        "SOLVER.CHECKPOINT_PERIOD", "1000",
+        "SEED", "0",
+        # a randomly initialised backbone at this learning rate needs clipping to stay stable
+        "SOLVER.CLIP_GRADIENTS.ENABLED", "True",
+        "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm",
+        "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1.0",
+    ]  # fmt: skip
+    _run(["--config-file", YAML] + opts + train_opts)
+    final = os.path.join(out, "model_final.pth")
+    results = _run(["--config-file", YAML, "--eval-only"] + opts + ["MODEL.WEIGHTS", final])
+    assert results["bbox"]["AP50"] > 50, results

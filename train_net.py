@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""
+Train or evaluate MimicDet with a yaml config (a DefaultTrainer) or a LazyConfig ``.py`` config.
+
+    python train_net.py --config-file configs/COCO-Detection/mimicdet_R_50_FPN_1x.yaml --num-gpus 8
+    python train_net.py --config-file configs/COCO-Detection/mimicdet_R_50_FPN_1x.py --num-gpus 8
+    python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS model_final.pth
+"""
+
+import importlib.util
+import logging
+import os
+import weakref
+
+from detectron2.config import LazyConfig, get_cfg, instantiate
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    default_argument_parser,
+    default_setup,
+    default_writers,
+    hooks,
+    launch,
+)
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+
+from mimicdet import WeightsOnlyCheckpointer, add_mimicdet_config
+
+logger = logging.getLogger("detectron2")
+
+# detectron2 built without its C++ ops has no fast COCOeval; fall back to pycocotools' own
+HAS_DETECTRON2_OPS = importlib.util.find_spec("detectron2._C") is not None
+
+
+class Trainer(DefaultTrainer):
+    """detectron2's DefaultTrainer with COCO evaluation and weights-only checkpoint loading."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+        return COCOEvaluator(
+            dataset_name, output_dir=output_folder, use_fast_impl=HAS_DETECTRON2_OPS
+        )
+
+    def build_hooks(self):
+        # swap the checkpointer before PeriodicCheckpointer captures it
+        self.checkpointer = WeightsOnlyCheckpointer(
+            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        return super().build_hooks()
+
+
+def setup_yaml(args):
+    cfg = get_cfg()
+    add_mimicdet_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main_yaml(args):
+    cfg = setup_yaml(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        WeightsOnlyCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def do_test_lazy(cfg, model):
+    if "evaluator" in cfg.dataloader:
+        ret = inference_on_dataset(
+            model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+        )
+        print_csv_format(ret)
+        return ret
+
+
+def do_train_lazy(args, cfg):
+    model = instantiate(cfg.model)
+    logger.info(f"Model:\n{model}")
+    model.to(cfg.train.device)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    model = create_ddp_model(model, **cfg.train.ddp)
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(
+        model, train_loader, optimizer
+    )
+    checkpointer = WeightsOnlyCheckpointer(
+        model, cfg.train.output_dir, optimizer=optimizer, trainer=trainer
+    )
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            (
+                hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+                if comm.is_main_process()
+                else None
+            ),
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test_lazy(cfg, model)),
+            (
+                hooks.PeriodicWriter(
+                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                    period=cfg.train.log_period,
+                )
+                if comm.is_main_process()
+                else None
+            ),
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    # a checkpoint stores the iteration that just finished
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def main_lazy(args):
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    default_setup(cfg, args)
+    if args.eval_only:
+        model = instantiate(cfg.model)
+        model.to(cfg.train.device)
+        model = create_ddp_model(model)
+        WeightsOnlyCheckpointer(model).load(cfg.train.init_checkpoint)
+        return do_test_lazy(cfg, model)
+    return do_train_lazy(args, cfg)
+
+
+def main(args):
+    """Run one process's share of training or evaluation; returns the evaluation results."""
+    if args.config_file.endswith(".py"):
+        return main_lazy(args)
+    return main_yaml(args)
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
