@@ -12,7 +12,13 @@ import logging
 import os
 import weakref
 
+import torch
 from detectron2.config import LazyConfig, get_cfg, instantiate
+from detectron2.data import (
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.engine import (
     AMPTrainer,
     DefaultTrainer,
@@ -28,6 +34,7 @@ from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv
 from detectron2.utils import comm
 
 from mimicdet import WeightsOnlyCheckpointer, add_mimicdet_config
+from mimicdet.data import MimicDetDatasetMapper, check_detection_dataset_dicts
 
 logger = logging.getLogger("detectron2")
 
@@ -35,8 +42,46 @@ logger = logging.getLogger("detectron2")
 HAS_DETECTRON2_OPS = importlib.util.find_spec("detectron2._C") is not None
 
 
+def num_classes_of(cfg):
+    """The number of classes of a yaml config's detector (the baselines keep their own key)."""
+    if cfg.MODEL.META_ARCHITECTURE == "RetinaNet":
+        return cfg.MODEL.RETINANET.NUM_CLASSES
+    return cfg.MODEL.ROI_HEADS.NUM_CLASSES
+
+
+def cpu_if_no_gpu(device):
+    """detectron2 defaults to CUDA; on a machine without a GPU, run on the CPU and say so."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning(f"No CUDA GPU is available: running on the CPU instead of '{device}'.")
+        return "cpu"
+    return device
+
+
 class Trainer(DefaultTrainer):
-    """detectron2's DefaultTrainer with COCO evaluation and weights-only checkpoint loading."""
+    """
+    detectron2's DefaultTrainer with COCO evaluation, weights-only checkpoint loading, and data
+    loaders that check the dataset first and name the file at fault when an image is unreadable.
+    """
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        )
+        dataset = check_detection_dataset_dicts(
+            dataset, ",".join(cfg.DATASETS.TRAIN), num_classes_of(cfg)
+        )
+        return build_detection_train_loader(
+            cfg, mapper=MimicDetDatasetMapper(cfg, is_train=True), dataset=dataset
+        )
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(
+            cfg,
+            dataset_name,
+            mapper=MimicDetDatasetMapper(cfg, is_train=False, dataset_names=[dataset_name]),
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -59,6 +104,7 @@ def setup_yaml(args):
     add_mimicdet_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    cfg.MODEL.DEVICE = cpu_if_no_gpu(cfg.MODEL.DEVICE)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
@@ -130,6 +176,7 @@ def do_train_lazy(args, cfg):
 def main_lazy(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    cfg.train.device = cpu_if_no_gpu(cfg.train.device)
     default_setup(cfg, args)
     if args.eval_only:
         model = instantiate(cfg.model)

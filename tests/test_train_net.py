@@ -109,3 +109,24 @@ def test_tiny_model_overfits_synthetic_rectangles(tmp_path, tiny_coco, tiny_opts
     final = os.path.join(out, "model_final.pth")
     results = _run(["--config-file", YAML, "--eval-only"] + opts + ["MODEL.WEIGHTS", final])
     assert results["bbox"]["AP50"] > 50, results
+
+
+def test_a_missing_image_stops_training_with_the_file_named(tmp_path, tiny_coco, tiny_opts):
+    name = tiny_coco("mimicdet_tiny_missing_image")
+    os.remove(tmp_path / name / "images" / "2.png")
+    opts = tiny_opts + _data_opts(name) + ["OUTPUT_DIR", str(tmp_path / "out")]
+    with pytest.raises(FileNotFoundError, match=r"images/2\.png"):
+        _run(["--config-file", YAML, "--num-gpus", "0"] + opts + ["SOLVER.MAX_ITER", "2"])
+    assert not os.path.exists(tmp_path / "out" / "model_final.pth")
+
+
+def test_an_unknown_config_key_fails_with_its_name(tmp_path):
+    # yacs names the key: an AssertionError for a command-line key, a KeyError for a yaml one
+    opts = ["OUTPUT_DIR", str(tmp_path), "MODEL.MIMICDET.NO_SUCH_KEY", "1"]
+    with pytest.raises(AssertionError, match="Non-existent key: MODEL.MIMICDET.NO_SUCH_KEY"):
+        _run(["--config-file", YAML] + opts)
+
+    bad_yaml = tmp_path / "typo.yaml"
+    bad_yaml.write_text(f'_BASE_: "{YAML}"\nMODEL:\n  MIMICDET:\n    MIMIC:\n      ENABLD: False\n')
+    with pytest.raises(KeyError, match="MODEL.MIMICDET.MIMIC.ENABLD"):
+        _run(["--config-file", str(bad_yaml), "OUTPUT_DIR", str(tmp_path)])
