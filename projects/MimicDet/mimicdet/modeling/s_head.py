@@ -11,7 +11,8 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Instances, pairwise_iou
 from torch import Tensor, nn
-from torchvision.ops import DeformConv2d as GuidedDeformConv
+
+from ..layers import GuidedDeformConv
 
 __all__ = ["SHead"]
 
