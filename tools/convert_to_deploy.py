@@ -14,6 +14,8 @@ import re
 
 import torch
 
+from mimicdet.checkpoint import atomic_write
+
 TRAINING_ONLY_PREFIX = "roi_heads."
 _FPN_BRANCH = re.compile(r"^backbone\.fpn_(lateral|output)(\d+)\.")
 
@@ -40,7 +42,8 @@ def convert(in_path: str, out_path: str) -> dict:
     state_dict = checkpoint.get("model", checkpoint)
     dropped = set(training_only_keys(state_dict))
     deploy = {k: v for k, v in state_dict.items() if k not in dropped}
-    torch.save({"model": deploy}, out_path)
+    # an interrupted conversion must not leave a truncated checkpoint behind
+    atomic_write(out_path, lambda f: torch.save({"model": deploy}, f))
     return {
         "dropped_keys": sorted(dropped),
         "size_before": os.path.getsize(in_path),

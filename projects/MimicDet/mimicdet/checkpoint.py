@@ -6,7 +6,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """
     Calls `write(file)` on a temporary file beside `path`, then renames it onto `path`: a crash or
     kill at any moment leaves either the old file or the complete new one, never a truncated one.
@@ -47,12 +47,12 @@ class WeightsOnlyCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
-        _atomic_write(save_file, lambda f: torch.save(data, f))
+        atomic_write(save_file, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename):
         tag_file = os.path.join(self.save_dir, "last_checkpoint")
-        _atomic_write(tag_file, lambda f: f.write(last_filename_basename.encode()))
+        atomic_write(tag_file, lambda f: f.write(last_filename_basename.encode()))
 
     def _load_file(self, filename):
         if filename.endswith(".pkl"):

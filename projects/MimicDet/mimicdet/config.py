@@ -2,6 +2,8 @@
 
 from detectron2.config import CfgNode as CN
 
+from .backbone.mobilenet_v2 import add_mobilenet_config
+
 
 def add_mimicdet_config(cfg):
     """
@@ -11,6 +13,8 @@ def add_mimicdet_config(cfg):
     number of classes for every head).
     """
     _C = cfg
+    # MODEL.MOBILENET: the MobileNetV2 bottom-up of the DeepForest configs (keys commented there)
+    add_mobilenet_config(_C)
 
     # paper: the detector
     _C.MODEL.META_ARCHITECTURE = "MimicDet"

