@@ -29,7 +29,7 @@ from detectron2.engine import (
     hooks,
     launch,
 )
-from detectron2.engine.defaults import create_ddp_model
+from detectron2.engine import defaults as engine_defaults
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
@@ -55,6 +55,21 @@ def cpu_if_no_gpu(device):
         logger.warning(f"No CUDA GPU is available: running on the CPU instead of '{device}'.")
         return "cpu"
     return device
+
+
+def create_ddp_model(model, **kwargs):
+    """
+    detectron2's ``create_ddp_model``, but a CPU model (gloo backend) gets no ``device_ids``:
+    detectron2 always passes the local GPU, which DistributedDataParallel refuses for CPU modules.
+    """
+    if next(model.parameters()).device.type == "cpu":
+        kwargs.setdefault("device_ids", None)
+    return _create_ddp_model(model, **kwargs)
+
+
+# DefaultTrainer calls the module-level function; route it through the CPU-aware one above
+_create_ddp_model = engine_defaults.create_ddp_model
+engine_defaults.create_ddp_model = create_ddp_model
 
 
 class Trainer(DefaultTrainer):
@@ -97,6 +112,17 @@ class Trainer(DefaultTrainer):
             self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         return super().build_hooks()
+
+    # detectron2 v0.6's DefaultTrainer checkpoints neither the optimizer (momentum) nor AMP's
+    # grad scaler; upstream later added these two methods, the same as here
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._trainer.load_state_dict(state_dict["_trainer"])
 
 
 def setup_yaml(args):

@@ -3,6 +3,7 @@
 import logging
 from typing import Dict, List, Optional, Sequence
 
+import torch.distributed as dist
 from detectron2.config import configurable
 from detectron2.layers import batched_nms, cat
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_roi_heads
@@ -10,6 +11,7 @@ from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
@@ -86,6 +88,11 @@ class MimicDet(DenseDetector):
         self.test_nms_thresh = test_nms_thresh
         self.max_detections_per_image = max_detections_per_image
         self.register_load_state_dict_post_hook(_explain_absent_training_only_weights)
+        if t_head is None:
+            # only the T-head reads the finest level: its convs would get no gradient, and DDP
+            # (without find_unused_parameters) would wait for one forever
+            for name in getattr(backbone, "training_only_modules", []):
+                getattr(backbone, name).requires_grad_(False)
 
     @classmethod
     def from_config(cls, cfg):
@@ -178,9 +185,11 @@ class MimicDet(DenseDetector):
             self._dense_forward(features)
         )
         gt_labels, gt_boxes = self.refinement.label_anchors(anchors, anchor_levels, gt_instances)
-        num_pos = gt_labels.sum().item()
+        num_pos = mean_over_workers(gt_labels.sum().float()).item()
         get_event_storage().put_scalar("refine/num_pos_anchors", num_pos / len(gt_instances))
-        # positives per batch vary a lot; RetinaNet's EMA keeps the normaliser stable
+        # positives per batch vary a lot; RetinaNet's EMA keeps the normaliser stable, and the
+        # mean over workers gives every worker the same normaliser (the losses are then averaged
+        # by DDP's gradient all-reduce as if computed on the whole batch)
         normalizer = self._ema_update("refine_loss_normalizer", max(num_pos, 1), 100)
         losses = self.refinement.losses(
             anchors, objectness, refine_deltas, gt_labels, gt_boxes, normalizer
@@ -242,6 +251,16 @@ class MimicDet(DenseDetector):
             scores=scores[keep],
             pred_classes=classes[keep],
         )
+
+
+def mean_over_workers(x: Tensor) -> Tensor:
+    """The mean of a tensor over all training processes (itself when there is one)."""
+    world_size = comm.get_world_size()
+    if world_size == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / world_size
 
 
 def _explain_absent_training_only_weights(model: MimicDet, incompatible_keys):

@@ -1,0 +1,187 @@
+"""
+Distributed training on the CPU: 2 processes (gloo) through train_net.main and detectron2's DDP,
+and the refinement loss normaliser averaged over workers.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from detectron2.engine import default_argument_parser
+
+from conftest import _write_coco
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+sys.path.insert(0, ROOT)
+import train_net  # noqa: E402
+
+YAML = os.path.join(ROOT, "configs", "COCO-Detection", "mimicdet_R_50_FPN_1x.yaml")
+
+# detectron2 v0.6's launch() insists on CUDA and NCCL; this is its _distributed_worker with gloo.
+# Each rank registers the dataset, runs train_net.main, and saves its model weights afterwards.
+WORKER = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from detectron2.data.datasets import register_coco_instances
+from detectron2.engine import default_argument_parser
+from detectron2.utils import comm
+import train_net
+
+
+def worker(rank, argv, port, out):
+    torch.set_num_threads(1)
+    url = f"tcp://127.0.0.1:{{port}}"
+    dist.init_process_group("gloo", init_method=url, world_size=2, rank=rank)
+    comm._LOCAL_PROCESS_GROUP = dist.new_group([0, 1])
+    register_coco_instances({name!r}, {{}}, {json_file!r}, {image_dir!r})
+    train = train_net.Trainer.train
+
+    def train_and_save(self):
+        ret = train(self)
+        torch.save(self.model.module.state_dict(), os.path.join(out, f"rank{{rank}}.pth"))
+        return ret
+
+    train_net.Trainer.train = train_and_save
+    results = train_net.main(default_argument_parser().parse_args(argv))
+    if comm.is_main_process() and results:
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f)
+    comm.synchronize()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    port, out, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    os.makedirs(out, exist_ok=True)
+    mp.spawn(worker, nprocs=2, args=(argv, port, out))
+"""
+
+
+def _opts(name, out, tiny_opts):
+    return tiny_opts + [
+        "DATASETS.TRAIN", f"('{name}',)",
+        "DATASETS.TEST", f"('{name}',)",
+        "DATALOADER.NUM_WORKERS", "0",
+        # the total batch: one image per process
+        "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.BASE_LR", "0.005",
+        "SOLVER.WARMUP_ITERS", "0",
+        "SOLVER.MAX_ITER", "3",
+        "SOLVER.CHECKPOINT_PERIOD", "100",
+        "INPUT.MIN_SIZE_TRAIN", "(64,)",
+        "INPUT.MAX_SIZE_TRAIN", "64",
+        "INPUT.MIN_SIZE_TEST", "64",
+        "INPUT.MAX_SIZE_TEST", "64",
+        # every detection kept, so an untrained model still has an AP to compare
+        "MODEL.MIMICDET.S_HEAD.SCORE_THRESH_TEST", "0.0",
+        "TEST.EVAL_PERIOD", "0",
+        "SEED", "0",
+        "OUTPUT_DIR", out,
+    ]  # fmt: skip
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_cpu_training_and_evaluation(tmp_path, tiny_opts):
+    name = "mimicdet_tiny_ddp"
+    json_file, image_dir = _write_coco(str(tmp_path / name), num_images=4, size=64)
+    script = tmp_path / "launch_gloo.py"
+    script.write_text(
+        WORKER.format(root=ROOT, name=name, json_file=json_file, image_dir=image_dir)
+    )
+    out = str(tmp_path / "out")
+    opts = _opts(name, out, tiny_opts)
+
+    def run(argv, results_dir):
+        cmd = [sys.executable, str(script), str(_free_port()), results_dir]
+        subprocess.run(cmd + ["--config-file", YAML] + argv, check=True, timeout=400)
+
+    run(opts, out)
+    final = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["model"]
+    ranks = [torch.load(os.path.join(out, f"rank{r}.pth"), weights_only=True) for r in (0, 1)]
+    for key, value in final.items():
+        assert torch.equal(ranks[0][key], value), key
+        assert torch.equal(ranks[1][key], value), key
+
+    eval_dir = str(tmp_path / "eval2")
+    run(["--eval-only"] + opts + ["MODEL.WEIGHTS", os.path.join(out, "model_final.pth")], eval_dir)
+    with open(os.path.join(eval_dir, "results.json")) as f:
+        two_process = json.load(f)["bbox"]
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    register_coco_instances(name, {}, json_file, image_dir)
+    try:
+        argv = ["--config-file", YAML, "--eval-only"] + opts
+        argv += ["MODEL.WEIGHTS", os.path.join(out, "model_final.pth")]
+        argv[argv.index("OUTPUT_DIR") + 1] = str(tmp_path / "eval1")
+        one_process = train_net.main(default_argument_parser().parse_args(argv))["bbox"]
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    assert one_process["AP50"] > 0, one_process
+    assert set(two_process) == set(one_process)
+    for metric, value in one_process.items():
+        assert two_process[metric] == pytest.approx(value, abs=1e-6, nan_ok=True), metric
+
+
+def test_refinement_normaliser_is_the_mean_over_workers(cfg, make_inputs, monkeypatch):
+    """Two workers with 10 more positives on the other one: the EMA moves towards the mean."""
+    from detectron2.modeling import build_model
+    from detectron2.utils import comm
+    from detectron2.utils.events import EventStorage
+
+    from mimicdet.modeling import meta_arch
+
+    model = build_model(cfg).train()
+    inputs = make_inputs(num_images=1)
+    with EventStorage():
+        model(inputs)
+    features = model.backbone(model.preprocess_image(inputs).tensor)
+    anchors = model.refinement.anchors([features[f] for f in model.head_in_features])
+    gt_labels = model.refinement.label_anchors(*anchors, [x["instances"] for x in inputs])[0]
+    local = gt_labels.sum().item()
+    assert local > 0
+    single = 100 * 0.9 + 0.1 * local
+    assert model.refine_loss_normalizer == pytest.approx(single)
+
+    def all_reduce(x):  # the other worker has 10 more positives
+        x += local + 10
+
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(meta_arch.dist, "all_reduce", all_reduce)
+    del model.refine_loss_normalizer
+    with EventStorage():
+        model(inputs)
+    assert model.refine_loss_normalizer == pytest.approx(100 * 0.9 + 0.1 * (local + 5))
+
+
+@pytest.mark.parametrize("t_head", [True, False])
+def test_every_trainable_parameter_gets_a_gradient(cfg, make_inputs, t_head):
+    """DDP runs without find_unused_parameters: a parameter without a gradient would hang it."""
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    cfg.merge_from_list(
+        ["MODEL.MIMICDET.T_HEAD.ENABLED", str(t_head), "MODEL.MIMICDET.MIMIC.ENABLED", str(t_head)]
+    )
+    model = build_model(cfg).train()
+    with EventStorage():
+        losses = model(make_inputs(num_images=2))
+    sum(losses.values()).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused

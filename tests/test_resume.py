@@ -1,0 +1,171 @@
+"""
+Crash and resume: train_net.py killed with SIGKILL at a random moment after a checkpoint exists,
+then restarted with --resume, continues from the last complete checkpoint and finishes.
+"""
+
+import copy
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from detectron2.engine import default_argument_parser
+
+from conftest import _write_coco
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+sys.path.insert(0, ROOT)
+import train_net  # noqa: E402
+
+YAML = os.path.join(ROOT, "configs", "COCO-Detection", "mimicdet_R_50_FPN_1x.yaml")
+MAX_ITER, PERIOD = 8, 2
+
+# train_net.py's own entry point, after registering the tiny dataset in the training process
+WRAPPER = """
+import sys
+sys.path.insert(0, {root!r})
+from detectron2.data.datasets import register_coco_instances
+from detectron2.engine import default_argument_parser, launch
+import train_net
+register_coco_instances({name!r}, {{}}, {json_file!r}, {image_dir!r})
+args = default_argument_parser().parse_args()
+launch(train_net.main, args.num_gpus, args=(args,))
+"""
+
+
+def _opts(name, out, tiny_opts):
+    return tiny_opts + [
+        "DATASETS.TRAIN", f"('{name}',)",
+        "DATASETS.TEST", "()",
+        "DATALOADER.NUM_WORKERS", "0",
+        "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.BASE_LR", "0.005",
+        "SOLVER.WARMUP_ITERS", "4",
+        # a step inside the run, so a wrongly restored scheduler shows in the learning rate
+        "SOLVER.STEPS", f"({MAX_ITER // 2},)",
+        "SOLVER.MAX_ITER", str(MAX_ITER),
+        "SOLVER.CHECKPOINT_PERIOD", str(PERIOD),
+        "INPUT.MIN_SIZE_TRAIN", "(64,)",
+        "INPUT.MAX_SIZE_TRAIN", "64",
+        "TEST.EVAL_PERIOD", "0",
+        "OUTPUT_DIR", out,
+    ]  # fmt: skip
+
+
+def _assert_checkpoints_complete(out):
+    """Every .pth loads weights-only, and last_checkpoint names an existing one."""
+    names = [f for f in os.listdir(out) if f.endswith(".pth")]
+    for f in names:
+        torch.load(os.path.join(out, f), map_location="cpu", weights_only=True)
+    tag = os.path.join(out, "last_checkpoint")
+    if os.path.exists(tag):
+        with open(tag) as f:
+            last = f.read().strip()
+        assert last in names, (last, names)
+        return last
+    return None
+
+
+def _assert_same(actual, expected, where):
+    if isinstance(expected, dict):
+        assert set(actual) == set(expected), where
+        for k in expected:
+            _assert_same(actual[k], expected[k], f"{where}.{k}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            _assert_same(a, e, f"{where}[{i}]")
+    elif torch.is_tensor(expected):
+        assert torch.equal(actual.cpu(), expected), where
+    else:
+        assert actual == expected, where
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_continues_from_the_last_complete_checkpoint(
+    tmp_path, tiny_opts, monkeypatch
+):
+    name = "mimicdet_tiny_resume"
+    json_file, image_dir = _write_coco(str(tmp_path / name), size=64)
+    script = tmp_path / "train.py"
+    script.write_text(
+        WRAPPER.format(root=ROOT, name=name, json_file=json_file, image_dir=image_dir)
+    )
+    out = str(tmp_path / "out")
+    opts = _opts(name, out, tiny_opts)
+
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--config-file", YAML] + opts,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 300
+        while not (os.path.isdir(out) and _assert_checkpoints_complete(out)):
+            assert proc.poll() is None, "training ended before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.05)
+        # a random moment later: mid-iteration or mid-save, whatever the clock hits
+        kill_at = time.time() + random.uniform(0.0, 1.0)
+        while time.time() < kill_at:
+            _assert_checkpoints_complete(out)
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before the kill"
+    assert not os.path.exists(os.path.join(out, "model_final.pth"))
+    last = _assert_checkpoints_complete(out)
+    assert last is not None
+    expected = torch.load(os.path.join(out, last), map_location="cpu", weights_only=True)
+
+    # resume in this process, recording the trainer right after it loaded the checkpoint
+    restored = {}
+    resume_or_load = train_net.Trainer.resume_or_load
+
+    def recording_resume_or_load(self, resume=True):
+        resume_or_load(self, resume=resume)
+        # copies: training goes on updating these tensors in place
+        restored.update(
+            model=copy.deepcopy(self.model.state_dict()),
+            optimizer=copy.deepcopy(self.optimizer.state_dict()),
+            scheduler=copy.deepcopy(self.scheduler.state_dict()),
+            start_iter=self.start_iter,
+        )
+
+    monkeypatch.setattr(train_net.Trainer, "resume_or_load", recording_resume_or_load)
+    from detectron2.data.datasets import register_coco_instances
+
+    register_coco_instances(name, {}, json_file, image_dir)
+    try:
+        train_net.main(
+            default_argument_parser().parse_args(["--config-file", YAML, "--resume"] + opts)
+        )
+    finally:
+        from detectron2.data import DatasetCatalog, MetadataCatalog
+
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+    assert restored["start_iter"] == expected["iteration"] + 1
+    _assert_same(restored["model"], expected["model"], "model")
+    _assert_same(restored["optimizer"], expected["trainer"]["_trainer"]["optimizer"], "optimizer")
+    assert restored["optimizer"]["state"], "no momentum buffers restored"
+    scheduler = expected["trainer"]["hooks"]["LRScheduler"]
+    _assert_same(restored["scheduler"], scheduler, "scheduler")
+    with open(os.path.join(out, "log.txt")) as f:
+        assert f"Starting training from iteration {expected['iteration'] + 1}" in f.read()
+
+    assert os.path.isfile(os.path.join(out, "model_final.pth"))
+    assert _assert_checkpoints_complete(out) == "model_final.pth"
+    with open(os.path.join(out, "metrics.json")) as f:
+        iterations = [json.loads(line)["iteration"] for line in f if line.strip()]
+    assert iterations[-1] == MAX_ITER - 1
