@@ -1,0 +1,178 @@
+"""The DeepForest configs, tools/demo.py and tools/benchmark.py (CPU, small inputs)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import LazyConfig, get_cfg, instantiate
+from detectron2.modeling import build_model
+from PIL import Image
+
+import mimicdet  # noqa: F401 registers the backbones and datasets
+from mimicdet import add_mimicdet_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "DeepForest"
+YAMLS = ["mimicdet_MNV2_FPN.yaml", "mimicdet_MNV2_FPN_nomimic.yaml", "retinanet_MNV2_FPN.yaml"]
+# no ImageNet file reads: the tests check structure, not weights
+NO_WEIGHTS = ["MODEL.MOBILENET.IMAGENET_WEIGHTS", ""]
+sys.path.insert(0, str(REPO / "tools"))
+
+
+def yaml_cfg(name, opts=()):
+    cfg = get_cfg()
+    add_mimicdet_config(cfg)
+    cfg.merge_from_file(str(CONFIGS / name))
+    cfg.merge_from_list(NO_WEIGHTS + list(opts))
+    return cfg
+
+
+def lazy_fcos():
+    cfg = LazyConfig.load(str(CONFIGS / "fcos_MNV2_FPN.py"))
+    cfg.model.backbone.bottom_up.imagenet_weights = ""
+    return cfg
+
+
+def inference_backbone_shapes(model):
+    """Parameter name -> shape of the backbone modules that run at inference."""
+    from convert_to_deploy import training_only_keys
+
+    params = {f"backbone.{n}": tuple(p.shape) for n, p in model.backbone.named_parameters()}
+    if type(model).__name__ == "MimicDet":
+        for key in training_only_keys(params):
+            params.pop(key)
+    return params
+
+
+@pytest.mark.parametrize("name", YAMLS)
+def test_yaml_configs_build(name):
+    model = build_model(yaml_cfg(name))
+    assert model.backbone.output_shape()["p7"].stride == 128
+
+
+def test_fcos_config_builds_and_matches_the_shared_values():
+    cfg, base = lazy_fcos(), yaml_cfg("Base-DeepForest-MNV2.yaml")
+    model = instantiate(cfg.model)
+    assert type(model).__name__ == "FCOS"
+    train_aug = cfg.dataloader.train.mapper.augmentations[0]
+    assert tuple(train_aug.short_edge_length) == tuple(base.INPUT.MIN_SIZE_TRAIN)
+    assert train_aug.max_size == base.INPUT.MAX_SIZE_TRAIN
+    assert cfg.dataloader.test.mapper.augmentations[0].short_edge_length == base.INPUT.MIN_SIZE_TEST
+    assert cfg.dataloader.train.mapper.image_format == base.INPUT.FORMAT
+    assert cfg.dataloader.train.total_batch_size == base.SOLVER.IMS_PER_BATCH
+    assert cfg.train.max_iter == base.SOLVER.MAX_ITER
+    assert cfg.optimizer.lr == base.SOLVER.BASE_LR
+    assert list(cfg.lr_multiplier.scheduler.milestones[:-1]) == list(base.SOLVER.STEPS)
+    assert list(cfg.model.pixel_mean) == list(base.MODEL.PIXEL_MEAN)
+    assert list(cfg.model.pixel_std) == list(base.MODEL.PIXEL_STD)
+
+
+def test_yaml_configs_share_input_and_schedule():
+    keys = ["INPUT", "SOLVER", "DATASETS", "DATALOADER", "TEST"]
+    base = yaml_cfg("Base-DeepForest-MNV2.yaml")
+    for name in YAMLS:
+        cfg = yaml_cfg(name)
+        for key in keys:
+            assert cfg[key] == base[key], f"{name} changes {key}"
+        assert cfg.MODEL.MOBILENET == base.MODEL.MOBILENET
+        assert cfg.MODEL.PIXEL_MEAN == base.MODEL.PIXEL_MEAN
+
+
+def test_inference_backbones_are_identical():
+    reference = inference_backbone_shapes(build_model(yaml_cfg("retinanet_MNV2_FPN.yaml")))
+    assert "backbone.fpn_lateral3.weight" in reference
+    for name in YAMLS[:2]:
+        assert inference_backbone_shapes(build_model(yaml_cfg(name))) == reference
+    assert inference_backbone_shapes(instantiate(lazy_fcos().model)) == reference
+
+
+def test_mimicdet_training_pyramid_adds_p2():
+    model = build_model(yaml_cfg("mimicdet_MNV2_FPN.yaml"))
+    images = torch.zeros(1, 3, 64, 64)
+    assert set(model.backbone.train()(images)) == {"p2", "p3", "p4", "p5", "p6", "p7"}
+    assert set(model.backbone.eval()(images)) == {"p3", "p4", "p5", "p6", "p7"}
+
+
+def test_demo_writes_pictures(tmp_path):
+    from demo import main
+
+    model = build_model(yaml_cfg("mimicdet_MNV2_FPN.yaml"))
+    weights = tmp_path / "model.pth"
+    torch.save({"model": model.state_dict()}, weights)
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(image_dir / "tile.png")
+    out = tmp_path / "out"
+    main(
+        ["--config-file", str(CONFIGS / "mimicdet_MNV2_FPN.yaml"), "--input", str(image_dir),
+         "--output", str(out), "--confidence-threshold", "0.0",
+         "--opts", "MODEL.WEIGHTS", str(weights), *NO_WEIGHTS]
+    )  # fmt: skip
+    picture = np.asarray(Image.open(out / "tile.png"))
+    assert picture.shape == (96, 128, 3)
+
+
+def test_demo_missing_input_is_a_clear_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "demo.py"), "--config-file",
+         str(CONFIGS / "mimicdet_MNV2_FPN.yaml"), "--input", str(tmp_path / "nope.png"),
+         "--output", str(tmp_path / "out")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "nope.png: no such file or folder" in result.stderr
+
+
+def test_benchmark_results_shape(tmp_path):
+    from benchmark import METRICS, MODELS, read_training_metrics, write_results
+
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"iteration": 19, "time": 9.0},
+                {"iteration": 59, "time": 2.0},
+                {"iteration": 79, "time": 4.0},
+                {"iteration": 99, "time": 3.0, "bbox/AP": 40.0, "bbox/AP50": 70.0},
+            ]
+        )
+    )
+    measured = read_training_metrics(metrics, warmup_iters=50)
+    assert measured == {"AP": 40.0, "AP50": 70.0, "train_s_per_iter": 3.0}
+    results = {
+        "models": {
+            n: dict(measured, infer_ms=10.0, params=1_000_000, gflops=2.0) for n in MODELS
+        },
+        "command": "python tools/benchmark.py",
+        "machine": "test",
+        "date": "today",
+    }
+    write_results(results, tmp_path)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert set(written) == {"models", "command", "machine", "date"}
+    assert set(written["models"]) == {"mimicdet", "mimicdet_nomimic", "retinanet", "fcos"}
+    for values in written["models"].values():
+        assert set(values) == set(METRICS)
+    table = (tmp_path / "results.md").read_text()
+    assert "| retinanet | 40.0 | 70.0 | 3.00 | 10 | 1.00 | 2.0 | 1.00x | 1.00x |" in table
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run(tmp_path):
+    """The whole pipeline on 1 iteration of MimicDet and RetinaNet (needs datasets/deepforest)."""
+    if not (REPO / "datasets" / "deepforest" / "annotations" / "val.json").is_file():
+        pytest.skip("datasets/deepforest not prepared (make data)")
+    from benchmark import METRICS, main
+
+    main(["--quick", "--max-iter", "1", "--models", "mimicdet", "retinanet",
+          "--output", str(tmp_path)])  # fmt: skip
+    written = json.loads((tmp_path / "results.json").read_text())
+    for name in ("mimicdet", "retinanet"):
+        assert set(written["models"][name]) == set(METRICS)
+        assert written["models"][name]["params"] > 0
