@@ -23,12 +23,11 @@ import torch
 from detectron2.config import CfgNode as CN
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone import FPN, Backbone
-from detectron2.modeling.backbone.fpn import LastLevelP6P7
+from detectron2.modeling.backbone import Backbone
 from torch import nn
 from torchvision.models.mobilenetv2 import MobileNetV2 as _TorchvisionMobileNetV2
 
-from .staggered_fpn import build_staggered_fpn
+from .staggered_fpn import build_fpn_p3_p7, build_staggered_fpn
 
 __all__ = [
     "MobileNetV2",
@@ -305,17 +304,4 @@ def build_retinanet_mobilenet_v2_fpn_backbone(cfg, input_shape: ShapeSpec):
     map, as ``build_retinanet_resnet_fpn_backbone`` does for ResNet: with ``MODEL.FPN.IN_FEATURES``
     res3..res5 it gives P3..P7, the same modules as MimicDet's inference pyramid.
     """
-    bottom_up = build_mobilenet_v2_bottom_up(cfg, input_shape)
-    in_features = cfg.MODEL.FPN.IN_FEATURES
-    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
-    top_in = in_features[-1]
-    return FPN(
-        bottom_up=bottom_up,
-        in_features=in_features,
-        out_channels=out_channels,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelP6P7(
-            bottom_up.output_shape()[top_in].channels, out_channels, in_feature=top_in
-        ),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return build_fpn_p3_p7(cfg, build_mobilenet_v2_bottom_up(cfg, input_shape))

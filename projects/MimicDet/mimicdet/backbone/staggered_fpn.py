@@ -8,7 +8,12 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import FPN, build_resnet_backbone
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
 
-__all__ = ["StaggeredFPN", "build_staggered_fpn", "build_mimicdet_resnet_fpn_backbone"]
+__all__ = [
+    "StaggeredFPN",
+    "build_fpn_p3_p7",
+    "build_staggered_fpn",
+    "build_mimicdet_resnet_fpn_backbone",
+]
 
 
 class StaggeredFPN(FPN):
@@ -59,9 +64,9 @@ class StaggeredFPN(FPN):
         return dict(zip(out_features, results))
 
 
-def build_staggered_fpn(cfg, bottom_up):
+def build_fpn_p3_p7(cfg, bottom_up, fpn_class=FPN):
     """
-    Wrap any bottom-up :class:`Backbone` (ResNet, MobileNetV2, ...) into a :class:`StaggeredFPN`
+    Wrap any bottom-up :class:`Backbone` (ResNet, MobileNetV2, ...) into an FPN of ``fpn_class``
     with RetinaNet's P6/P7 (P6 = 3x3/2 conv on the coarsest bottom-up map, P7 = 3x3/2 on ReLU(P6)).
 
     Reads ``MODEL.FPN.IN_FEATURES`` (the last one feeds P6), ``OUT_CHANNELS``, ``NORM`` and
@@ -70,7 +75,7 @@ def build_staggered_fpn(cfg, bottom_up):
     in_features = cfg.MODEL.FPN.IN_FEATURES
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
     top_in = in_features[-1]
-    return StaggeredFPN(
+    return fpn_class(
         bottom_up=bottom_up,
         in_features=in_features,
         out_channels=out_channels,
@@ -80,6 +85,11 @@ def build_staggered_fpn(cfg, bottom_up):
         ),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
+
+
+def build_staggered_fpn(cfg, bottom_up):
+    """:func:`build_fpn_p3_p7` with a :class:`StaggeredFPN`: P2 only in training."""
+    return build_fpn_p3_p7(cfg, bottom_up, fpn_class=StaggeredFPN)
 
 
 @BACKBONE_REGISTRY.register()
