@@ -59,16 +59,18 @@ def _opts(name, out, tiny_opts):
 
 def _assert_checkpoints_complete(out):
     """Every .pth loads weights-only, and last_checkpoint names an existing one."""
-    names = [f for f in os.listdir(out) if f.endswith(".pth")]
-    for f in names:
-        torch.load(os.path.join(out, f), map_location="cpu", weights_only=True)
+    # The tag is read before listing: a checkpoint is renamed into place before the tag names it,
+    # so a tag read first must name a file the listing sees, even while training goes on.
     tag = os.path.join(out, "last_checkpoint")
+    last = None
     if os.path.exists(tag):
         with open(tag) as f:
             last = f.read().strip()
-        assert last in names, (last, names)
-        return last
-    return None
+    names = [f for f in os.listdir(out) if f.endswith(".pth")]
+    for f in names:
+        torch.load(os.path.join(out, f), map_location="cpu", weights_only=True)
+    assert last is None or last in names, (last, names)
+    return last
 
 
 def _assert_same(actual, expected, where):
