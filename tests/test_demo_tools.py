@@ -165,9 +165,7 @@ def test_benchmark_results_shape(tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_quick_run(tmp_path):
-    """The whole pipeline on 1 iteration of MimicDet and RetinaNet (needs datasets/deepforest)."""
-    if not (REPO / "datasets" / "deepforest" / "annotations" / "val.json").is_file():
-        pytest.skip("datasets/deepforest not prepared (make data)")
+    """The whole pipeline on 1 iteration of MimicDet and RetinaNet (it prepares the data itself)."""
     from benchmark import METRICS, main
 
     main(["--quick", "--max-iter", "1", "--models", "mimicdet", "retinanet",
