@@ -55,8 +55,10 @@ def dataset(tmp_path_factory):
 
 
 @pytest.fixture
-def restore_registration():
+def restore_registration(monkeypatch):
     yield
+    # undo the test's MIMICDET_DATASETS first, or the "default" registration keeps its tmp root
+    monkeypatch.undo()
     register_deepforest()
 
 
