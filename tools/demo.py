@@ -9,6 +9,7 @@ detectron2's ``demo/demo.py``. Works with yaml and LazyConfig ``.py`` configs; C
 """
 
 import argparse
+import ctypes
 import logging
 import os
 import sys
@@ -133,15 +134,53 @@ def main(argv=None):
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
     predictor = Predictor(args.config_file, args.opts, device=args.device)
-    os.makedirs(args.output, exist_ok=True)
+    for path, out, kept in predict_folder(
+        predictor, paths, args.output, args.confidence_threshold
+    ):
+        print(f"{path}: {kept} detections >= {args.confidence_threshold} -> {out}")
+
+
+def predict_folder(predictor, paths, output, confidence_threshold):
+    """
+    Runs ``predictor`` on each image and writes it with its boxes to ``output``/<stem>.png.
+
+    Yields, after each image is written: its path, the picture's path and the number of boxes
+    drawn (tools/soak_demo.py measures memory between images through this loop).
+    """
+    os.makedirs(output, exist_ok=True)
     for path in paths:
         image = read_image(str(path), format="BGR")
         instances = predictor(image)
-        picture = draw(image, instances, predictor.metadata, args.confidence_threshold)
-        out = Path(args.output) / (path.stem + ".png")
+        picture = draw(image, instances, predictor.metadata, confidence_threshold)
+        out = Path(output) / (Path(path).stem + ".png")
         Image.fromarray(np.ascontiguousarray(picture)).save(out)
-        kept = int((instances.scores >= args.confidence_threshold).sum())
-        print(f"{path}: {kept} detections >= {args.confidence_threshold} -> {out}")
+        kept = int((instances.scores >= confidence_threshold).sum())
+        del image, instances, picture
+        release_freed_memory()
+        yield path, out, kept
+
+
+def release_freed_memory():
+    """
+    Hands memory freed by the last image back to the OS (glibc's ``malloc_trim``; a no-op
+    elsewhere). Images of varying sizes otherwise leave glibc's heap fragmented: over a folder of
+    150 tiles of varied sizes RSS grew 26% after the warm-up without it, in steps, with no leak
+    behind it (tools/soak_demo.py; issue 6's note).
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
 
 
 if __name__ == "__main__":
