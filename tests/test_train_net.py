@@ -1,9 +1,12 @@
 """train_net.main: a few training iterations, then --eval-only, in-process on a tiny dataset."""
 
+import copy
+import json
 import os
 import sys
 
 import pytest
+import torch
 from detectron2.engine import default_argument_parser
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
@@ -52,11 +55,8 @@ def test_yaml_train_then_eval_only(tmp_path, tiny_coco, tiny_opts):
     assert {"AP", "AP50", "AP75"} <= set(results["bbox"])
 
 
-@pytest.mark.slow
-def test_lazyconfig_train_then_eval_only(tmp_path, tiny_coco):
-    name = tiny_coco("mimicdet_tiny_lazy")
-    out = str(tmp_path / "out")
-    opts = [
+def _lazy_opts(name, out):
+    return [
         f"dataloader.train.dataset.names={name}",
         f"dataloader.test.dataset.names={name}",
         "dataloader.train.total_batch_size=2",
@@ -68,6 +68,7 @@ def test_lazyconfig_train_then_eval_only(tmp_path, tiny_coco):
         "dataloader.test.mapper.augmentations.0.max_size=96",
         "model.pixel_std=[57.375,57.120,58.395]",
         "optimizer.lr=0.0001",
+        "optimizer.momentum=0.9",
         "model.num_classes=2",
         "model.refinement.topk_test=100",
         "train.init_checkpoint=",
@@ -76,6 +77,13 @@ def test_lazyconfig_train_then_eval_only(tmp_path, tiny_coco):
         "train.eval_period=0",
         f"train.output_dir={out}",
     ]
+
+
+@pytest.mark.slow
+def test_lazyconfig_train_then_eval_only(tmp_path, tiny_coco):
+    name = tiny_coco("mimicdet_tiny_lazy")
+    out = str(tmp_path / "out")
+    opts = _lazy_opts(name, out)
     _run(["--config-file", LAZY] + opts)
     final = os.path.join(out, "model_final.pth")
     assert os.path.isfile(final)
@@ -130,3 +138,43 @@ def test_an_unknown_config_key_fails_with_its_name(tmp_path):
     bad_yaml.write_text(f'_BASE_: "{YAML}"\nMODEL:\n  MIMICDET:\n    MIMIC:\n      ENABLD: False\n')
     with pytest.raises(KeyError, match="MODEL.MIMICDET.MIMIC.ENABLD"):
         _run(["--config-file", str(bad_yaml), "OUTPUT_DIR", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_lazyconfig_resume_restores_weights_optimizer_and_iteration(
+    tmp_path, tiny_coco, monkeypatch
+):
+    name = tiny_coco("mimicdet_tiny_lazy_resume")
+    out = str(tmp_path / "out")
+    opts = _lazy_opts(name, out) + ["train.checkpointer.period=2"]
+    _run(["--config-file", LAZY] + opts + ["train.max_iter=4"])
+    saved = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=True)
+    assert saved["iteration"] == 3
+
+    restored = {}
+    resume_or_load = train_net.WeightsOnlyCheckpointer.resume_or_load
+
+    def recording_resume_or_load(self, path, *, resume=True):
+        result = resume_or_load(self, path, resume=resume)
+        restored["model"] = copy.deepcopy(self.model.state_dict())
+        restored["optimizer"] = copy.deepcopy(self.checkpointables["optimizer"].state_dict())
+        return result
+
+    monkeypatch.setattr(
+        train_net.WeightsOnlyCheckpointer, "resume_or_load", recording_resume_or_load
+    )
+    # a longer schedule, resumed: iterations 4 and 5 only
+    _run(["--config-file", LAZY, "--resume"] + opts + ["train.max_iter=6"])
+    for key, value in saved["model"].items():
+        assert torch.equal(restored["model"][key], value), key
+    momentum = restored["optimizer"]["state"]
+    assert momentum, "no momentum buffers restored"
+    for index, state in saved["optimizer"]["state"].items():
+        assert torch.equal(momentum[index]["momentum_buffer"], state["momentum_buffer"]), index
+    with open(os.path.join(out, "log.txt")) as f:
+        assert "Starting training from iteration 4" in f.read()
+    with open(os.path.join(out, "metrics.json")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    # the last training record is the resumed schedule's last iteration (evaluation, after
+    # training, writes a record of its own)
+    assert [r["iteration"] for r in records if "total_loss" in r][-1] == 5
