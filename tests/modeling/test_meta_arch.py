@@ -129,3 +129,20 @@ def test_loss_weights_scale_their_terms(cfg, make_inputs):
     scaled = _train_losses(build_model(cfg), inputs)
     torch.testing.assert_close(scaled["loss_s_cls"], 0.5 * base["loss_s_cls"])
     torch.testing.assert_close(scaled["loss_refine_cls"], base["loss_refine_cls"])
+
+
+@pytest.mark.parametrize("with_objectness", [False, True])
+def test_detection_scores_with_and_without_objectness(cfg, with_objectness):
+    cfg.MODEL.MIMICDET.S_HEAD.SCORE_WITH_OBJECTNESS = with_objectness
+    cfg.MODEL.MIMICDET.S_HEAD.SCORE_THRESH_TEST = 0.0
+    model = build_model(cfg).eval()
+    refined = Instances((100, 100))
+    # two boxes far apart, so the NMS keeps all four (box, class) detections
+    refined.proposal_boxes = Boxes(torch.tensor([[10.0, 10, 40, 40], [60, 60, 90, 90]]))
+    refined.objectness_logits = torch.tensor([0.0, 2.0])
+    logits = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 0.5]])  # two classes and background
+    result = model.inference_single_image(refined, logits, torch.zeros(2, 4))
+    expected = logits.softmax(dim=1)[:, :2]
+    if with_objectness:
+        expected = (expected * refined.objectness_logits.sigmoid()[:, None]).sqrt()
+    assert torch.allclose(result.scores.sort().values, expected.flatten().sort().values)

@@ -87,6 +87,8 @@ model = L(MimicDet)(
         "loss_mimic_cls": 1.0,
         "loss_mimic_reg": 1.0,
     },
+    # paper: the S-head's class probability alone scores a detection
+    score_with_objectness=False,
     test_score_thresh=0.005,
     test_nms_thresh=0.6,
     max_detections_per_image=100,

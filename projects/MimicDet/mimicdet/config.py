@@ -94,6 +94,10 @@ def add_mimicdet_config(cfg):
     _C.MODEL.MIMICDET.S_HEAD.BATCH_SIZE_PER_IMAGE = 128
     # paper: deltas of the S-head relative to the refined box, Fast R-CNN weights
     _C.MODEL.MIMICDET.S_HEAD.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+    # paper: a detection's score is the S-head's class probability (False). True (ours) scores
+    # it by the geometric mean of that and the refinement's objectness, as FCOS multiplies in
+    # its centerness: it helps while the S-head is undertrained (the short CPU schedules)
+    _C.MODEL.MIMICDET.S_HEAD.SCORE_WITH_OBJECTNESS = False
     # paper: COCO evaluation score threshold
     _C.MODEL.MIMICDET.S_HEAD.SCORE_THRESH_TEST = 0.005
     # paper: per-class NMS IoU at inference

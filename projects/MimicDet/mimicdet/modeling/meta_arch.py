@@ -51,6 +51,7 @@ class MimicDet(DenseDetector):
         mimic_per_image: int,
         detach_teacher: bool,
         loss_weights: Dict[str, float],
+        score_with_objectness: bool = False,
         test_score_thresh: float,
         test_nms_thresh: float,
         max_detections_per_image: int,
@@ -69,6 +70,8 @@ class MimicDet(DenseDetector):
             mimic_per_image: size of B_m per image.
             detach_teacher: stop the mimic gradient at the T-head.
             loss_weights: multiplier per loss name; missing names weigh 1.
+            score_with_objectness: score a detection by the geometric mean of the S-head's class
+                probability and the refinement's objectness instead of the former alone.
             test_score_thresh, test_nms_thresh, max_detections_per_image: inference filtering.
             pixel_mean, pixel_std: see :class:`DenseDetector`.
         """
@@ -84,6 +87,7 @@ class MimicDet(DenseDetector):
         self.mimic_per_image = mimic_per_image
         self.detach_teacher = detach_teacher
         self.loss_weights = dict(loss_weights)
+        self.score_with_objectness = score_with_objectness
         self.test_score_thresh = test_score_thresh
         self.test_nms_thresh = test_nms_thresh
         self.max_detections_per_image = max_detections_per_image
@@ -121,6 +125,7 @@ class MimicDet(DenseDetector):
                 "loss_mimic_cls": weights.MIMIC_CLS,
                 "loss_mimic_reg": weights.MIMIC_REG,
             },
+            "score_with_objectness": mcfg.S_HEAD.SCORE_WITH_OBJECTNESS,
             "test_score_thresh": mcfg.S_HEAD.SCORE_THRESH_TEST,
             "test_nms_thresh": mcfg.S_HEAD.NMS_THRESH_TEST,
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
@@ -239,6 +244,8 @@ class MimicDet(DenseDetector):
             pred_logits: ``(K, C + 1)``; pred_deltas: ``(K, 4)``, the S-head at their locations.
         """
         boxes, scores = self.s_head.predict(refined.proposal_boxes.tensor, pred_logits, pred_deltas)
+        if self.score_with_objectness:
+            scores = (scores * refined.objectness_logits.sigmoid()[:, None]).sqrt()
         boxes = Boxes(boxes)
         boxes.clip(refined.image_size)
         box_idx, classes = (scores > self.test_score_thresh).nonzero(as_tuple=True)
