@@ -192,7 +192,8 @@ def test_demo_loop_keeps_memory_flat(tmp_path):
     predictor = Predictor(
         CONFIGS / "mimicdet_MNV2_FPN.yaml", ["MODEL.WEIGHTS", str(weights), *NO_WEIGHTS]
     )
-    paths = write_images(tmp_path / "images", 90)
+    # random pixels, 200..400 px sides: the same images with or without datasets/ prepared
+    paths = write_images(tmp_path / "images", 90, sources=[])
     result = soak(predictor, paths, tmp_path / "pictures", warmup=10, confidence_threshold=0.0)
     assert len(list((tmp_path / "pictures").glob("*.png"))) == 90
     assert result["growth_percent"] < 5, result

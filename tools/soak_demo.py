@@ -36,13 +36,15 @@ def rss_mib():
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def write_images(folder, num_images, seed=0):
+def write_images(folder, num_images, sources=None, random_sizes=(200, 400), seed=0):
     """
-    ``num_images`` PNGs in ``folder``: DeepForest val tiles, flipped and cropped to varied sizes,
-    when prepared, else random pixels of varied sizes. Returns their paths.
+    ``num_images`` PNGs in ``folder``: the ``sources`` images (default: the DeepForest val tiles
+    when prepared) flipped and cropped to varied sizes, or, without sources, random pixels with
+    sides drawn from ``random_sizes``. Returns their paths.
     """
     rng = np.random.default_rng(seed)
-    sources = sorted(VAL_TILES.glob("*.png")) if VAL_TILES.is_dir() else []
+    if sources is None:
+        sources = sorted(VAL_TILES.glob("*.png")) if VAL_TILES.is_dir() else []
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -56,7 +58,7 @@ def write_images(folder, num_images, seed=0):
             y, x = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
             pixels = pixels[y : y + h, x : x + w]
         else:
-            h, w = rng.integers(96, 257, size=2)
+            h, w = rng.integers(random_sizes[0], random_sizes[1] + 1, size=2)
             pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         path = folder / f"soak_{i:04d}.png"
         Image.fromarray(np.ascontiguousarray(pixels)).save(path)
