@@ -179,7 +179,7 @@ def test_benchmark_quick_run(tmp_path):
 def test_demo_loop_keeps_memory_flat(tmp_path):
     """
     tools/soak_demo.py's measurement on a short run, target under 5% RSS growth after the
-    warm-up. Without demo.release_freed_memory this grew 31% (glibc heap fragmentation over
+    warm-up. Without demo.release_freed_memory this grew 51% (glibc heap fragmentation over
     varied image sizes); keeping one feature map per image (~1.6 MiB at P3) would add ~8%.
     """
     from soak_demo import soak, write_images
