@@ -97,12 +97,17 @@ def test_mimicdet_training_pyramid_adds_p2():
     assert set(model.backbone.eval()(images)) == {"p3", "p4", "p5", "p6", "p7"}
 
 
+def random_init_weights(tmp_path):
+    """A checkpoint of a randomly initialised mimicdet_MNV2_FPN model; returns its path."""
+    weights = tmp_path / "model.pth"
+    torch.save({"model": build_model(yaml_cfg("mimicdet_MNV2_FPN.yaml")).state_dict()}, weights)
+    return weights
+
+
 def test_demo_writes_pictures(tmp_path):
     from demo import main
 
-    model = build_model(yaml_cfg("mimicdet_MNV2_FPN.yaml"))
-    weights = tmp_path / "model.pth"
-    torch.save({"model": model.state_dict()}, weights)
+    weights = random_init_weights(tmp_path)
     image_dir = tmp_path / "images"
     image_dir.mkdir()
     pixels = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
@@ -186,9 +191,7 @@ def test_demo_loop_keeps_memory_flat(tmp_path):
 
     from demo import Predictor
 
-    model = build_model(yaml_cfg("mimicdet_MNV2_FPN.yaml"))
-    weights = tmp_path / "model.pth"
-    torch.save({"model": model.state_dict()}, weights)
+    weights = random_init_weights(tmp_path)
     predictor = Predictor(
         CONFIGS / "mimicdet_MNV2_FPN.yaml", ["MODEL.WEIGHTS", str(weights), *NO_WEIGHTS]
     )

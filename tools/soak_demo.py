@@ -21,13 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from detectron2.data import MetadataCatalog
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo import Predictor, list_images, predict_folder  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-VAL_TILES = REPO / "datasets" / "deepforest" / "val"
 
 
 def rss_mib():
@@ -38,13 +36,14 @@ def rss_mib():
 
 def write_images(folder, num_images, sources=None, random_sizes=(200, 400), seed=0):
     """
-    ``num_images`` PNGs in ``folder``: the ``sources`` images (default: the DeepForest val tiles
-    when prepared) flipped and cropped to varied sizes, or, without sources, random pixels with
+    ``num_images`` PNGs in ``folder``: the ``sources`` images (default: the DeepForest val tiles,
+    where ``import mimicdet`` registered them, when prepared) flipped and cropped to varied sizes, or, without sources, random pixels with
     sides drawn from ``random_sizes``. Returns their paths.
     """
     rng = np.random.default_rng(seed)
     if sources is None:
-        sources = sorted(VAL_TILES.glob("*.png")) if VAL_TILES.is_dir() else []
+        val_tiles = Path(MetadataCatalog.get("deepforest_val").image_root)
+        sources = sorted(val_tiles.glob("*.png")) if val_tiles.is_dir() else []
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
