@@ -1,5 +1,6 @@
 """Refinement module: anchors, scale-and-centre labels, refined boxes."""
 
+import pytest
 import torch
 from detectron2.layers import ShapeSpec
 from detectron2.structures import Boxes, Instances
@@ -25,7 +26,7 @@ def _positive_cells(module, boxes):
     gt = Instances((SIZE, SIZE), gt_boxes=Boxes(torch.tensor(boxes, dtype=torch.float32)))
     labels, matched = module.label_anchors(anchors, levels, [gt])
     cells = {}
-    for idx in labels[0].nonzero().flatten().tolist():
+    for idx in (labels[0] == 1).nonzero().flatten().tolist():
         level = int(levels[idx])
         local = idx - int((levels < level).sum())
         width = SIZE // 2**level
@@ -71,6 +72,48 @@ def test_small_box_keeps_the_cell_holding_its_centre(cfg):
     assert _positive_cells(_module(cfg), [box]) == {(3, 13, 13): 0}
     cfg.MODEL.MIMICDET.REFINE.MIN_CENTER_RADIUS = 0.0
     assert _positive_cells(_module(cfg), [box]) == {}
+
+
+def test_norm_key_puts_group_norm_after_the_conv(cfg):
+    plain = _module(cfg)
+    assert plain.conv.norm is None and plain.conv.bias is not None
+    cfg.MODEL.MIMICDET.REFINE.NORM = "GN"
+    module = _module(cfg)
+    assert isinstance(module.conv.norm, torch.nn.GroupNorm) and module.conv.bias is None
+    # GroupNorm renormalises the small-init conv: its output has unit scale per group
+    feats = [torch.randn(1, 32, SIZE // s, SIZE // s) for s in STRIDES]
+    normed = module.conv(feats[0])
+    assert normed.std().item() == pytest.approx(1.0, rel=0.05)
+    assert plain.conv(feats[0]).std().item() < 0.25
+
+
+def test_ignore_band_leaves_off_centre_cells_of_the_box_out_of_the_objectness_loss(cfg):
+    cfg.MODEL.MIMICDET.REFINE.IGNORE_SAMPLING_RATIO = 1.0
+    module = _module(cfg)
+    anchors, levels = module.anchors(_features())
+    # P3 (as in test_box_lands_on_its_level_and_centre_cells): positive cells 7..8; the whole
+    # box [32, 96] holds centres 36..92, cells 4..11, of which the rest is ignored
+    gt = Instances((SIZE, SIZE), gt_boxes=Boxes(torch.tensor([[32.0, 32, 96, 96]])))
+    labels, matched = module.label_anchors(anchors, levels, [gt])
+    p3 = labels[0, levels == 3].view(SIZE // 8, SIZE // 8)
+    expected = torch.zeros_like(p3)
+    expected[4:12, 4:12] = -1
+    expected[7:9, 7:9] = 1
+    assert torch.equal(p3, expected)
+    assert (labels[0, levels != 3] == 0).all()
+
+    # an ignored anchor's logit does not move the loss; a negative's and a positive's do
+    logits, deltas = torch.zeros(1, len(anchors)), torch.zeros(1, len(anchors), 4)
+
+    def loss_cls_with(index):
+        moved = logits.clone()
+        moved[0, index] = 5.0
+        return module.losses(anchors, moved, deltas, labels, matched, 1.0)["loss_refine_cls"]
+
+    base = loss_cls_with([])
+    for label in (-1, 0, 1):
+        index = (labels[0] == label).nonzero()[0]
+        assert (loss_cls_with(index) == base) == (label == -1)
 
 
 def test_losses_and_refined_boxes(cfg):

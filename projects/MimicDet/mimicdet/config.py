@@ -56,6 +56,9 @@ def add_mimicdet_config(cfg):
     _C.MODEL.MIMICDET.REFINE.ANCHOR_OFFSET = 0.5
     # paper: 256-channel 3x3 conv before the objectness and box branches
     _C.MODEL.MIMICDET.REFINE.CONV_DIM = 256
+    # default (ours): no normalization after that conv, as the paper describes none; "GN" adds
+    # GroupNorm as detectron2's FCOS head has
+    _C.MODEL.MIMICDET.REFINE.NORM = ""
     # default (ours): detectron2's canonical FPN level rule assigns each GT to one level
     _C.MODEL.MIMICDET.REFINE.CANONICAL_BOX_SIZE = 224
     # default (ours): detectron2's canonical level (stride 16) for a 224-pixel box
@@ -64,6 +67,10 @@ def add_mimicdet_config(cfg):
     _C.MODEL.MIMICDET.REFINE.CENTER_SAMPLING_RATIO = 0.3
     # default (ours): the shrunk box is at least one cell wide, so small GTs keep a positive
     _C.MODEL.MIMICDET.REFINE.MIN_CENTER_RADIUS = 0.5
+    # default (ours): no ignore band, every anchor that is not positive is a negative; a ratio
+    # above CENTER_SAMPLING_RATIO leaves the anchors of a GT's level whose centres lie in the GT
+    # shrunk to it, and are not positive, out of the objectness loss (FoveaBox uses 0.3 / 0.4)
+    _C.MODEL.MIMICDET.REFINE.IGNORE_SAMPLING_RATIO = 0.0
     # default (ours): Faster R-CNN RPN delta weights for the anchor -> refined box step
     _C.MODEL.MIMICDET.REFINE.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
     # default (ours): RetinaNet's objectness prior so the many negatives don't swamp early BCE

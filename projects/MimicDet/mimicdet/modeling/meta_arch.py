@@ -190,7 +190,7 @@ class MimicDet(DenseDetector):
             self._dense_forward(features)
         )
         gt_labels, gt_boxes = self.refinement.label_anchors(anchors, anchor_levels, gt_instances)
-        num_pos = mean_over_workers(gt_labels.sum().float()).item()
+        num_pos = mean_over_workers((gt_labels == 1).sum().float()).item()
         get_event_storage().put_scalar("refine/num_pos_anchors", num_pos / len(gt_instances))
         # positives per batch vary a lot; RetinaNet's EMA keeps the normaliser stable, and the
         # mean over workers gives every worker the same normaliser (the losses are then averaged

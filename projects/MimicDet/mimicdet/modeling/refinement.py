@@ -6,7 +6,7 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec, batched_nms, cat, nonzero_tuple
+from detectron2.layers import Conv2d, ShapeSpec, batched_nms, cat, get_norm, nonzero_tuple
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
@@ -50,6 +50,7 @@ class RefinementModule(nn.Module):
         *,
         in_channels: int,
         conv_dim: int,
+        norm: str = "",
         strides: List[int],
         anchor_size_per_stride: float,
         anchor_offset: float,
@@ -57,6 +58,7 @@ class RefinementModule(nn.Module):
         canonical_level: int,
         center_sampling_ratio: float,
         min_center_radius: float,
+        ignore_sampling_ratio: float = 0.0,
         bbox_reg_weights: Tuple[float, float, float, float],
         prior_prob: float,
         pre_nms_topk_train: int,
@@ -68,6 +70,8 @@ class RefinementModule(nn.Module):
         Args:
             in_channels: channels of every input level.
             conv_dim: channels of the 3x3 conv.
+            norm: normalization after the 3x3 conv (a :func:`detectron2.layers.get_norm` name,
+                e.g. ``"GN"``), or ``""`` for none.
             strides: stride of each input level, fine to coarse, e.g. ``[8, 16, 32, 64, 128]``.
             anchor_size_per_stride: anchor side in units of its level's stride.
             anchor_offset: anchor centre within its cell, in strides (0.5 = cell centre).
@@ -75,6 +79,10 @@ class RefinementModule(nn.Module):
             center_sampling_ratio: an anchor is positive if its centre lies in the GT shrunk about
                 its centre to this fraction of its width and height.
             min_center_radius: lower bound of the shrunk box's half-size, in strides.
+            ignore_sampling_ratio: anchors of a GT's level that are not positive but whose
+                centres lie in the GT shrunk to this fraction are left out of the objectness
+                loss (FoveaBox's band between positives and negatives); at or below
+                ``center_sampling_ratio`` there is no such band.
             bbox_reg_weights: :class:`Box2BoxTransform` weights from anchor to refined box.
             prior_prob: initial foreground probability of the objectness logit.
             pre_nms_topk_train: refined boxes per level kept, by objectness, before the NMS.
@@ -83,12 +91,20 @@ class RefinementModule(nn.Module):
             topk_test: refined boxes per image kept, by objectness, at inference (no NMS).
         """
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, conv_dim, kernel_size=3, padding=1)
+        self.conv = Conv2d(
+            in_channels,
+            conv_dim,
+            kernel_size=3,
+            padding=1,
+            bias=not norm,
+            norm=get_norm(norm, conv_dim),
+        )
         self.objectness = nn.Conv2d(conv_dim, 1, kernel_size=1)
         self.box_deltas = nn.Conv2d(conv_dim, 4, kernel_size=1)
         for layer in [self.conv, self.objectness, self.box_deltas]:
             nn.init.normal_(layer.weight, std=0.01)
-            nn.init.constant_(layer.bias, 0.0)
+            if layer.bias is not None:
+                nn.init.constant_(layer.bias, 0.0)
         nn.init.constant_(self.objectness.bias, -math.log((1 - prior_prob) / prior_prob))
 
         self.anchor_generator = DefaultAnchorGenerator(
@@ -102,6 +118,7 @@ class RefinementModule(nn.Module):
         self.canonical_level = canonical_level
         self.center_sampling_ratio = center_sampling_ratio
         self.min_center_radius = min_center_radius
+        self.ignore_sampling_ratio = ignore_sampling_ratio
         self.box2box_transform = Box2BoxTransform(weights=bbox_reg_weights)
         self.pre_nms_topk_train = pre_nms_topk_train
         self.nms_thresh_train = nms_thresh_train
@@ -114,6 +131,7 @@ class RefinementModule(nn.Module):
         return {
             "in_channels": input_shape[0].channels,
             "conv_dim": rcfg.CONV_DIM,
+            "norm": rcfg.NORM,
             "strides": [s.stride for s in input_shape],
             "anchor_size_per_stride": rcfg.ANCHOR_SIZE_PER_STRIDE,
             "anchor_offset": rcfg.ANCHOR_OFFSET,
@@ -121,6 +139,7 @@ class RefinementModule(nn.Module):
             "canonical_level": rcfg.CANONICAL_LEVEL,
             "center_sampling_ratio": rcfg.CENTER_SAMPLING_RATIO,
             "min_center_radius": rcfg.MIN_CENTER_RADIUS,
+            "ignore_sampling_ratio": rcfg.IGNORE_SAMPLING_RATIO,
             "bbox_reg_weights": rcfg.BBOX_REG_WEIGHTS,
             "prior_prob": rcfg.PRIOR_PROB,
             "pre_nms_topk_train": rcfg.PRE_NMS_TOPK_TRAIN,
@@ -161,42 +180,54 @@ class RefinementModule(nn.Module):
             boxes, self.canonical_box_size, self.canonical_level, self.levels[0], self.levels[-1]
         )
 
+    def _inside_shrunk_gt(
+        self, centers: Tensor, strides: Tensor, gt: Tensor, ratio: float
+    ) -> Tensor:
+        """``(R, G)``: anchor centre inside the GT shrunk about its centre to ``ratio``."""
+        gt_centers = (gt[:, :2] + gt[:, 2:]) / 2
+        half_size = torch.maximum(
+            (gt[:, 2:] - gt[:, :2])[None] * ratio / 2, strides[:, :, None] * self.min_center_radius
+        )  # (R, G, 2)
+        return ((centers[:, None] - gt_centers[None]).abs() <= half_size).all(dim=2)
+
     @torch.no_grad()
     def label_anchors(
         self, anchors: Boxes, anchor_levels: Tensor, gt_instances: List[Instances]
     ) -> Tuple[Tensor, Tensor]:
         """
         Each GT goes to one level by its size; an anchor of that level is positive if its centre
-        lies in the GT shrunk about its centre (the smallest such GT wins).
+        lies in the GT shrunk about its centre (the smallest such GT wins), ignored if it is not
+        positive but lies in the GT shrunk to ``ignore_sampling_ratio``, negative otherwise.
 
         Args:
             anchors: ``(R, 4)``; anchor_levels: ``(R,)``.
             gt_instances: per image, with ``gt_boxes``.
 
         Returns:
-            ``(N, R)`` bool positive mask and ``(N, R, 4)`` the GT box of each positive
-            (zeros elsewhere).
+            ``(N, R)`` int64 labels, 1 positive, 0 negative, -1 ignored (detectron2's
+            convention), and ``(N, R, 4)`` the GT box of each positive (zeros elsewhere).
         """
         centers = anchors.get_centers()
         strides = (2.0 ** anchor_levels.float())[:, None]
         gt_labels, matched_boxes = [], []
         for inst in gt_instances:
             gt = inst.gt_boxes.tensor
+            labels = torch.zeros(len(anchors), dtype=torch.int64, device=gt.device)
             if len(gt) == 0:
-                gt_labels.append(torch.zeros(len(anchors), dtype=torch.bool, device=gt.device))
+                gt_labels.append(labels)
                 matched_boxes.append(torch.zeros_like(anchors.tensor))
                 continue
-            gt_centers = (gt[:, :2] + gt[:, 2:]) / 2
-            half_size = torch.maximum(
-                (gt[:, 2:] - gt[:, :2])[None] * self.center_sampling_ratio / 2,
-                strides[:, :, None] * self.min_center_radius,
-            )  # (R, G, 2)
-            inside = ((centers[:, None] - gt_centers[None]).abs() <= half_size).all(dim=2)
             on_level = anchor_levels[:, None] == self.gt_levels(gt)[None]
+            inside = self._inside_shrunk_gt(centers, strides, gt, self.center_sampling_ratio)
             area = Boxes(gt).area()[None].expand(len(anchors), -1)
             area = torch.where(inside & on_level, area, torch.full_like(area, float("inf")))
             min_area, idx = area.min(dim=1)
-            gt_labels.append(torch.isfinite(min_area))
+            positive = torch.isfinite(min_area)
+            if self.ignore_sampling_ratio > self.center_sampling_ratio:
+                band = self._inside_shrunk_gt(centers, strides, gt, self.ignore_sampling_ratio)
+                labels[(band & on_level).any(dim=1)] = -1
+            labels[positive] = 1
+            gt_labels.append(labels)
             matched_boxes.append(gt[idx])
         return torch.stack(gt_labels), torch.stack(matched_boxes)
 
@@ -210,16 +241,19 @@ class RefinementModule(nn.Module):
         normalizer: float,
     ):
         """
-        BCE over all anchors and L1 over positives' deltas, both summed and divided by
-        ``normalizer`` (an EMA of the number of positives kept by the meta-architecture).
+        BCE over all anchors but the ignored ones and L1 over positives' deltas, both summed
+        and divided by ``normalizer`` (an EMA of the number of positives kept by the
+        meta-architecture).
 
         Args:
             anchors: ``(R, 4)``; pred_logits: ``(N, R)``; pred_deltas: ``(N, R, 4)``;
-            gt_labels: ``(N, R)`` bool; gt_boxes: ``(N, R, 4)``.
+            gt_labels: ``(N, R)`` as :meth:`label_anchors`; gt_boxes: ``(N, R, 4)``.
         """
+        valid = gt_labels >= 0
         loss_cls = F.binary_cross_entropy_with_logits(
-            pred_logits, gt_labels.to(pred_logits.dtype), reduction="sum"
+            pred_logits[valid], gt_labels[valid].to(pred_logits.dtype), reduction="sum"
         )
+        gt_labels = gt_labels == 1
         target_deltas = self.box2box_transform.get_deltas(
             anchors.tensor[None].expand_as(gt_boxes).reshape(-1, 4), gt_boxes.reshape(-1, 4)
         ).view_as(gt_boxes)
