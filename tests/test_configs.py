@@ -55,7 +55,7 @@ def test_yaml_and_lazyconfig_build_the_same_model():
     for attr in ["staggered", "pool_levels", "batch_size_per_image", "positive_fraction"]:
         assert getattr(yaml_model.roi_heads, attr) == getattr(lazy_model.roi_heads, attr), attr
     refine_attrs = ["levels", "topk_test", "nms_thresh_train", "center_sampling_ratio"]
-    for attr in refine_attrs + ["ignore_sampling_ratio"]:
+    for attr in refine_attrs + ["ignore_sampling_ratio", "focal_loss_alpha", "focal_loss_gamma"]:
         assert getattr(yaml_model.refinement, attr) == getattr(lazy_model.refinement, attr), attr
 
 

@@ -116,6 +116,39 @@ def test_ignore_band_leaves_off_centre_cells_of_the_box_out_of_the_objectness_lo
         assert (loss_cls_with(index) == base) == (label == -1)
 
 
+def test_objectness_loss_is_bce_by_default_and_focal_when_gamma_is_set(cfg):
+    gt = Instances((SIZE, SIZE), gt_boxes=Boxes(torch.tensor([[32.0, 32, 96, 96]])))
+
+    def loss_cls(module, logits):
+        anchors, levels = module.anchors(_features())
+        labels, matched = module.label_anchors(anchors, levels, [gt])
+        deltas = torch.zeros(1, len(anchors), 4)
+        loss = module.losses(anchors, logits, deltas, labels, matched, 1.0)["loss_refine_cls"]
+        return loss, labels
+
+    bce = _module(cfg)
+    logits = torch.randn(1, sum(f.shape[2] * f.shape[3] for f in _features()))
+    loss, labels = loss_cls(bce, logits)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, (labels == 1).float(), reduction="sum"
+    )
+    assert torch.allclose(loss, expected)
+
+    cfg.MODEL.MIMICDET.REFINE.FOCAL_LOSS_ALPHA = 0.25
+    cfg.MODEL.MIMICDET.REFINE.FOCAL_LOSS_GAMMA = 2.0
+    focal = _module(cfg)
+    # an easy negative (logit -6) costs BCE ~0.0025 but focal ~1e-8; a hard one (logit +3) keeps
+    # most of its BCE: the focal loss spends the objectness gradient on the hard anchors
+    negative = (labels[0] == 0).nonzero()[0]
+    for logit, kept in ((-6.0, 1e-4), (3.0, 0.5)):
+        moved = torch.full_like(logits, -20.0)
+        moved[0, negative] = logit
+        ref = torch.full_like(logits, -20.0)
+        focal_cost = loss_cls(focal, moved)[0] - loss_cls(focal, ref)[0]
+        bce_cost = loss_cls(bce, moved)[0] - loss_cls(bce, ref)[0]
+        assert (focal_cost / bce_cost > kept) == (logit > 0)
+
+
 def test_losses_and_refined_boxes(cfg):
     cfg.MODEL.MIMICDET.REFINE.PRE_NMS_TOPK_TRAIN = 50
     cfg.MODEL.MIMICDET.REFINE.POST_NMS_TOPK_TRAIN = 30

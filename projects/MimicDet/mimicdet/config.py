@@ -75,6 +75,10 @@ def add_mimicdet_config(cfg):
     _C.MODEL.MIMICDET.REFINE.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
     # default (ours): RetinaNet's objectness prior so the many negatives don't swamp early BCE
     _C.MODEL.MIMICDET.REFINE.PRIOR_PROB = 0.01
+    # paper: BCE objectness (gamma 0, alpha -1 make fvcore's sigmoid focal loss plain BCE);
+    # RetinaNet's 0.25 / 2.0 turn it into a focal loss that down-weights the easy negatives
+    _C.MODEL.MIMICDET.REFINE.FOCAL_LOSS_ALPHA = -1.0
+    _C.MODEL.MIMICDET.REFINE.FOCAL_LOSS_GAMMA = 0.0
     # default (ours): top-k refined boxes per level before the training NMS, as detectron2's RPN
     _C.MODEL.MIMICDET.REFINE.PRE_NMS_TOPK_TRAIN = 2000
     # paper: NMS IoU of the refined boxes in training

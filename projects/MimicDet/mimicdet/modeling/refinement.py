@@ -10,6 +10,7 @@ from detectron2.layers import Conv2d, ShapeSpec, batched_nms, cat, get_norm, non
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
+from fvcore.nn import sigmoid_focal_loss
 from torch import Tensor, nn
 
 __all__ = ["RefinementModule", "canonical_levels"]
@@ -61,6 +62,8 @@ class RefinementModule(nn.Module):
         ignore_sampling_ratio: float = 0.0,
         bbox_reg_weights: Tuple[float, float, float, float],
         prior_prob: float,
+        focal_loss_alpha: float = -1.0,
+        focal_loss_gamma: float = 0.0,
         pre_nms_topk_train: int,
         nms_thresh_train: float,
         post_nms_topk_train: int,
@@ -85,6 +88,8 @@ class RefinementModule(nn.Module):
                 ``center_sampling_ratio`` there is no such band.
             bbox_reg_weights: :class:`Box2BoxTransform` weights from anchor to refined box.
             prior_prob: initial foreground probability of the objectness logit.
+            focal_loss_alpha, focal_loss_gamma: the objectness loss is fvcore's
+                ``sigmoid_focal_loss``; ``gamma = 0`` with ``alpha < 0`` is plain BCE (the paper).
             pre_nms_topk_train: refined boxes per level kept, by objectness, before the NMS.
             nms_thresh_train: IoU of the per-image NMS over refined boxes in training.
             post_nms_topk_train: refined boxes per image kept after the NMS in training.
@@ -120,6 +125,8 @@ class RefinementModule(nn.Module):
         self.min_center_radius = min_center_radius
         self.ignore_sampling_ratio = ignore_sampling_ratio
         self.box2box_transform = Box2BoxTransform(weights=bbox_reg_weights)
+        self.focal_loss_alpha = focal_loss_alpha
+        self.focal_loss_gamma = focal_loss_gamma
         self.pre_nms_topk_train = pre_nms_topk_train
         self.nms_thresh_train = nms_thresh_train
         self.post_nms_topk_train = post_nms_topk_train
@@ -142,6 +149,8 @@ class RefinementModule(nn.Module):
             "ignore_sampling_ratio": rcfg.IGNORE_SAMPLING_RATIO,
             "bbox_reg_weights": rcfg.BBOX_REG_WEIGHTS,
             "prior_prob": rcfg.PRIOR_PROB,
+            "focal_loss_alpha": rcfg.FOCAL_LOSS_ALPHA,
+            "focal_loss_gamma": rcfg.FOCAL_LOSS_GAMMA,
             "pre_nms_topk_train": rcfg.PRE_NMS_TOPK_TRAIN,
             "nms_thresh_train": rcfg.NMS_THRESH_TRAIN,
             "post_nms_topk_train": rcfg.POST_NMS_TOPK_TRAIN,
@@ -241,8 +250,8 @@ class RefinementModule(nn.Module):
         normalizer: float,
     ):
         """
-        BCE over all anchors but the ignored ones and L1 over positives' deltas, both summed
-        and divided by ``normalizer`` (an EMA of the number of positives kept by the
+        BCE (focal when ``focal_loss_gamma > 0``) over all anchors but the ignored ones and L1
+        over positives' deltas, both summed and divided by ``normalizer`` (an EMA of the number of positives kept by the
         meta-architecture).
 
         Args:
@@ -250,8 +259,12 @@ class RefinementModule(nn.Module):
             gt_labels: ``(N, R)`` as :meth:`label_anchors`; gt_boxes: ``(N, R, 4)``.
         """
         valid = gt_labels >= 0
-        loss_cls = F.binary_cross_entropy_with_logits(
-            pred_logits[valid], gt_labels[valid].to(pred_logits.dtype), reduction="sum"
+        loss_cls = sigmoid_focal_loss(
+            pred_logits[valid],
+            gt_labels[valid].to(pred_logits.dtype),
+            alpha=self.focal_loss_alpha,
+            gamma=self.focal_loss_gamma,
+            reduction="sum",
         )
         gt_labels = gt_labels == 1
         target_deltas = self.box2box_transform.get_deltas(
