@@ -82,6 +82,17 @@ def test_yaml_configs_share_input_and_schedule():
         assert cfg.MODEL.PIXEL_MEAN == base.MODEL.PIXEL_MEAN
 
 
+def test_detectors_share_test_time_nms_and_detections_per_image():
+    """The benchmark compares detectors, so their post-processing must be the same."""
+    retinanet = build_model(yaml_cfg("retinanet_MNV2_FPN.yaml"))
+    fcos = instantiate(lazy_fcos().model)
+    for name in YAMLS[:2]:
+        mimicdet = build_model(yaml_cfg(name))
+        for other in (retinanet, fcos):
+            assert mimicdet.test_nms_thresh == other.test_nms_thresh, (name, type(other))
+            assert mimicdet.max_detections_per_image == other.max_detections_per_image
+
+
 def test_inference_backbones_are_identical():
     reference = inference_backbone_shapes(build_model(yaml_cfg("retinanet_MNV2_FPN.yaml")))
     assert "backbone.fpn_lateral3.weight" in reference

@@ -1,11 +1,12 @@
 """
 detectron2's FCOS on DeepForest, as a LazyConfig. Backbone, input sizes, batch, schedule,
 augmentation and evaluation are read from ``Base-DeepForest-MNV2.yaml`` (shared with MimicDet
-and RetinaNet), so only the detector differs. Two departures from detectron2's FCOS config, both
+and RetinaNet), so only the detector differs. Three departures from detectron2's FCOS config, all
 to keep the comparison fair: P6/P7 come from res5 (as RetinaNet's and MimicDet's), not from P5,
 so all backbones are the same modules; the test score threshold is RetinaNet's 0.05 rather
-than FCOS's 0.2, which at this short schedule would drop most detections. And FCOS skips the 3 tree-less train
-tiles, which detectron2 v0.6's FCOS cannot label.
+than FCOS's 0.2, which at this short schedule would drop most detections; the test NMS IoU is
+RetinaNet's 0.5 (as MimicDet's here) rather than FCOS's 0.6. And FCOS skips the 3 tree-less
+train tiles, which detectron2 v0.6's FCOS cannot label.
 """
 
 import os
@@ -78,7 +79,7 @@ model = L(FCOS)(
     focal_loss_gamma=2.0,
     test_score_thresh=base.MODEL.RETINANET.SCORE_THRESH_TEST,
     test_topk_candidates=base.MODEL.RETINANET.TOPK_CANDIDATES_TEST,
-    test_nms_thresh=0.6,
+    test_nms_thresh=base.MODEL.RETINANET.NMS_THRESH_TEST,
     max_detections_per_image=base.TEST.DETECTIONS_PER_IMAGE,
     pixel_mean=list(base.MODEL.PIXEL_MEAN),
     pixel_std=list(base.MODEL.PIXEL_STD),
