@@ -211,3 +211,38 @@ def test_demo_loop_keeps_memory_flat(tmp_path):
     result = soak(predictor, paths, tmp_path / "pictures", warmup=10, confidence_threshold=0.0)
     assert len(list((tmp_path / "pictures").glob("*.png"))) == 90
     assert result["growth_percent"] < 5, result
+
+
+def test_evaluate_teacher_scores_both_heads_and_refuses_a_deploy_checkpoint(
+    tmp_path, tiny_coco, tiny_opts
+):
+    from convert_to_deploy import convert
+    from evaluate_teacher import main as evaluate_teacher
+
+    name = tiny_coco("mimicdet_tiny_teacher")
+    yaml = str(REPO / "configs" / "COCO-Detection" / "mimicdet_R_50_FPN_1x.yaml")
+    cfg = get_cfg()
+    add_mimicdet_config(cfg)
+    cfg.merge_from_file(yaml)
+    cfg.merge_from_list(tiny_opts)
+    full, deploy = str(tmp_path / "model_final.pth"), str(tmp_path / "model_deploy.pth")
+    torch.save({"model": build_model(cfg).state_dict()}, full)
+    convert(full, deploy)
+    opts = tiny_opts + [
+        "DATASETS.TEST", f"('{name}',)",
+        "DATALOADER.NUM_WORKERS", "0",
+        "INPUT.MIN_SIZE_TEST", "96",
+        "INPUT.MAX_SIZE_TEST", "96",
+    ]  # fmt: skip
+
+    out = tmp_path / "teacher.json"
+    args = ["--config-file", yaml, "--output", str(out)]
+    results = evaluate_teacher(args + opts + ["MODEL.WEIGHTS", full])
+    written = json.loads(out.read_text())
+    for head in ("s_head", "t_head"):
+        assert set(results[head]) == {"AP", "AP50", "AP75"}
+        assert written[head] == pytest.approx(results[head], nan_ok=True)
+    assert written["dataset"] == name
+
+    with pytest.raises(SystemExit, match="no T-head weights"):
+        evaluate_teacher(args + opts + ["MODEL.WEIGHTS", deploy])

@@ -146,3 +146,39 @@ def test_detection_scores_with_and_without_objectness(cfg, with_objectness):
     if with_objectness:
         expected = (expected * refined.objectness_logits.sigmoid()[:, None]).sqrt()
     assert torch.allclose(result.scores.sort().values, expected.flatten().sort().values)
+
+
+def test_teacher_inference_scores_with_the_t_head_and_leaves_the_model_in_eval(cfg, make_inputs):
+    cfg.MODEL.MIMICDET.S_HEAD.SCORE_WITH_OBJECTNESS = False
+    cfg.TEST.DETECTIONS_PER_IMAGE = 7
+    model = build_model(cfg).eval()
+    inputs = make_inputs(num_images=2, size=96)
+    inputs[1]["height"], inputs[1]["width"] = 192, 144
+    called = []
+    for name in ("roi_heads", "backbone.fpn_lateral2"):
+        model.get_submodule(name).register_forward_hook(lambda *a, name=name: called.append(name))
+    predictor = model.roi_heads.box_predictor.cls_score
+    with torch.no_grad():
+        predictor.weight.zero_()
+        student = model(inputs)
+        # the T-head sure of class 0 everywhere: every kept refined box becomes a detection
+        predictor.bias.copy_(torch.tensor([10.0, -10.0, -10.0]))
+        sure = model.teacher_inference(inputs)
+        # and sure of "background": none does, whatever the S-head thinks
+        predictor.bias.copy_(torch.tensor([-10.0, -10.0, 10.0]))
+        none = model.teacher_inference(inputs)
+    assert called == ["backbone.fpn_lateral2"] * 2
+    assert not model.training and not model.backbone.training
+    for s, t, n, size in zip(student, sure, none, [(96, 96), (192, 144)]):
+        assert t["instances"].image_size == size
+        assert len(t["instances"]) == cfg.TEST.DETECTIONS_PER_IMAGE
+        assert (t["instances"].scores > 0.99).all() and (t["instances"].pred_classes == 0).all()
+        assert len(n["instances"]) == 0 and len(s["instances"]) > 0
+
+
+def test_teacher_inference_without_a_t_head_is_a_clear_error(cfg, make_inputs):
+    cfg.MODEL.MIMICDET.MIMIC.ENABLED = False
+    cfg.MODEL.MIMICDET.T_HEAD.ENABLED = False
+    model = build_model(cfg).eval()
+    with pytest.raises(RuntimeError, match="T_HEAD.ENABLED"):
+        model.teacher_inference(make_inputs())

@@ -3,6 +3,7 @@
 import logging
 from typing import Dict, List, Optional, Sequence
 
+import torch
 import torch.distributed as dist
 from detectron2.config import configurable
 from detectron2.layers import batched_nms, cat
@@ -150,8 +151,50 @@ class MimicDet(DenseDetector):
             return self.forward_training(images, features, gt_instances)
 
         results = self.forward_inference(images, features)
+        return self._postprocess(results, batched_inputs, images.image_sizes)
+
+    @torch.no_grad()
+    def teacher_inference(self, batched_inputs: List[Dict[str, Tensor]]):
+        """
+        Detections of the T-head run as a two-stage detector on the refined boxes that the
+        S-head scores, with the S-head's post-processing: the gap to :meth:`forward` is what
+        mimicking has left to transfer (``tools/evaluate_teacher.py``). Needs the training-only
+        modules, i.e. a full checkpoint, not a deploy one.
+
+        Returns:
+            as :meth:`forward` at inference.
+        """
+        if self.roi_heads is None:
+            raise RuntimeError(
+                "teacher_inference needs the T-head, but this model has none "
+                "(MODEL.MIMICDET.T_HEAD.ENABLED is False)"
+            )
+        if self.training:
+            raise RuntimeError("teacher_inference runs at inference only: call model.eval() first")
+        images = self.preprocess_image(batched_inputs)
+        # the staggered FPN builds the T-head's finer level only in training mode; batch norms
+        # stay in eval mode so that no running statistic moves and no batch statistic is used
+        self.backbone.train()
+        for m in self.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        try:
+            features = self.backbone(images.tensor)
+        finally:
+            self.backbone.eval()
+        anchors, anchor_levels, objectness, refine_deltas, _, _, _ = self._dense_forward(features)
+        refined = self.refinement.refined_boxes(
+            anchors, anchor_levels, objectness, refine_deltas, images.image_sizes
+        )
+        results = [
+            self.inference_single_image(r, logits, deltas)
+            for r, (logits, deltas) in zip(refined, self.roi_heads.predict(features, refined))
+        ]
+        return self._postprocess(results, batched_inputs, images.image_sizes)
+
+    def _postprocess(self, results, batched_inputs, image_sizes):
         processed = []
-        for result, inputs, image_size in zip(results, batched_inputs, images.image_sizes):
+        for result, inputs, image_size in zip(results, batched_inputs, image_sizes):
             height = inputs.get("height", image_size[0])
             width = inputs.get("width", image_size[1])
             processed.append({"instances": detector_postprocess(result, height, width)})

@@ -152,6 +152,48 @@ class MimicTHead(ROIHeads):
             out.index_put_((inds,), pooler(x, rois[inds]))
         return out
 
+    def _box_head(
+        self, features: Dict[str, Tensor], boxes: List[Instances]
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """
+        Pools each box of ``boxes`` (``proposal_boxes`` with the S-head's ``levels``) and runs
+        both paths; returns class logits ``(M, C + 1)``, deltas ``(M, 4)`` and regression
+        features ``(M, fc_dim)`` over all images.
+        """
+        x = self.pool(
+            [features[f"p{lvl}"] for lvl in self.pool_levels],
+            [b.proposal_boxes for b in boxes],
+            cat([b.levels for b in boxes]) - int(self.staggered),
+        )
+        cls_feat = x.flatten(1)
+        for fc in self.cls_fcs:
+            cls_feat = F.relu(fc(cls_feat))
+        reg_feat = x
+        for conv in self.reg_convs:
+            reg_feat = F.relu(conv(reg_feat))
+        reg_feat = F.relu(self.reg_fc(reg_feat.flatten(1)))
+        cls_logits = self.box_predictor.cls_score(cls_feat)
+        return cls_logits, self.box_predictor.bbox_pred(reg_feat), reg_feat
+
+    @torch.no_grad()
+    def predict(
+        self, features: Dict[str, Tensor], boxes: List[Instances]
+    ) -> List[Tuple[Tensor, Tensor]]:
+        """
+        The T-head as the box head of a two-stage detector, for diagnostics: what the S-head
+        is taught to match (:meth:`MimicDet.teacher_inference`).
+
+        Args:
+            features: pyramid maps including the training-only finer levels.
+            boxes: per image, refined boxes with ``proposal_boxes`` and ``levels``.
+
+        Returns:
+            per image, class logits ``(Ki, C + 1)`` and deltas ``(Ki, 4)``.
+        """
+        cls_logits, deltas, _ = self._box_head(features, boxes)
+        num_per_image = [len(b) for b in boxes]
+        return list(zip(cls_logits.split(num_per_image), deltas.split(num_per_image)))
+
     def _append_gt(self, proposals: List[Instances], targets: List[Instances]) -> List[Instances]:
         dense_levels = [lvl + 1 for lvl in self.pool_levels] if self.staggered else self.pool_levels
         out = []
@@ -200,22 +242,7 @@ class MimicTHead(ROIHeads):
             proposals = self._append_gt(proposals, targets)
         proposals = self.label_and_sample_proposals(proposals, targets)
 
-        levels = cat([p.levels for p in proposals]) - int(self.staggered)
-        x = self.pool(
-            [features[f"p{lvl}"] for lvl in self.pool_levels],
-            [p.proposal_boxes for p in proposals],
-            levels,
-        )
-        cls_feat = x.flatten(1)
-        for fc in self.cls_fcs:
-            cls_feat = F.relu(fc(cls_feat))
-        reg_feat = x
-        for conv in self.reg_convs:
-            reg_feat = F.relu(conv(reg_feat))
-        reg_feat = F.relu(self.reg_fc(reg_feat.flatten(1)))
-        cls_logits = self.box_predictor.cls_score(cls_feat)
-        deltas = self.box_predictor.bbox_pred(reg_feat)
-
+        cls_logits, deltas, reg_feat = self._box_head(features, proposals)
         losses = self.box_predictor.losses((cls_logits, deltas), proposals)
         losses = {"loss_t_cls": losses["loss_cls"], "loss_t_box": losses["loss_box_reg"]}
         num_per_image = [len(p) for p in proposals]

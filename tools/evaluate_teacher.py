@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""
+Evaluate a full MimicDet checkpoint twice on the config's test set with ``COCOEvaluator``: as the
+deployed one-stage detector (the S-head) and with the training-only T-head run as a two-stage
+detector on the same refined boxes, with the same post-processing. The gap is what mimicking has
+left to transfer from the teacher to the student.
+
+    python tools/evaluate_teacher.py --config-file configs/DeepForest/mimicdet_MNV2_FPN.yaml \\
+        MODEL.WEIGHTS output/demo/model_final.pth
+"""
+
+import argparse
+import importlib.util
+import json
+import sys
+
+from detectron2.config import get_cfg
+from detectron2.data import build_detection_test_loader
+from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+from torch import nn
+
+from mimicdet import WeightsOnlyCheckpointer, add_mimicdet_config
+
+HAS_DETECTRON2_OPS = importlib.util.find_spec("detectron2._C") is not None
+
+
+class TeacherDetector(nn.Module):
+    """The model's ``teacher_inference`` behind the usual ``model(batched_inputs)`` call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batched_inputs):
+        return self.model.teacher_inference(batched_inputs)
+
+
+def load_full_model(cfg):
+    """Builds the model and loads ``MODEL.WEIGHTS``, refusing a checkpoint without the T-head."""
+    model = build_model(cfg)
+    checkpointer = WeightsOnlyCheckpointer(model)
+    weights = cfg.MODEL.WEIGHTS
+    if not weights:
+        raise SystemExit("MODEL.WEIGHTS is empty: give the full checkpoint to evaluate")
+    state = checkpointer._load_file(weights)["model"]
+    if not any(key.startswith("roi_heads.") for key in state):
+        raise SystemExit(
+            f"{weights} has no T-head weights (roi_heads.*): it is a deploy checkpoint or not a "
+            "MimicDet one; give the training checkpoint (model_final.pth)"
+        )
+    checkpointer.load(weights)
+    return model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", required=True, help="a MimicDet yaml config")
+    parser.add_argument("--output", help="also write the two results to this JSON file")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
+    args = parser.parse_args(argv)
+    setup_logger(name="mimicdet")
+    setup_logger(name="detectron2")
+
+    cfg = get_cfg()
+    add_mimicdet_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    model = load_full_model(cfg)
+
+    dataset = cfg.DATASETS.TEST[0]
+    loader = build_detection_test_loader(cfg, dataset)
+    results = {}
+    for name, detector in [("s_head", model), ("t_head", TeacherDetector(model))]:
+        evaluator = COCOEvaluator(dataset, use_fast_impl=HAS_DETECTRON2_OPS, output_dir=None)
+        bbox = inference_on_dataset(detector, loader, evaluator)["bbox"]
+        results[name] = {"AP": bbox["AP"], "AP50": bbox["AP50"], "AP75": bbox["AP75"]}
+
+    print(f"\n{dataset}, {cfg.MODEL.WEIGHTS}")
+    print("| head | AP | AP50 | AP75 |\n|---|---|---|---|")
+    labels = {"s_head": "S-head (deployed)", "t_head": "T-head (teacher)"}
+    for name, r in results.items():
+        print(f"| {labels[name]} | {r['AP']:.1f} | {r['AP50']:.1f} | {r['AP75']:.1f} |")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"dataset": dataset, "weights": cfg.MODEL.WEIGHTS, **results}, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
