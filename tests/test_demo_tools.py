@@ -179,6 +179,34 @@ def test_benchmark_results_shape(tmp_path):
     assert "| retinanet | 40.0 | 70.0 | 3.00 | 10 | 1.00 | 2.0 | 1.00x | 1.00x |" in table
 
 
+def test_benchmark_seeds_set_the_seed_and_average_the_runs():
+    from benchmark import MODELS, combine_runs, markdown_table, overrides
+
+    out = Path("output/run")
+    for name in ("mimicdet", "fcos"):
+        opts = overrides(MODELS[name], out, None, seed=2)
+        assert ("SEED" in opts and opts[opts.index("SEED") + 1] == "2") or "train.seed=2" in opts
+        assert not any("SEED" in o or "seed" in o for o in overrides(MODELS[name], out, None))
+    # the FCOS LazyConfig has the key that the override sets
+    assert lazy_fcos().train.seed < 0
+
+    runs = [
+        {"AP": 4.0, "AP50": 20.0, "train_s_per_iter": 1.0},
+        {"AP": 6.0, "AP50": 30.0, "train_s_per_iter": 3.0},
+        {"AP": float("nan"), "AP50": float("nan"), "train_s_per_iter": 2.0},
+    ]
+    row = combine_runs(runs)
+    assert row["AP"] == 5.0 and row["AP50"] == 25.0 and row["train_s_per_iter"] == 2.0
+    assert row["AP_runs"][:2] == [4.0, 6.0] and len(row["AP50_runs"]) == 3
+    assert combine_runs(runs[:1]) == runs[0]
+
+    table = markdown_table(
+        {"models": {"mimicdet": row}, "command": "c", "machine": "m", "date": "d"}
+    )
+    assert "| mimicdet | 5.0 | 25.0 |" in table
+    assert "| mimicdet | 4.0, 6.0, nan | 20.0, 30.0, nan |" in table
+
+
 @pytest.mark.slow
 def test_benchmark_quick_run(tmp_path):
     """The whole pipeline on 1 iteration of MimicDet and RetinaNet (it prepares the data itself)."""

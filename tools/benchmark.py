@@ -11,6 +11,8 @@ DeepForest in one run, with the same backbone, data and schedule, and measure ea
 
     python tools/benchmark.py                      # the full run (about 4x `make demo`)
     python tools/benchmark.py --quick              # a few iterations, for a fast look
+    python tools/benchmark.py --seeds 3            # 3 trainings per model (SEED 0, 1, 2): AP and
+                                                   # AP50 are their means, each run is listed too
 
 Writes <output>/results.json and <output>/results.md (default output/benchmark).
 """
@@ -43,16 +45,19 @@ METRICS = ("AP", "AP50", "train_s_per_iter", "infer_ms", "params", "gflops")
 QUICK_ITERS = 4
 
 
-def overrides(config, output_dir, max_iter):
+def overrides(config, output_dir, max_iter, seed=None):
     """
-    train_net.py options: the output folder and, if ``max_iter`` is given, a schedule shortened
-    in proportion (warm-up and LR steps scale with it; the LazyConfig scheduler is already
-    expressed in fractions of ``train.max_iter``), the same for every model.
+    train_net.py options: the output folder, the random seed if ``seed`` is given (else
+    detectron2 draws one) and, if ``max_iter`` is given, a schedule shortened in proportion
+    (warm-up and LR steps scale with it; the LazyConfig scheduler is already expressed in
+    fractions of ``train.max_iter``), the same for every model.
     """
     if config.endswith(".py"):
         opts = [f"train.output_dir={output_dir}"]
+        opts += [f"train.seed={seed}"] if seed is not None else []
         return opts + ([f"train.max_iter={max_iter}"] if max_iter else [])
     opts = ["OUTPUT_DIR", str(output_dir)]
+    opts += ["SEED", str(seed)] if seed is not None else []
     if max_iter:
         from detectron2.config import get_cfg
 
@@ -83,6 +88,28 @@ def read_training_metrics(metrics_file, warmup_iters):
         "AP50": ap.get("bbox/AP50"),
         "train_s_per_iter": statistics.median(times) if times else None,
     }
+
+
+def combine_runs(runs):
+    """
+    One model's row from the training metrics of its runs (one per seed): the mean AP and AP50,
+    each run's in ``AP_runs`` / ``AP50_runs``, and the median of the runs' step times.
+    """
+    if len(runs) == 1:
+        return runs[0]
+    row = {}
+    for key in ("AP", "AP50"):
+        values = [r[key] for r in runs]
+        row[f"{key}_runs"] = values
+        known = [v for v in values if v is not None and v == v]  # COCOeval's nan: no detections
+        row[key] = statistics.mean(known) if known else None
+    times = [r["train_s_per_iter"] for r in runs if r["train_s_per_iter"] is not None]
+    row["train_s_per_iter"] = statistics.median(times) if times else None
+    return row
+
+
+def run_dir(output, name, seed):
+    return output / name if seed is None else output / name / f"seed{seed}"
 
 
 def _deform_conv_flop_jit(weight_index):
@@ -203,6 +230,14 @@ def markdown_table(results):
             f"| {_fmt(params, 2)} | {_fmt(m.get('gflops'), 1)} "
             f"| {ratio(name, 'train_s_per_iter')} | {ratio(name, 'infer_ms')} |"
         )
+    KEYS = ("AP", "AP50")
+    with_runs = [name for name, m in models.items() if "AP_runs" in m]
+    if with_runs:
+        lines += ["", "AP and AP50 above are means over seeds; each run:", ""]
+        lines += ["| model | AP per run | AP50 per run |", "|---|---|---|"]
+        for name in with_runs:
+            ap, ap50 = (", ".join(_fmt(v, 1) for v in models[name][f"{k}_runs"]) for k in KEYS)
+            lines.append(f"| {name} | {ap} | {ap50} |")
     return "\n".join(lines) + "\n"
 
 
@@ -215,6 +250,9 @@ def main(argv=None):
         "--reuse", action="store_true", help="keep trainings already finished in --output"
     )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="trainings per model, with SEED 0..N-1 (N > 1)"
+    )
     parser.add_argument(
         "--warmup-iters", type=int, default=50, help="iterations left out of train_s_per_iter"
     )
@@ -239,23 +277,31 @@ def main(argv=None):
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         }
 
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    # one run keeps detectron2's random seed and the output layout of earlier runs
+    seeds = [None] if args.seeds == 1 else list(range(args.seeds))
     for name in args.models:
-        config, out = MODELS[name], output / name
-        if args.reuse and (out / "model_final.pth").is_file():
-            print(f"[benchmark] reusing the finished training in {out}", flush=True)
-        else:
-            print(f"[benchmark] training {name} ({config}) -> {out}", flush=True)
-            train = [sys.executable, "train_net.py", "--config-file", config]
-            subprocess.run(train + overrides(config, out, max_iter), cwd=REPO, check=True)
-        results["models"][name] = read_training_metrics(out / "metrics.json", warmup)
-        write_results(dict(results, **context()), output)  # partial results survive a stop
+        config, runs = MODELS[name], []
+        for seed in seeds:
+            out = run_dir(output, name, seed)
+            if args.reuse and (out / "model_final.pth").is_file():
+                print(f"[benchmark] reusing the finished training in {out}", flush=True)
+            else:
+                print(f"[benchmark] training {name} ({config}) -> {out}", flush=True)
+                train = [sys.executable, "train_net.py", "--config-file", config]
+                subprocess.run(train + overrides(config, out, max_iter, seed), cwd=REPO, check=True)
+            runs.append(read_training_metrics(out / "metrics.json", warmup))
+            results["models"][name] = combine_runs(runs)
+            write_results(dict(results, **context()), output)  # partial results survive a stop
 
     records = DatasetCatalog.get("deepforest_val")
     images = [read_image(r["file_name"], format="BGR") for r in records]
     if args.quick:
         images = images[:4]
     for name in args.models:
-        config, out = MODELS[name], output / name
+        # the first seed's checkpoint is timed: speed does not depend on the seed
+        config, out = MODELS[name], run_dir(output, name, seeds[0])
         weights = out / "model_final.pth"
         if "mimicdet" in name:
             weights = out / "model_deploy.pth"

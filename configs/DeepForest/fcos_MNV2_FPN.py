@@ -160,4 +160,6 @@ train = dict(
     eval_period=base.TEST.EVAL_PERIOD,
     log_period=20,
     device=base.MODEL.DEVICE,
+    # detectron2's default_setup reads it: negative draws a seed per run, as the yaml SEED -1
+    seed=base.SEED,
 )
