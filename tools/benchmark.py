@@ -109,6 +109,7 @@ def combine_runs(runs):
 
 
 def run_dir(output, name, seed):
+    """A training's folder: ``<output>/<model>``, or ``<output>/<model>/seed<k>`` with seeds."""
     return output / name if seed is None else output / name / f"seed{seed}"
 
 
@@ -205,6 +206,10 @@ def _fmt(value, digits):
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _fmt_runs(values):
+    return ", ".join(_fmt(v, 1) for v in values)
+
+
 def markdown_table(results):
     models = results["models"]
     base = models.get("retinanet", {})
@@ -230,13 +235,12 @@ def markdown_table(results):
             f"| {_fmt(params, 2)} | {_fmt(m.get('gflops'), 1)} "
             f"| {ratio(name, 'train_s_per_iter')} | {ratio(name, 'infer_ms')} |"
         )
-    KEYS = ("AP", "AP50")
     with_runs = [name for name, m in models.items() if "AP_runs" in m]
     if with_runs:
         lines += ["", "AP and AP50 above are means over seeds; each run:", ""]
         lines += ["| model | AP per run | AP50 per run |", "|---|---|---|"]
         for name in with_runs:
-            ap, ap50 = (", ".join(_fmt(v, 1) for v in models[name][f"{k}_runs"]) for k in KEYS)
+            ap, ap50 = (_fmt_runs(models[name][k]) for k in ("AP_runs", "AP50_runs"))
             lines.append(f"| {name} | {ap} | {ap50} |")
     return "\n".join(lines) + "\n"
 
@@ -251,12 +255,14 @@ def main(argv=None):
     )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument(
-        "--seeds", type=int, default=1, help="trainings per model, with SEED 0..N-1 (N > 1)"
+        "--seeds", type=int, default=1, help="trainings per model; above 1, seeded 0..N-1"
     )
     parser.add_argument(
         "--warmup-iters", type=int, default=50, help="iterations left out of train_s_per_iter"
     )
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     max_iter = args.max_iter or (QUICK_ITERS if args.quick else None)
     # a shortened schedule shortens the warm-up left out of the timing as well
     warmup = args.warmup_iters if not max_iter else min(args.warmup_iters, max_iter // 4)
@@ -277,8 +283,6 @@ def main(argv=None):
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         }
 
-    if args.seeds < 1:
-        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     # one run keeps detectron2's random seed and the output layout of earlier runs
     seeds = [None] if args.seeds == 1 else list(range(args.seeds))
     for name in args.models:
