@@ -7,7 +7,6 @@ Train or evaluate MimicDet with a yaml config (a DefaultTrainer) or a LazyConfig
     python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS model_final.pth
 """
 
-import importlib.util
 import logging
 import os
 import weakref
@@ -35,11 +34,10 @@ from detectron2.utils import comm
 
 from mimicdet import WeightsOnlyCheckpointer, add_mimicdet_config
 from mimicdet.data import MimicDetDatasetMapper, check_detection_dataset_dicts
+from mimicdet.evaluation import HAS_DETECTRON2_OPS
 
 logger = logging.getLogger("detectron2")
 
-# detectron2 built without its C++ ops has no fast COCOeval; fall back to pycocotools' own
-HAS_DETECTRON2_OPS = importlib.util.find_spec("detectron2._C") is not None
 
 
 def num_classes_of(cfg):

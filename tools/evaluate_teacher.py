@@ -10,7 +10,6 @@ left to transfer from the teacher to the student.
 """
 
 import argparse
-import importlib.util
 import json
 import sys
 
@@ -22,8 +21,7 @@ from detectron2.utils.logger import setup_logger
 from torch import nn
 
 from mimicdet import WeightsOnlyCheckpointer, add_mimicdet_config
-
-HAS_DETECTRON2_OPS = importlib.util.find_spec("detectron2._C") is not None
+from mimicdet.evaluation import HAS_DETECTRON2_OPS
 
 
 class TeacherDetector(nn.Module):
@@ -39,11 +37,11 @@ class TeacherDetector(nn.Module):
 
 def load_full_model(cfg):
     """Builds the model and loads ``MODEL.WEIGHTS``, refusing a checkpoint without the T-head."""
-    model = build_model(cfg)
-    checkpointer = WeightsOnlyCheckpointer(model)
     weights = cfg.MODEL.WEIGHTS
     if not weights:
         raise SystemExit("MODEL.WEIGHTS is empty: give the full checkpoint to evaluate")
+    model = build_model(cfg)
+    checkpointer = WeightsOnlyCheckpointer(model)
     state = checkpointer._load_file(weights)["model"]
     if not any(key.startswith("roi_heads.") for key in state):
         raise SystemExit(

@@ -1,10 +1,10 @@
 """MimicDet R-50-FPN 1x as a LazyConfig: the twin of mimicdet_R_50_FPN_1x.yaml."""
 
-import importlib.util
-
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
+
+from mimicdet.evaluation import HAS_DETECTRON2_OPS
 
 from ..common.models.mimicdet import model  # noqa: F401 (the config exports it)
 
@@ -22,4 +22,4 @@ dataloader.train.mapper.use_instance_mask = False
 optimizer.lr = 0.01
 train.init_checkpoint = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
 # detectron2 built without its C++ ops has no fast COCOeval; use pycocotools' own
-dataloader.evaluator.use_fast_impl = importlib.util.find_spec("detectron2._C") is not None
+dataloader.evaluator.use_fast_impl = HAS_DETECTRON2_OPS

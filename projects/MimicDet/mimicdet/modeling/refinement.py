@@ -251,8 +251,8 @@ class RefinementModule(nn.Module):
     ):
         """
         BCE (focal when ``focal_loss_gamma > 0``) over all anchors but the ignored ones and L1
-        over positives' deltas, both summed and divided by ``normalizer`` (an EMA of the number of positives kept by the
-        meta-architecture).
+        over positives' deltas, both summed and divided by ``normalizer`` (an EMA of the number
+        of positives kept by the meta-architecture).
 
         Args:
             anchors: ``(R, 4)``; pred_logits: ``(N, R)``; pred_deltas: ``(N, R, 4)``;
