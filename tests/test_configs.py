@@ -57,6 +57,10 @@ def test_yaml_and_lazyconfig_build_the_same_model():
     refine_attrs = ["levels", "topk_test", "nms_thresh_train", "center_sampling_ratio"]
     for attr in refine_attrs + ["ignore_sampling_ratio", "focal_loss_alpha", "focal_loss_gamma"]:
         assert getattr(yaml_model.refinement, attr) == getattr(lazy_model.refinement, attr), attr
+    assert yaml_model.refinement.box_reg_loss_type == lazy_model.refinement.box_reg_loss_type
+    assert yaml_model.s_head.box_reg_loss_type == lazy_model.s_head.box_reg_loss_type
+    t_losses = [m.roi_heads.box_predictor.box_reg_loss_type for m in (yaml_model, lazy_model)]
+    assert t_losses[0] == t_losses[1]
 
 
 def test_lazyconfig_training_setup():

@@ -76,15 +76,34 @@ def test_small_box_keeps_the_cell_holding_its_centre(cfg):
 
 def test_norm_key_puts_group_norm_after_the_conv(cfg):
     plain = _module(cfg)
-    assert plain.conv.norm is None and plain.conv.bias is not None
+    assert len(plain.convs) == 1
+    assert plain.convs[0].norm is None and plain.convs[0].bias is not None
     cfg.MODEL.MIMICDET.REFINE.NORM = "GN"
     module = _module(cfg)
-    assert isinstance(module.conv.norm, torch.nn.GroupNorm) and module.conv.bias is None
-    # GroupNorm renormalises the small-init conv: its output has unit scale per group
+    assert isinstance(module.convs[0].norm, torch.nn.GroupNorm) and module.convs[0].bias is None
+    # GroupNorm renormalises the small-init conv: its output has unit scale per group (before
+    # the ReLU, which halves it)
     feats = [torch.randn(1, 32, SIZE // s, SIZE // s) for s in STRIDES]
-    normed = module.conv(feats[0])
+    normed = module.convs[0].norm(
+        torch.nn.functional.conv2d(feats[0], module.convs[0].weight, padding=1)
+    )
     assert normed.std().item() == pytest.approx(1.0, rel=0.05)
-    assert plain.conv(feats[0]).std().item() < 0.25
+    assert plain.convs(feats[0]).std().item() < 0.25
+
+
+def test_num_convs_stacks_a_tower_before_the_predictors(cfg):
+    cfg.MODEL.MIMICDET.REFINE.NUM_CONVS = 3
+    cfg.MODEL.MIMICDET.REFINE.NORM = "GN"
+    module = _module(cfg)
+    assert [c.kernel_size for c in module.convs] == [(3, 3)] * 3
+    assert all(isinstance(c.norm, torch.nn.GroupNorm) for c in module.convs)
+    feats = [torch.randn(1, 32, SIZE // s, SIZE // s) for s in STRIDES]
+    seen = []
+    module.convs[2].register_forward_hook(lambda m, i, o: seen.append(o))
+    logits, _ = module(feats)
+    # the predictors read the third conv's (ReLU'd) output
+    torch.testing.assert_close(logits[-1], module.objectness(seen[-1]))
+    assert (seen[-1] >= 0).all()
 
 
 def test_ignore_band_leaves_off_centre_cells_of_the_box_out_of_the_objectness_loss(cfg):
@@ -147,6 +166,28 @@ def test_objectness_loss_is_bce_by_default_and_focal_when_gamma_is_set(cfg):
         focal_cost = loss_cls(focal, moved)[0] - loss_cls(focal, ref)[0]
         bce_cost = loss_cls(bce, moved)[0] - loss_cls(bce, ref)[0]
         assert (focal_cost / bce_cost > kept) == (logit > 0)
+
+
+def test_giou_box_loss_matches_fvcore_on_the_decoded_positives(cfg):
+    from fvcore.nn import giou_loss
+
+    cfg.MODEL.MIMICDET.REFINE.BBOX_REG_LOSS_TYPE = "giou"
+    module = _module(cfg)
+    anchors, levels = module.anchors(_features())
+    gt = [Instances((SIZE, SIZE), gt_boxes=Boxes(torch.tensor([[32.0, 32, 96, 96]])))]
+    labels, matched = module.label_anchors(anchors, levels, gt)
+    logits = torch.zeros(1, len(anchors))
+    deltas = torch.randn(1, len(anchors), 4) * 0.2
+    losses = module.losses(anchors, logits, deltas, labels, matched, normalizer=2.0)
+
+    pos = labels[0] == 1
+    decoded = module.box2box_transform.apply_deltas(deltas[0][pos], anchors.tensor[pos])
+    expected = giou_loss(decoded, matched[0][pos], reduction="sum") / 2.0
+    torch.testing.assert_close(losses["loss_refine_box"], expected)
+    # exact deltas cost nothing
+    exact = module.box2box_transform.get_deltas(anchors.tensor, matched[0])[None]
+    losses = module.losses(anchors, logits, exact, labels, matched, normalizer=2.0)
+    assert losses["loss_refine_box"].abs().item() < 1e-5
 
 
 def test_losses_and_refined_boxes(cfg):

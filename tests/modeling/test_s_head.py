@@ -1,11 +1,15 @@
 """S-head: per-level shapes, guided deformable convs, labels and hard negative mining."""
 
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.structures import Boxes, Instances
 
 from mimicdet.modeling import SHead
+from mimicdet.modeling.s_head import box_aligned_offsets
 
 SHAPES = [ShapeSpec(channels=32, stride=s) for s in [8, 16, 32, 64, 128]]
 
@@ -85,3 +89,82 @@ def test_losses_keep_all_positives_and_the_hardest_negatives(cfg):
     empty.gt_classes = torch.zeros(0, dtype=torch.int64)
     losses = head.losses([refined], logits, deltas, [empty])
     assert losses["loss_s_box"].item() == 0 and torch.isfinite(losses["loss_s_cls"])
+
+
+def test_giou_box_loss_scores_the_decoded_boxes(cfg):
+    cfg.MODEL.MIMICDET.S_HEAD.BATCH_SIZE_PER_IMAGE = 2
+    cfg.MODEL.MIMICDET.S_HEAD.BBOX_REG_LOSS_TYPE = "giou"
+    head = SHead(cfg, SHAPES)
+    gt = Instances((64, 64), gt_boxes=Boxes(torch.tensor([[10.0, 10, 40, 40]])))
+    gt.gt_classes = torch.tensor([0])
+    refined = Instances((64, 64))
+    # IoU with the GT 0.81 (positive) and 0 (negative)
+    refined.proposal_boxes = Boxes(torch.tensor([[10.0, 10, 37, 37], [45, 45, 60, 60]]))
+    refined.anchor_index = torch.tensor([1, 0])
+    logits = torch.zeros(1, 2, 3)
+    deltas = torch.zeros(1, 2, 4)
+    deltas[0, 0] = torch.tensor([3.0, 3, 3, 3])  # the negative's deltas must not count
+    losses = head.losses([refined], logits, deltas, [gt])
+    # zero deltas keep the refined box: GIoU loss 1 - 729/900, over 2 samples
+    torch.testing.assert_close(losses["loss_s_box"], torch.tensor((1 - 729 / 900) / 2))
+
+    deltas[0, 1] = head.box2box_transform.get_deltas(
+        refined.proposal_boxes.tensor[:1], gt.gt_boxes.tensor
+    )[0]
+    losses = head.losses([refined], logits, deltas, [gt])
+    assert losses["loss_s_box"].abs().item() < 1e-5
+
+
+def _pixel_coordinates(size, stride):
+    """``(1, 2, size, size)``: each cell holds the (x, y) pixel position of its centre."""
+    centers = (torch.arange(size, dtype=torch.float64) + 0.5) * stride
+    return torch.stack([centers[None].expand(size, size), centers[:, None].expand(size, size)])[
+        None
+    ]
+
+
+def test_box_aligned_offsets_put_the_taps_on_the_refined_box():
+    from mimicdet.layers import deform_conv2d
+
+    stride, size, anchor_size, weights = 8, 12, 4.0, (1.0, 2.0, 1.0, 0.5)
+    deltas = torch.zeros(1, 4, size, size, dtype=torch.float64)
+    deltas[0, :, 6, 5] = torch.tensor([0.1, -0.4, -0.5, 0.15])
+    for k in (3, 5):
+        offsets = box_aligned_offsets(deltas, k, anchor_size, 0.5, weights)
+        assert offsets.shape == (1, 2 * k * k, size, size)
+        # the refined box of the anchor at row 6, column 5 (side 32 px, centre (44, 52))
+        side = anchor_size * stride
+        cx, cy = 44 + 0.1 * side, 52 - 0.4 / 2.0 * side
+        w, h = side * math.exp(-0.5), side * math.exp(0.15 / 0.5)
+        for tap in range(k * k):
+            # a kernel that reads tap `tap` only returns the pixel position that tap samples
+            weight = torch.zeros(2, 2, k, k, dtype=torch.float64)
+            weight[0, 0].view(-1)[tap] = weight[1, 1].view(-1)[tap] = 1
+            x, y = deform_conv2d(_pixel_coordinates(size, stride), offsets, weight, padding=k // 2)[
+                0, :, 6, 5
+            ].tolist()
+            row, col = divmod(tap, k)
+            assert x == pytest.approx(cx - w / 2 + (col + 0.5) * w / k)
+            assert y == pytest.approx(cy - h / 2 + (row + 0.5) * h / k)
+        # zero deltas: the taps spread evenly over the anchor itself
+        still = box_aligned_offsets(torch.zeros(1, 4, 2, 2), k, anchor_size, 0.5, weights)
+        spacing = anchor_size / k - 1
+        assert still[0, 1::2, 0, 0].view(k, k)[0].tolist() == pytest.approx(
+            [(j - k // 2) * spacing for j in range(k)]
+        )
+
+
+def test_box_aligned_head_starts_on_the_refined_box(cfg):
+    cfg.MODEL.MIMICDET.S_HEAD.BOX_ALIGNED_OFFSETS = True
+    cfg.MODEL.MIMICDET.REFINE.ANCHOR_SIZE_PER_STRIDE = 6.0
+    head = SHead(cfg, SHAPES[:1] * 5)
+    x, g = torch.randn(1, 32, 7, 7), torch.randn(1, 4, 7, 7) * 0.3
+    conv = head.deform_convs["k3"]
+    expected = F.relu(conv(x, box_aligned_offsets(g, 3, 6.0, 0.5, (1.0, 1.0, 1.0, 1.0))))
+    logits, _, _ = head([x] * 5, [g] * 5)
+    torch.testing.assert_close(
+        logits[0], head.cls_score(F.relu(head.cls_fc(expected))), atol=1e-5, rtol=1e-5
+    )
+    # the paper's head (the key off) starts as a plain conv that ignores the guidance
+    cfg.MODEL.MIMICDET.S_HEAD.BOX_ALIGNED_OFFSETS = False
+    assert SHead(cfg, SHAPES).box_aligned_guidance is None

@@ -56,7 +56,9 @@ def add_mimicdet_config(cfg):
     _C.MODEL.MIMICDET.REFINE.ANCHOR_OFFSET = 0.5
     # paper: 256-channel 3x3 conv before the objectness and box branches
     _C.MODEL.MIMICDET.REFINE.CONV_DIM = 256
-    # default (ours): no normalization after that conv, as the paper describes none; "GN" adds
+    # paper: one 3x3 conv; more (ours) make a tower like FCOS's four, for weak or frozen features
+    _C.MODEL.MIMICDET.REFINE.NUM_CONVS = 1
+    # default (ours): no normalization after those convs, as the paper describes none; "GN" adds
     # GroupNorm as detectron2's FCOS head has
     _C.MODEL.MIMICDET.REFINE.NORM = ""
     # default (ours): detectron2's canonical FPN level rule assigns each GT to one level
@@ -73,6 +75,9 @@ def add_mimicdet_config(cfg):
     _C.MODEL.MIMICDET.REFINE.IGNORE_SAMPLING_RATIO = 0.0
     # default (ours): Faster R-CNN RPN delta weights for the anchor -> refined box step
     _C.MODEL.MIMICDET.REFINE.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+    # paper: L1 on the deltas ("smooth_l1" with beta 0); "giou" (ours) is detectron2's GIoU loss
+    # on the decoded boxes, as FCOS trains its boxes
+    _C.MODEL.MIMICDET.REFINE.BBOX_REG_LOSS_TYPE = "smooth_l1"
     # default (ours): RetinaNet's objectness prior so the many negatives don't swamp early BCE
     _C.MODEL.MIMICDET.REFINE.PRIOR_PROB = 0.01
     # paper: BCE objectness (gamma 0, alpha -1 make fvcore's sigmoid focal loss plain BCE);
@@ -95,6 +100,10 @@ def add_mimicdet_config(cfg):
     _C.MODEL.MIMICDET.S_HEAD.KERNEL_SIZES = [3, 5, 5, 5, 5]
     # paper: hidden widths of the offset micro-network (1x1 convs 64 -> 128 -> 2*k*k)
     _C.MODEL.MIMICDET.S_HEAD.OFFSET_DIMS = [64, 128]
+    # paper: the micro-network alone turns the deltas into offsets (False, starting from a
+    # plain conv); True (ours) adds the offsets that lay the kernel's taps over the refined box
+    # in closed form, so the micro-network learns a residual (AlignDet's RoIConv)
+    _C.MODEL.MIMICDET.S_HEAD.BOX_ALIGNED_OFFSETS = False
     # default (ours): the refinement is trained by its own losses; offsets follow its boxes
     _C.MODEL.MIMICDET.S_HEAD.DETACH_GUIDANCE = True
     # paper: 1024-d classification and regression features, as the T-head's
@@ -105,6 +114,8 @@ def add_mimicdet_config(cfg):
     _C.MODEL.MIMICDET.S_HEAD.BATCH_SIZE_PER_IMAGE = 128
     # paper: deltas of the S-head relative to the refined box, Fast R-CNN weights
     _C.MODEL.MIMICDET.S_HEAD.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+    # paper: L1 on the deltas, as the T-head ("smooth_l1" with beta 0); "giou" as REFINE's
+    _C.MODEL.MIMICDET.S_HEAD.BBOX_REG_LOSS_TYPE = "smooth_l1"
     # paper: a detection's score is the S-head's class probability (False). True (ours) scores
     # it by the geometric mean of that and the refinement's objectness, as FCOS multiplies in
     # its centerness: it helps while the S-head is undertrained (the short CPU schedules)
@@ -160,3 +171,5 @@ def add_mimicdet_config(cfg):
     _C.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
     # paper: L1 box loss (smooth L1 with beta 0)
     _C.MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA = 0.0
+    # paper: that L1 on the deltas; "giou" (ours) as REFINE's
+    _C.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE = "smooth_l1"

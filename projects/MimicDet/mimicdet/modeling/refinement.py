@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, batched_nms, cat, get_norm, nonzero_tuple
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
-from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.box_regression import Box2BoxTransform, _dense_box_regression_loss
 from detectron2.structures import Boxes, Instances
 from fvcore.nn import sigmoid_focal_loss
 from torch import Tensor, nn
@@ -36,8 +36,8 @@ def canonical_levels(
 
 class RefinementModule(nn.Module):
     """
-    Shared across P3..P7: a 3x3 conv and ReLU, then sibling 1x1 convs for one objectness logit and
-    4 box deltas per location; one square anchor per location.
+    Shared across P3..P7: ``num_convs`` 3x3 convs with ReLU (the paper has one), then sibling 1x1
+    convs for one objectness logit and 4 box deltas per location; one square anchor per location.
 
     It also labels anchors (by scale and centre), computes its own losses and turns its
     predictions into the refined boxes that the S-head classifies and the T-head samples from.
@@ -51,6 +51,7 @@ class RefinementModule(nn.Module):
         *,
         in_channels: int,
         conv_dim: int,
+        num_convs: int = 1,
         norm: str = "",
         strides: List[int],
         anchor_size_per_stride: float,
@@ -61,6 +62,7 @@ class RefinementModule(nn.Module):
         min_center_radius: float,
         ignore_sampling_ratio: float = 0.0,
         bbox_reg_weights: Tuple[float, float, float, float],
+        box_reg_loss_type: str = "smooth_l1",
         prior_prob: float,
         focal_loss_alpha: float = -1.0,
         focal_loss_gamma: float = 0.0,
@@ -72,8 +74,9 @@ class RefinementModule(nn.Module):
         """
         Args:
             in_channels: channels of every input level.
-            conv_dim: channels of the 3x3 conv.
-            norm: normalization after the 3x3 conv (a :func:`detectron2.layers.get_norm` name,
+            conv_dim: channels of the 3x3 convs.
+            num_convs: 3x3 convs (each with ``norm`` and ReLU) before the two 1x1 convs.
+            norm: normalization after each 3x3 conv (a :func:`detectron2.layers.get_norm` name,
                 e.g. ``"GN"``), or ``""`` for none.
             strides: stride of each input level, fine to coarse, e.g. ``[8, 16, 32, 64, 128]``.
             anchor_size_per_stride: anchor side in units of its level's stride.
@@ -87,6 +90,8 @@ class RefinementModule(nn.Module):
                 loss (FoveaBox's band between positives and negatives); at or below
                 ``center_sampling_ratio`` there is no such band.
             bbox_reg_weights: :class:`Box2BoxTransform` weights from anchor to refined box.
+            box_reg_loss_type: detectron2's dense box loss, ``"smooth_l1"`` (with beta 0: the
+                paper's L1 on the deltas) or ``"giou"`` (on the decoded boxes, as FCOS).
             prior_prob: initial foreground probability of the objectness logit.
             focal_loss_alpha, focal_loss_gamma: the objectness loss is fvcore's
                 ``sigmoid_focal_loss``; ``gamma = 0`` with ``alpha < 0`` is plain BCE (the paper).
@@ -96,17 +101,23 @@ class RefinementModule(nn.Module):
             topk_test: refined boxes per image kept, by objectness, at inference (no NMS).
         """
         super().__init__()
-        self.conv = Conv2d(
-            in_channels,
-            conv_dim,
-            kernel_size=3,
-            padding=1,
-            bias=not norm,
-            norm=get_norm(norm, conv_dim),
+        self.convs = nn.Sequential(
+            *[
+                Conv2d(
+                    in_channels if i == 0 else conv_dim,
+                    conv_dim,
+                    kernel_size=3,
+                    padding=1,
+                    bias=not norm,
+                    norm=get_norm(norm, conv_dim),
+                    activation=F.relu,
+                )
+                for i in range(num_convs)
+            ]
         )
         self.objectness = nn.Conv2d(conv_dim, 1, kernel_size=1)
         self.box_deltas = nn.Conv2d(conv_dim, 4, kernel_size=1)
-        for layer in [self.conv, self.objectness, self.box_deltas]:
+        for layer in [*self.convs, self.objectness, self.box_deltas]:
             nn.init.normal_(layer.weight, std=0.01)
             if layer.bias is not None:
                 nn.init.constant_(layer.bias, 0.0)
@@ -125,6 +136,7 @@ class RefinementModule(nn.Module):
         self.min_center_radius = min_center_radius
         self.ignore_sampling_ratio = ignore_sampling_ratio
         self.box2box_transform = Box2BoxTransform(weights=bbox_reg_weights)
+        self.box_reg_loss_type = box_reg_loss_type
         self.focal_loss_alpha = focal_loss_alpha
         self.focal_loss_gamma = focal_loss_gamma
         self.pre_nms_topk_train = pre_nms_topk_train
@@ -138,6 +150,7 @@ class RefinementModule(nn.Module):
         return {
             "in_channels": input_shape[0].channels,
             "conv_dim": rcfg.CONV_DIM,
+            "num_convs": rcfg.NUM_CONVS,
             "norm": rcfg.NORM,
             "strides": [s.stride for s in input_shape],
             "anchor_size_per_stride": rcfg.ANCHOR_SIZE_PER_STRIDE,
@@ -148,6 +161,7 @@ class RefinementModule(nn.Module):
             "min_center_radius": rcfg.MIN_CENTER_RADIUS,
             "ignore_sampling_ratio": rcfg.IGNORE_SAMPLING_RATIO,
             "bbox_reg_weights": rcfg.BBOX_REG_WEIGHTS,
+            "box_reg_loss_type": rcfg.BBOX_REG_LOSS_TYPE,
             "prior_prob": rcfg.PRIOR_PROB,
             "focal_loss_alpha": rcfg.FOCAL_LOSS_ALPHA,
             "focal_loss_gamma": rcfg.FOCAL_LOSS_GAMMA,
@@ -167,7 +181,7 @@ class RefinementModule(nn.Module):
         """
         logits, deltas = [], []
         for x in features:
-            t = F.relu(self.conv(x))
+            t = self.convs(x)
             logits.append(self.objectness(t))
             deltas.append(self.box_deltas(t))
         return logits, deltas
@@ -250,9 +264,9 @@ class RefinementModule(nn.Module):
         normalizer: float,
     ):
         """
-        BCE (focal when ``focal_loss_gamma > 0``) over all anchors but the ignored ones and L1
-        over positives' deltas, both summed and divided by ``normalizer`` (an EMA of the number
-        of positives kept by the meta-architecture).
+        BCE (focal when ``focal_loss_gamma > 0``) over all anchors but the ignored ones and the
+        box loss (L1 on the deltas, or GIoU) over positives, both summed and divided by
+        ``normalizer`` (an EMA of the number of positives kept by the meta-architecture).
 
         Args:
             anchors: ``(R, 4)``; pred_logits: ``(N, R)``; pred_deltas: ``(N, R, 4)``;
@@ -266,11 +280,15 @@ class RefinementModule(nn.Module):
             gamma=self.focal_loss_gamma,
             reduction="sum",
         )
-        gt_labels = gt_labels == 1
-        target_deltas = self.box2box_transform.get_deltas(
-            anchors.tensor[None].expand_as(gt_boxes).reshape(-1, 4), gt_boxes.reshape(-1, 4)
-        ).view_as(gt_boxes)
-        loss_box = F.l1_loss(pred_deltas[gt_labels], target_deltas[gt_labels], reduction="sum")
+        loss_box = _dense_box_regression_loss(
+            [anchors],
+            self.box2box_transform,
+            [pred_deltas],
+            list(gt_boxes),
+            gt_labels == 1,
+            box_reg_loss_type=self.box_reg_loss_type,
+            smooth_l1_beta=0.0,
+        )
         return {"loss_refine_cls": loss_cls / normalizer, "loss_refine_box": loss_box / normalizer}
 
     @torch.no_grad()

@@ -1,20 +1,68 @@
 """The S-head: a dense one-stage head whose deformable conv follows the refined boxes."""
 
-from typing import Dict, List, Tuple
+import math
+from typing import Dict, List, Optional, Tuple
 
 import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cross_entropy
-from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.box_regression import Box2BoxTransform, _dense_box_regression_loss
 from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Instances, pairwise_iou
 from torch import Tensor, nn
 
 from ..layers import GuidedDeformConv
 
-__all__ = ["SHead"]
+__all__ = ["SHead", "box_aligned_offsets"]
+
+# detectron2's Box2BoxTransform clamp: no box grows more than 1000/16 times its anchor
+_SCALE_CLAMP = math.log(1000.0 / 16)
+
+
+def box_aligned_offsets(
+    deltas: Tensor,
+    kernel_size: int,
+    anchor_size: float,
+    anchor_offset: float,
+    bbox_reg_weights: Tuple[float, float, float, float],
+) -> Tensor:
+    """
+    Deformable-conv offsets that move the ``k x k`` taps of each location's kernel onto the
+    centres of a ``k x k`` grid over the box its anchor is refined to, so that the conv reads
+    the refined box rather than the anchor's neighbourhood (AlignDet's RoIConv, computed in
+    closed form instead of learned).
+
+    Args:
+        deltas: ``(N, 4, H, W)`` the refinement's ``(dx, dy, dw, dh)`` per location.
+        kernel_size: ``k`` of the deformable conv (stride 1, padding ``k // 2``, dilation 1).
+        anchor_size: the anchor's side in strides of its level.
+        anchor_offset: the anchor centre within its cell, in strides.
+        bbox_reg_weights: the refinement's :class:`Box2BoxTransform` weights.
+
+    Returns:
+        ``(N, 2 * k * k, H, W)`` offsets in cells, ``(dy, dx)`` per tap in row-major order
+        (torchvision's layout).
+    """
+    k = kernel_size
+    wx, wy, ww, wh = bbox_reg_weights
+    dx, dy, dw, dh = deltas.unbind(dim=1)
+    width = anchor_size * torch.exp((dw / ww).clamp(max=_SCALE_CLAMP))
+    height = anchor_size * torch.exp((dh / wh).clamp(max=_SCALE_CLAMP))
+    # a cell's feature sits at its centre; the anchor centre is anchor_offset into the cell
+    center_x = anchor_offset - 0.5 + dx / wx * anchor_size
+    center_y = anchor_offset - 0.5 + dy / wy * anchor_size
+    grid = (torch.arange(k, dtype=deltas.dtype, device=deltas.device) + 0.5) / k - 0.5
+    taps = torch.arange(k, dtype=deltas.dtype, device=deltas.device) - k // 2
+    grid, taps = grid[None, :, None, None], taps[None, :, None, None]
+    off_y = center_y[:, None] + grid * height[:, None] - taps  # (N, k, H, W), per tap row
+    off_x = center_x[:, None] + grid * width[:, None] - taps  # (N, k, H, W), per tap column
+    n, _, h, w = off_y.shape
+    offsets = torch.stack(
+        [off_y[:, :, None].expand(n, k, k, h, w), off_x[:, None, :].expand(n, k, k, h, w)], dim=3
+    )
+    return offsets.reshape(n, 2 * k * k, h, w)
 
 
 class SHead(nn.Module):
@@ -40,6 +88,8 @@ class SHead(nn.Module):
         iou_threshold: float,
         batch_size_per_image: int,
         bbox_reg_weights: Tuple[float, float, float, float],
+        box_reg_loss_type: str = "smooth_l1",
+        box_aligned_guidance: Optional[Dict[str, object]] = None,
     ):
         """
         Args:
@@ -54,6 +104,12 @@ class SHead(nn.Module):
             batch_size_per_image: classification samples per image (all positives, then the
                 highest-loss negatives).
             bbox_reg_weights: :class:`Box2BoxTransform` weights from refined box to output box.
+            box_reg_loss_type: ``"smooth_l1"`` (with beta 0: the paper's L1 on the deltas) or
+                ``"giou"`` (on the decoded boxes), as detectron2's box heads.
+            box_aligned_guidance: None for the paper's offsets (the micro-network alone), or the
+                refinement's anchor geometry, ``anchor_size``, ``anchor_offset`` and
+                ``bbox_reg_weights`` (see :func:`box_aligned_offsets`), to start the kernel on
+                the refined box and let the micro-network learn a residual.
         """
         super().__init__()
         self.num_classes = num_classes
@@ -92,6 +148,8 @@ class SHead(nn.Module):
 
         self.proposal_matcher = Matcher([iou_threshold], [0, 1], allow_low_quality_matches=False)
         self.box2box_transform = Box2BoxTransform(weights=bbox_reg_weights)
+        self.box_reg_loss_type = box_reg_loss_type
+        self.box_aligned_guidance = box_aligned_guidance
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
@@ -108,6 +166,8 @@ class SHead(nn.Module):
             "iou_threshold": scfg.IOU_THRESHOLD,
             "batch_size_per_image": scfg.BATCH_SIZE_PER_IMAGE,
             "bbox_reg_weights": scfg.BBOX_REG_WEIGHTS,
+            "box_reg_loss_type": scfg.BBOX_REG_LOSS_TYPE,
+            "box_aligned_guidance": _box_aligned_guidance(cfg),
         }
 
     def forward(
@@ -127,6 +187,8 @@ class SHead(nn.Module):
             if self.detach_guidance:
                 g = g.detach()
             offset = self.offset_nets[f"k{k}"](g)
+            if self.box_aligned_guidance is not None:
+                offset = offset + box_aligned_offsets(g, k, **self.box_aligned_guidance)
             t = F.relu(self.deform_convs[f"k{k}"](x, offset))
             cls_feat = F.relu(self.cls_fc(t))
             reg_feat = F.relu(self.reg_fc(t))
@@ -154,7 +216,8 @@ class SHead(nn.Module):
         """
         Each refined box (the refinement's training NMS already removed the easy negatives) is
         labelled by IoU with the GT; cross-entropy over all positives and the highest-loss
-        negatives up to ``batch_size_per_image`` per image; L1 over positives. Both are divided
+        negatives up to ``batch_size_per_image`` per image; the box loss (L1 or GIoU) over
+        positives. Both are divided
         by the number of classification samples in the batch, as detectron2's Fast R-CNN does,
         so the S-head's and T-head's losses have the same scale.
 
@@ -174,10 +237,17 @@ class SHead(nn.Module):
                 )
                 fg = matched_labels == 1
                 labels[fg] = gt.gt_classes[matched_idxs[fg]]
-                target = self.box2box_transform.get_deltas(
-                    inst.proposal_boxes.tensor[fg], gt.gt_boxes.tensor[matched_idxs[fg]]
+                box_losses.append(
+                    _dense_box_regression_loss(
+                        [inst.proposal_boxes],
+                        self.box2box_transform,
+                        [deltas[None]],
+                        [gt.gt_boxes.tensor[matched_idxs]],
+                        fg[None],
+                        box_reg_loss_type=self.box_reg_loss_type,
+                        smooth_l1_beta=0.0,
+                    )
                 )
-                box_losses.append(F.l1_loss(deltas[fg], target, reduction="sum"))
             ce = cross_entropy(logits, labels, reduction="none")
             num_neg = max(self.batch_size_per_image - int(fg.sum()), 0)
             hard_neg = ce[~fg].topk(min(num_neg, int((~fg).sum()))).values
@@ -189,3 +259,15 @@ class SHead(nn.Module):
             "loss_s_cls": torch.stack(cls_losses).sum() / normalizer,
             "loss_s_box": loss_box / normalizer,
         }
+
+
+def _box_aligned_guidance(cfg) -> Optional[Dict[str, object]]:
+    """The refinement's anchor geometry when ``S_HEAD.BOX_ALIGNED_OFFSETS`` is on."""
+    if not cfg.MODEL.MIMICDET.S_HEAD.BOX_ALIGNED_OFFSETS:
+        return None
+    rcfg = cfg.MODEL.MIMICDET.REFINE
+    return {
+        "anchor_size": rcfg.ANCHOR_SIZE_PER_STRIDE,
+        "anchor_offset": rcfg.ANCHOR_OFFSET,
+        "bbox_reg_weights": tuple(rcfg.BBOX_REG_WEIGHTS),
+    }

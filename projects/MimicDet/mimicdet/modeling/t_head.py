@@ -48,6 +48,7 @@ class MimicTHead(ROIHeads):
         fc_dim: int,
         bbox_reg_weights: Tuple[float, float, float, float],
         smooth_l1_beta: float,
+        box_reg_loss_type: str = "smooth_l1",
         num_classes: int,
         proposal_append_gt: bool = True,
         **kwargs,
@@ -63,7 +64,8 @@ class MimicTHead(ROIHeads):
             pooler_resolution, pooler_type, pooler_sampling_ratio: as detectron2's ROI box head.
             num_conv, conv_dim: 3x3 convs of the regression path.
             num_fc, fc_dim: fcs of the classification path; the regression path has one fc.
-            bbox_reg_weights, smooth_l1_beta: class-agnostic box loss of the predictor.
+            bbox_reg_weights, smooth_l1_beta, box_reg_loss_type: class-agnostic box loss of the
+                predictor (:class:`FastRCNNOutputLayers`).
             num_classes: foreground classes ``C``.
             proposal_append_gt: add the GT boxes to the sampling pool (they get a level by the
                 canonical rule and no anchor location).
@@ -104,6 +106,7 @@ class MimicTHead(ROIHeads):
             num_classes=num_classes,
             cls_agnostic_bbox_reg=True,
             smooth_l1_beta=smooth_l1_beta,
+            box_reg_loss_type=box_reg_loss_type,
         )
 
     @classmethod
@@ -129,6 +132,7 @@ class MimicTHead(ROIHeads):
                 "fc_dim": tcfg.FC_DIM,
                 "bbox_reg_weights": cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS,
                 "smooth_l1_beta": cfg.MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA,
+                "box_reg_loss_type": cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE,
             }
         )
         return ret
