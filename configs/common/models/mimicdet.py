@@ -55,6 +55,8 @@ model = L(MimicDet)(
         batch_size_per_image=128,
         bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
         box_reg_loss_type="smooth_l1",
+        # paper: offsets from the micro-network alone (no box-aligned start)
+        box_aligned_guidance=None,
     ),
     t_head=L(MimicTHead)(
         pool_levels=[2, 3, 4, 5, 6],
