@@ -1,6 +1,5 @@
 """The S-head: a dense one-stage head whose deformable conv follows the refined boxes."""
 
-import math
 from typing import Dict, List, Optional, Tuple
 
 import fvcore.nn.weight_init as weight_init
@@ -8,7 +7,11 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cross_entropy
-from detectron2.modeling.box_regression import Box2BoxTransform, _dense_box_regression_loss
+from detectron2.modeling.box_regression import (
+    _DEFAULT_SCALE_CLAMP,
+    Box2BoxTransform,
+    _dense_box_regression_loss,
+)
 from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Instances, pairwise_iou
 from torch import Tensor, nn
@@ -16,9 +19,6 @@ from torch import Tensor, nn
 from ..layers import GuidedDeformConv
 
 __all__ = ["SHead", "box_aligned_offsets"]
-
-# detectron2's Box2BoxTransform clamp: no box grows more than 1000/16 times its anchor
-_SCALE_CLAMP = math.log(1000.0 / 16)
 
 
 def box_aligned_offsets(
@@ -48,9 +48,10 @@ def box_aligned_offsets(
     k = kernel_size
     wx, wy, ww, wh = bbox_reg_weights
     dx, dy, dw, dh = deltas.unbind(dim=1)
-    width = anchor_size * torch.exp((dw / ww).clamp(max=_SCALE_CLAMP))
-    height = anchor_size * torch.exp((dh / wh).clamp(max=_SCALE_CLAMP))
-    # a cell's feature sits at its centre; the anchor centre is anchor_offset into the cell
+    width = anchor_size * torch.exp((dw / ww).clamp(max=_DEFAULT_SCALE_CLAMP))
+    height = anchor_size * torch.exp((dh / wh).clamp(max=_DEFAULT_SCALE_CLAMP))
+    # as Box2BoxTransform.apply_deltas decodes; a cell's feature sits at its centre, the
+    # anchor's centre anchor_offset into the cell
     center_x = anchor_offset - 0.5 + dx / wx * anchor_size
     center_y = anchor_offset - 0.5 + dy / wy * anchor_size
     grid = (torch.arange(k, dtype=deltas.dtype, device=deltas.device) + 0.5) / k - 0.5
@@ -68,7 +69,8 @@ def box_aligned_offsets(
 class SHead(nn.Module):
     """
     Per level: an offset micro-network (1x1 convs) turns the refinement's 4 deltas per location
-    into deformable-conv offsets; a guided deformable conv (k x k, one module per kernel size,
+    into deformable-conv offsets (optionally added to :func:`box_aligned_offsets`, which lay the
+    kernel over the refined box); a guided deformable conv (k x k, one module per kernel size,
     shared by the levels using it) and ReLU; sibling 1x1 convs to a classification and a
     regression feature (ReLU); 1x1 predictors for ``C + 1`` class logits (index ``C`` is
     background, detectron2's Fast R-CNN convention) and 4 deltas relative to the refined box.
@@ -217,9 +219,8 @@ class SHead(nn.Module):
         Each refined box (the refinement's training NMS already removed the easy negatives) is
         labelled by IoU with the GT; cross-entropy over all positives and the highest-loss
         negatives up to ``batch_size_per_image`` per image; the box loss (L1 or GIoU) over
-        positives. Both are divided
-        by the number of classification samples in the batch, as detectron2's Fast R-CNN does,
-        so the S-head's and T-head's losses have the same scale.
+        positives. Both are divided by the number of classification samples in the batch, as
+        detectron2's Fast R-CNN does, so the S-head's and T-head's losses have the same scale.
 
         Args:
             refined: per image, Instances with ``proposal_boxes`` and ``anchor_index``.
