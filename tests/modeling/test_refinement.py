@@ -224,3 +224,13 @@ def test_losses_and_refined_boxes(cfg):
     refined = module.refined_boxes(anchors, levels, logits, deltas, [(SIZE, SIZE)] * 2)
     top = logits[0].topk(40).indices
     assert set(refined[0].anchor_index.tolist()) <= set(top.tolist())
+
+
+def test_checkpoints_from_before_the_conv_tower_still_load(cfg):
+    # before REFINE.NUM_CONVS the single conv was `conv`; it is now `convs.0`
+    module = _module(cfg)
+    old = {k.replace("convs.0.", "conv."): v.clone() + 1 for k, v in module.state_dict().items()}
+    assert "conv.weight" in old
+    incompatible = module.load_state_dict(old, strict=True)
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    torch.testing.assert_close(module.convs[0].weight, old["conv.weight"])

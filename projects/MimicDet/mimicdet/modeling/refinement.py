@@ -171,6 +171,13 @@ class RefinementModule(nn.Module):
             "topk_test": rcfg.TOPK_TEST,
         }
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before REFINE.NUM_CONVS name the single conv "conv", not "convs.0"
+        old = prefix + "conv."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            state_dict[prefix + "convs.0." + key[len(old) :]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
         """
         Args:
