@@ -81,8 +81,8 @@ def test_norm_key_puts_group_norm_after_the_conv(cfg):
     cfg.MODEL.MIMICDET.REFINE.NORM = "GN"
     module = _module(cfg)
     assert isinstance(module.convs[0].norm, torch.nn.GroupNorm) and module.convs[0].bias is None
-    # GroupNorm renormalises the small-init conv: its output has unit scale per group (before
-    # the ReLU, which halves it)
+    # GroupNorm renormalises the small-init conv: its output, read before the ReLU, has unit
+    # scale per group
     feats = [torch.randn(1, 32, SIZE // s, SIZE // s) for s in STRIDES]
     normed = module.convs[0].norm(
         torch.nn.functional.conv2d(feats[0], module.convs[0].weight, padding=1)
