@@ -7,11 +7,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cross_entropy
-from detectron2.modeling.box_regression import (
-    _DEFAULT_SCALE_CLAMP,
-    Box2BoxTransform,
-    _dense_box_regression_loss,
-)
+from detectron2.modeling.box_regression import Box2BoxTransform, _dense_box_regression_loss
 from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Instances, pairwise_iou
 from torch import Tensor, nn
@@ -46,20 +42,20 @@ def box_aligned_offsets(
         (torchvision's layout).
     """
     k = kernel_size
-    wx, wy, ww, wh = bbox_reg_weights
-    dx, dy, dw, dh = deltas.unbind(dim=1)
-    width = anchor_size * torch.exp((dw / ww).clamp(max=_DEFAULT_SCALE_CLAMP))
-    height = anchor_size * torch.exp((dh / wh).clamp(max=_DEFAULT_SCALE_CLAMP))
-    # as Box2BoxTransform.apply_deltas decodes; a cell's feature sits at its centre, the
-    # anchor's centre anchor_offset into the cell
-    center_x = anchor_offset - 0.5 + dx / wx * anchor_size
-    center_y = anchor_offset - 0.5 + dy / wy * anchor_size
-    grid = (torch.arange(k, dtype=deltas.dtype, device=deltas.device) + 0.5) / k - 0.5
+    n, _, h, w = deltas.shape
+    # the anchor in cell units: a cell's feature sits at its centre, the anchor's centre
+    # anchor_offset into the cell
+    center = anchor_offset - 0.5
+    anchor = deltas.new_tensor([center - anchor_size / 2] * 2 + [center + anchor_size / 2] * 2)
+    boxes = Box2BoxTransform(weights=bbox_reg_weights).apply_deltas(
+        deltas.permute(0, 2, 3, 1).reshape(-1, 4), anchor.expand(n * h * w, 4)
+    )
+    x0, y0, x1, y1 = boxes.view(n, h, w, 4).permute(3, 0, 1, 2)
+    grid = (torch.arange(k, dtype=deltas.dtype, device=deltas.device) + 0.5) / k
     taps = torch.arange(k, dtype=deltas.dtype, device=deltas.device) - k // 2
     grid, taps = grid[None, :, None, None], taps[None, :, None, None]
-    off_y = center_y[:, None] + grid * height[:, None] - taps  # (N, k, H, W), per tap row
-    off_x = center_x[:, None] + grid * width[:, None] - taps  # (N, k, H, W), per tap column
-    n, _, h, w = off_y.shape
+    off_y = y0[:, None] + grid * (y1 - y0)[:, None] - taps  # (N, k, H, W), per tap row
+    off_x = x0[:, None] + grid * (x1 - x0)[:, None] - taps  # (N, k, H, W), per tap column
     offsets = torch.stack(
         [off_y[:, :, None].expand(n, k, k, h, w), off_x[:, None, :].expand(n, k, k, h, w)], dim=3
     )
