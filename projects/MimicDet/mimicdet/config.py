@@ -173,3 +173,8 @@ def add_mimicdet_config(cfg):
     _C.MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA = 0.0
     # paper: that L1 on the deltas; "giou" (ours) as REFINE's
     _C.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE = "smooth_l1"
+
+    # not in the paper or detectron2 (ours): also flip training images top to bottom, with
+    # probability 0.5 and independently of INPUT.RANDOM_FLIP, for views that have no "up" (aerial
+    # tiles): with RANDOM_FLIP "horizontal" the four flips include the 180 degree rotation
+    _C.INPUT.RANDOM_FLIP_VERTICAL = False

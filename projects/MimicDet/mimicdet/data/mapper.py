@@ -1,9 +1,11 @@
-"""detectron2's DatasetMapper, with errors on unreadable images that name the file at fault."""
+"""detectron2's DatasetMapper, with errors on unreadable images that name the file at fault and an
+optional top-to-bottom flip (``INPUT.RANDOM_FLIP_VERTICAL``)."""
 
 from typing import Sequence
 
 from detectron2.config import configurable
 from detectron2.data import DatasetMapper
+from detectron2.data import transforms as T
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
@@ -43,6 +45,14 @@ class MimicDetDatasetMapper(DatasetMapper):
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
         ret = super().from_config(cfg, is_train)
+        # a config without add_mimicdet_config (e.g. detectron2's own) has no such key
+        if is_train and cfg.INPUT.get("RANDOM_FLIP_VERTICAL", False):
+            if cfg.INPUT.RANDOM_FLIP == "vertical":
+                raise ValueError(
+                    "INPUT.RANDOM_FLIP_VERTICAL adds a top-to-bottom flip, but INPUT.RANDOM_FLIP "
+                    "is already 'vertical': set RANDOM_FLIP to 'horizontal' or 'none'"
+                )
+            ret["augmentations"].append(T.RandomFlip(horizontal=False, vertical=True))
         ret["dataset_names"] = cfg.DATASETS.TRAIN if is_train else cfg.DATASETS.TEST
         return ret
 
