@@ -177,5 +177,6 @@ def add_mimicdet_config(cfg):
     # not in the paper or detectron2 (ours): also flip training images top to bottom, with
     # probability 0.5 and independently of INPUT.RANDOM_FLIP, for views that have no "up" (aerial
     # tiles): with RANDOM_FLIP "horizontal" the four flips include the 180 degree rotation. The
-    # DeepForest configs leave it off: it cost ~4 AP at 200 iterations there, 2.3 at 600 (issue 5's note)
+    # DeepForest configs leave it off: it cost ~4 AP at 200 iterations there, 2.3 at 600
+    # (issue 5's note)
     _C.INPUT.RANDOM_FLIP_VERTICAL = False
