@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny MimicDet config and synthetic inputs, sized for CPU tests."""
 
+import os
+
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -27,10 +29,14 @@ TINY_OPTS = [
 ]  # fmt: skip
 
 
+BASE_YAML = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "Base-MimicDet.yaml")
+
+
 def tiny_cfg():
     """R-18 with narrow heads, 2 classes: builds and trains on 64-128 px images in seconds."""
     cfg = get_cfg()
     add_mimicdet_config(cfg)
+    cfg.merge_from_file(BASE_YAML)
     cfg.merge_from_list(TINY_OPTS)
     return cfg
 

@@ -1,14 +1,21 @@
 """Shipped configs: yaml and LazyConfig build the same model; schedules match the paper's."""
 
 import os
+import sys
 
 import pytest
-from detectron2.config import LazyConfig, get_cfg, instantiate
+import torch
+from detectron2 import model_zoo
+from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
+from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
+from omegaconf import DictConfig, ListConfig
+from torch import nn
 
 from mimicdet import add_mimicdet_config
 
-CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+CONFIGS = os.path.join(ROOT, "configs")
 YAMLS = [
     "mimicdet_R_50_FPN_1x.yaml",
     "mimicdet_R_50_FPN_2x.yaml",
@@ -43,6 +50,22 @@ def _shapes(model):
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+def _settings(obj, depth=0):
+    """Every plain setting of a module or helper object, recursively (not its tensors)."""
+    if isinstance(obj, (bool, int, float, str, type(None))):
+        return obj
+    if isinstance(obj, (list, tuple, ListConfig)):
+        return [_settings(x, depth) for x in obj]
+    if isinstance(obj, (dict, DictConfig)):
+        return {k: _settings(v, depth) for k, v in obj.items()}
+    if isinstance(obj, torch.Tensor) or not hasattr(obj, "__dict__") or depth > 6:
+        return type(obj).__name__
+    attrs = {k: v for k, v in vars(obj).items() if not k.startswith("_") and k != "training"}
+    if isinstance(obj, nn.Module):
+        attrs.update(obj._modules)
+    return type(obj).__name__, {k: _settings(v, depth + 1) for k, v in sorted(attrs.items())}
+
+
 def test_yaml_and_lazyconfig_build_the_same_model():
     yaml_model = build_model(load_yaml("mimicdet_R_50_FPN_1x.yaml"))
     lazy = LazyConfig.load(os.path.join(CONFIGS, "COCO-Detection", "mimicdet_R_50_FPN_1x.py"))
@@ -50,17 +73,10 @@ def test_yaml_and_lazyconfig_build_the_same_model():
     assert _shapes(yaml_model) == _shapes(lazy_model)
     frozen = {n for n, p in yaml_model.named_parameters() if not p.requires_grad}
     assert frozen == {n for n, p in lazy_model.named_parameters() if not p.requires_grad}
-    for attr in ["num_classes", "mimic_paths", "mimic_per_image", "detach_teacher", "loss_weights"]:
-        assert getattr(yaml_model, attr) == getattr(lazy_model, attr), attr
-    for attr in ["staggered", "pool_levels", "batch_size_per_image", "positive_fraction"]:
-        assert getattr(yaml_model.roi_heads, attr) == getattr(lazy_model.roi_heads, attr), attr
-    refine_attrs = ["levels", "topk_test", "nms_thresh_train", "center_sampling_ratio"]
-    for attr in refine_attrs + ["ignore_sampling_ratio", "focal_loss_alpha", "focal_loss_gamma"]:
-        assert getattr(yaml_model.refinement, attr) == getattr(lazy_model.refinement, attr), attr
-    assert yaml_model.refinement.box_reg_loss_type == lazy_model.refinement.box_reg_loss_type
-    assert yaml_model.s_head.box_reg_loss_type == lazy_model.s_head.box_reg_loss_type
-    t_losses = [m.roi_heads.box_predictor.box_reg_loss_type for m in (yaml_model, lazy_model)]
-    assert t_losses[0] == t_losses[1]
+    # every setting of every module: thresholds, top-k, matchers, level rules, test filtering
+    for name in ["", "refinement", "s_head", "roi_heads", "backbone"]:
+        yaml_part, lazy_part = yaml_model.get_submodule(name), lazy_model.get_submodule(name)
+        assert _settings(yaml_part) == _settings(lazy_part), name or "MimicDet"
 
 
 def test_lazyconfig_training_setup():
@@ -71,3 +87,75 @@ def test_lazyconfig_training_setup():
     assert lazy.train.init_checkpoint == "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
     assert list(lazy.dataloader.train.mapper.augmentations[0].short_edge_length) == [800]
     assert lazy.model.num_classes == 80
+
+
+def _flat(cfg, prefix=""):
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, CfgNode):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_add_mimicdet_config_adds_keys_and_changes_none_of_detectron2s():
+    default = _flat(get_cfg())
+    ours = get_cfg()
+    add_mimicdet_config(ours)
+    ours = _flat(ours)
+    assert {k: ours[k] for k in default} == default
+    added = set(ours) - set(default)
+    assert added and all(
+        k.startswith(("MODEL.MIMICDET.", "MODEL.MOBILENET.")) or k == "INPUT.RANDOM_FLIP_VERTICAL"
+        for k in added
+    ), sorted(added)
+
+
+def test_a_detectron2_yaml_through_our_train_net_builds_detectron2s_model(tmp_path):
+    sys.path.insert(0, ROOT)
+    import train_net
+
+    yaml = model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml")
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "OUTPUT_DIR", str(tmp_path)]
+    args = default_argument_parser().parse_args(["--config-file", yaml] + opts)
+    ours = train_net.setup_yaml(args)
+    theirs = get_cfg()
+    theirs.merge_from_file(yaml)
+    theirs.merge_from_list(opts)
+    ours_flat = _flat(ours)
+    assert {k: ours_flat[k] for k in _flat(theirs)} == _flat(theirs)
+
+    torch.manual_seed(0)
+    our_model = build_model(ours)
+    torch.manual_seed(0)
+    their_model = build_model(theirs)
+    assert type(our_model) is type(their_model)
+    assert str(our_model) == str(their_model)
+    theirs_state = their_model.state_dict()
+    assert our_model.state_dict().keys() == theirs_state.keys()
+    assert all(torch.equal(v, theirs_state[k]) for k, v in our_model.state_dict().items())
+
+
+def test_deepforest_mimicdet_sets_the_t_head_keys_as_the_base_config():
+    """The DeepForest config cannot inherit Base-MimicDet.yaml; it repeats its T-head keys."""
+    base, deepforest = get_cfg(), get_cfg()
+    add_mimicdet_config(base)
+    add_mimicdet_config(deepforest)
+    base.merge_from_file(os.path.join(CONFIGS, "Base-MimicDet.yaml"))
+    deepforest.merge_from_file(os.path.join(CONFIGS, "DeepForest", "mimicdet_MNV2_FPN.yaml"))
+    base, deepforest = _flat(base), _flat(deepforest)
+    # what the DeepForest config changes on purpose (commented there)
+    own = {"MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE"}
+    keys = [
+        k
+        for k in base
+        if k.startswith(("MODEL.ROI_HEADS.", "MODEL.ROI_BOX_HEAD."))
+        and k not in own
+        and base[k] != _flat(get_cfg())[k]
+    ]
+    assert (
+        "MODEL.ROI_HEADS.IOU_THRESHOLDS" in keys and "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION" in keys
+    )
+    for key in keys + ["MODEL.META_ARCHITECTURE", "MODEL.FPN.IN_FEATURES"]:
+        assert deepforest[key] == base[key], key

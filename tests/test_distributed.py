@@ -10,15 +10,26 @@ import sys
 
 import pytest
 import torch
-from detectron2.engine import default_argument_parser
-
 from conftest import _write_coco
+from detectron2.engine import default_argument_parser
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 sys.path.insert(0, ROOT)
 import train_net  # noqa: E402
 
 YAML = os.path.join(ROOT, "configs", "COCO-Detection", "mimicdet_R_50_FPN_1x.yaml")
+
+# the paper's ablation rows that change which modules train
+ABLATIONS = {
+    "default": [],
+    "not_staggered": ["MODEL.MIMICDET.STAGGERED", "False"],
+    "no_t_head": [
+        "MODEL.MIMICDET.T_HEAD.ENABLED",
+        "False",
+        "MODEL.MIMICDET.MIMIC.ENABLED",
+        "False",
+    ],
+}
 
 # detectron2 v0.6's launch() insists on CUDA and NCCL; this is its _distributed_worker with gloo.
 # Each rank registers the dataset, runs train_net.main, and saves its model weights afterwards.
@@ -94,27 +105,45 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_process_cpu_training_and_evaluation(tmp_path, tiny_opts):
-    name = "mimicdet_tiny_ddp"
+def _gloo_script(tmp_path, name):
     json_file, image_dir = _write_coco(str(tmp_path / name), num_images=4, size=64)
     script = tmp_path / "launch_gloo.py"
-    script.write_text(
-        WORKER.format(root=ROOT, name=name, json_file=json_file, image_dir=image_dir)
-    )
-    out = str(tmp_path / "out")
-    opts = _opts(name, out, tiny_opts)
+    script.write_text(WORKER.format(root=ROOT, name=name, json_file=json_file, image_dir=image_dir))
 
     def run(argv, results_dir):
         cmd = [sys.executable, str(script), str(_free_port()), results_dir]
         subprocess.run(cmd + ["--config-file", YAML] + argv, check=True, timeout=400)
 
-    run(opts, out)
+    return run, json_file, image_dir
+
+
+def _assert_ranks_equal_final(out):
     final = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["model"]
     ranks = [torch.load(os.path.join(out, f"rank{r}.pth"), weights_only=True) for r in (0, 1)]
     for key, value in final.items():
         assert torch.equal(ranks[0][key], value), key
         assert torch.equal(ranks[1][key], value), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ablation", ["not_staggered", "no_t_head"])
+def test_two_process_cpu_training_of_the_ablations(tmp_path, tiny_opts, ablation):
+    """The paper's ablation rows train under DDP (no unused parameter, no hang)."""
+    run, _, _ = _gloo_script(tmp_path, f"mimicdet_tiny_ddp_{ablation}")
+    out = str(tmp_path / "out")
+    run(_opts(f"mimicdet_tiny_ddp_{ablation}", out, tiny_opts) + ABLATIONS[ablation], out)
+    _assert_ranks_equal_final(out)
+
+
+@pytest.mark.slow
+def test_two_process_cpu_training_and_evaluation(tmp_path, tiny_opts):
+    name = "mimicdet_tiny_ddp"
+    run, json_file, image_dir = _gloo_script(tmp_path, name)
+    out = str(tmp_path / "out")
+    opts = _opts(name, out, tiny_opts)
+
+    run(opts, out)
+    _assert_ranks_equal_final(out)
 
     eval_dir = str(tmp_path / "eval2")
     run(["--eval-only"] + opts + ["MODEL.WEIGHTS", os.path.join(out, "model_final.pth")], eval_dir)
@@ -170,18 +199,21 @@ def test_refinement_normaliser_is_the_mean_over_workers(cfg, make_inputs, monkey
     assert model.refine_loss_normalizer == pytest.approx(100 * 0.9 + 0.1 * (local + 5))
 
 
-@pytest.mark.parametrize("t_head", [True, False])
-def test_every_trainable_parameter_gets_a_gradient(cfg, make_inputs, t_head):
+@pytest.mark.parametrize("ablation", sorted(ABLATIONS))
+def test_every_trainable_parameter_gets_a_gradient(cfg, make_inputs, ablation):
     """DDP runs without find_unused_parameters: a parameter without a gradient would hang it."""
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
-    cfg.merge_from_list(
-        ["MODEL.MIMICDET.T_HEAD.ENABLED", str(t_head), "MODEL.MIMICDET.MIMIC.ENABLED", str(t_head)]
-    )
+    cfg.merge_from_list(ABLATIONS[ablation])
     model = build_model(cfg).train()
+    ran = []
+    for name in ["fpn_lateral2", "fpn_output2"]:
+        getattr(model.backbone, name).register_forward_hook(lambda *_, n=name: ran.append(n))
     with EventStorage():
         losses = model(make_inputs(num_images=2))
     sum(losses.values()).backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused
+    # P2 is computed only for the staggered T-head, the one module that reads it
+    assert bool(ran) == (ablation == "default")

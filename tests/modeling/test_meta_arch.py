@@ -182,3 +182,47 @@ def test_teacher_inference_without_a_t_head_is_a_clear_error(cfg, make_inputs):
     model = build_model(cfg).eval()
     with pytest.raises(RuntimeError, match="T_HEAD.ENABLED"):
         model.teacher_inference(make_inputs())
+
+
+def test_mimic_loss_reads_the_s_head_at_each_sampled_boxs_anchor_location(
+    cfg, make_inputs, monkeypatch
+):
+    """
+    The student vectors of the mimic loss are the S-head's own outputs at the anchor location
+    (level, row, column) that produced each box, for refined boxes only (no appended GT) and at
+    most MIMIC.NUM_PER_IMAGE per image.
+    """
+    from mimicdet.modeling import meta_arch
+
+    cfg.MODEL.MIMICDET.MIMIC.NUM_PER_IMAGE = 5
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    s_head_outputs = []
+    model.s_head.register_forward_hook(lambda m, i, o: s_head_outputs.append(o))
+    received = []
+    mimic_losses = meta_arch.dual_path_mimic_losses
+
+    def spy(boxes, student_cls, student_reg, *args):
+        received.append((boxes, student_cls, student_reg))
+        return mimic_losses(boxes, student_cls, student_reg, *args)
+
+    monkeypatch.setattr(meta_arch, "dual_path_mimic_losses", spy)
+    _train_losses(model, make_inputs(num_images=2))
+
+    ((boxes, student_cls, student_reg),) = received
+    level_logits, _, level_reg = s_head_outputs[0]
+    sizes = [x.shape[2] * x.shape[3] for x in level_logits]
+    starts = torch.tensor([0] + sizes).cumsum(0)
+    checked = 0
+    for n, inst in enumerate(boxes):
+        assert 0 < len(inst) <= 5
+        assert (inst.anchor_index >= 0).all(), "appended GT boxes have no anchor location"
+        for idx, level in zip(inst.anchor_index.tolist(), inst.levels.tolist()):
+            k = model.head_in_features.index(f"p{level}")
+            assert starts[k] <= idx < starts[k + 1]
+            width = level_logits[k].shape[3]
+            row, col = divmod(idx - int(starts[k]), width)
+            torch.testing.assert_close(student_cls[n, idx], level_logits[k][n, :, row, col])
+            torch.testing.assert_close(student_reg[n, idx], level_reg[k][n, :, row, col])
+            checked += 1
+    assert checked > 0

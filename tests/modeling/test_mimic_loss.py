@@ -14,6 +14,13 @@ def test_cosine_mimic_loss_bounds():
     torch.testing.assert_close(cosine_mimic_loss(x, -3 * x), torch.tensor(2.0))
     orth = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
     torch.testing.assert_close(cosine_mimic_loss(*orth), torch.tensor(1.0))
+    # the cosine is taken per row, over the feature axis: rescaling rows changes nothing
+    scaled = x * torch.tensor([1.0, 2.0, 5.0, 0.5, 3.0])[:, None]
+    torch.testing.assert_close(cosine_mimic_loss(x, scaled), torch.tensor(0.0), atol=1e-6, rtol=0)
+    # rows at 90 and 0 degrees: (1 + 0) / 2 (over the batch axis it would be 0.53)
+    student = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    teacher = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    torch.testing.assert_close(cosine_mimic_loss(student, teacher), torch.tensor(0.5))
     empty = torch.zeros(0, 16, requires_grad=True)
     assert cosine_mimic_loss(empty, empty.detach()).item() == 0.0
 

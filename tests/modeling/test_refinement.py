@@ -48,6 +48,21 @@ def test_one_square_anchor_per_location(cfg):
 
 def test_box_lands_on_its_level_and_centre_cells(cfg):
     module = _module(cfg)
+    # sqrt(area) 64 against anchors 32 (P3), 64 (P4): log2(64 / 32) = 1 -> P4; stride 16,
+    # centres 16j + 8; shrunk box: 64 +- 0.3 * 64 / 2 = [54.4, 73.6] holds 56 and 72 (cells 3, 4)
+    small = (32, 32, 96, 96)
+    # sqrt(area) 240: log2(240 / 32) = 2.9 -> P6 (anchor 256); stride 64, centres 64j + 32;
+    # 128 +- 36 holds 96 and 160 (cells 1, 2)
+    large = (8, 8, 248, 248)
+    cells = _positive_cells(module, [small, large])
+    expected = {(4, r, c): 0 for r in (3, 4) for c in (3, 4)}
+    expected.update({(6, r, c): 1 for r in (1, 2) for c in (1, 2)})
+    assert cells == expected
+
+
+def test_canonical_rule_is_detectron2s_roi_pooler_rule(cfg):
+    cfg.MODEL.MIMICDET.REFINE.LEVEL_ASSIGNMENT = "canonical"
+    module = _module(cfg)
     # sqrt(area) 64 -> floor(4 + log2(64 / 224)) = 2 -> clamped to P3; stride 8, centres 8i + 4;
     # shrunk box: 64 +- 0.3 * 64 / 2 = [54.4, 73.6] holds centres 60 and 68 (cells 7, 8)
     small = (32, 32, 96, 96)
@@ -60,7 +75,9 @@ def test_box_lands_on_its_level_and_centre_cells(cfg):
 
 
 def test_overlapping_claims_go_to_the_smallest_box(cfg):
-    # both on P3; the larger one (64 +- 12) claims cells 6..9, the smaller one cells 7..8
+    # the canonical rule puts both on P3; the larger one (64 +- 12) claims cells 6..9, the
+    # smaller one cells 7..8
+    cfg.MODEL.MIMICDET.REFINE.LEVEL_ASSIGNMENT = "canonical"
     cells = _positive_cells(_module(cfg), [(24, 24, 104, 104), (32, 32, 96, 96)])
     expected = {(3, r, c): 0 for r in range(6, 10) for c in range(6, 10)}
     expected.update({(3, r, c): 1 for r in (7, 8) for c in (7, 8)})
@@ -108,10 +125,11 @@ def test_num_convs_stacks_a_tower_before_the_predictors(cfg):
 
 def test_ignore_band_leaves_off_centre_cells_of_the_box_out_of_the_objectness_loss(cfg):
     cfg.MODEL.MIMICDET.REFINE.IGNORE_SAMPLING_RATIO = 1.0
+    cfg.MODEL.MIMICDET.REFINE.LEVEL_ASSIGNMENT = "canonical"
     module = _module(cfg)
     anchors, levels = module.anchors(_features())
-    # P3 (as in test_box_lands_on_its_level_and_centre_cells): positive cells 7..8; the whole
-    # box [32, 96] holds centres 36..92, cells 4..11, of which the rest is ignored
+    # P3 (as in test_canonical_rule_is_detectron2s_roi_pooler_rule): positive cells 7..8; the
+    # whole box [32, 96] holds centres 36..92, cells 4..11, of which the rest is ignored
     gt = Instances((SIZE, SIZE), gt_boxes=Boxes(torch.tensor([[32.0, 32, 96, 96]])))
     labels, matched = module.label_anchors(anchors, levels, [gt])
     p3 = labels[0, levels == 3].view(SIZE // 8, SIZE // 8)
@@ -234,3 +252,20 @@ def test_checkpoints_from_before_the_conv_tower_still_load(cfg):
     incompatible = module.load_state_dict(old, strict=True)
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
     torch.testing.assert_close(module.convs[0].weight, old["conv.weight"])
+
+
+def test_training_keeps_the_top_candidates_of_every_level_before_the_nms(cfg):
+    """PRE_NMS_TOPK_TRAIN caps each level: P7's best boxes survive even if P3 scores higher."""
+    cfg.MODEL.MIMICDET.REFINE.PRE_NMS_TOPK_TRAIN = 2
+    cfg.MODEL.MIMICDET.REFINE.NMS_THRESH_TRAIN = 1.0  # keep every candidate through the NMS
+    module = _module(cfg).train()
+    anchors, levels = module.anchors(_features())
+    # objectness falls with the level: a cap over all levels would keep two P3 boxes only
+    logits = (10.0 - levels.float() + torch.rand(len(levels)) * 0.1)[None]
+    deltas = torch.zeros(1, len(anchors), 4)
+    refined = module.refined_boxes(anchors, levels, logits, deltas, [(SIZE, SIZE)])[0]
+    assert sorted(refined.levels.tolist()) == [3, 3, 4, 4, 5, 5, 6, 6, 7, 7]
+    for level in range(3, 8):
+        on_level = (levels == level).nonzero()[:, 0]
+        best = on_level[logits[0, on_level].topk(min(2, len(on_level))).indices]
+        assert set(refined.anchor_index[refined.levels == level].tolist()) == set(best.tolist())

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
 
 from mimicdet.modeling import SHead
-from mimicdet.modeling.s_head import box_aligned_offsets
+from mimicdet.modeling.s_head import box_aligned_offsets, hard_mining_samples
 
 SHAPES = [ShapeSpec(channels=32, stride=s) for s in [8, 16, 32, 64, 128]]
 
@@ -63,8 +64,18 @@ def test_guidance_detached_or_not(cfg):
         assert (g.grad is None) == detach
 
 
-def test_losses_keep_all_positives_and_the_hardest_negatives(cfg):
+def _losses(head, *args):
+    """SHead.losses inside an event storage; returns the losses and the logged sample counts."""
+    with EventStorage() as storage:
+        losses = head.losses(*args)
+        counts = {k: v.latest() for k, v in storage.histories().items()}
+    return losses, counts
+
+
+def test_positives_first_keeps_all_positives_and_the_hardest_negatives(cfg):
+    cfg.MODEL.MIMICDET.S_HEAD.HARD_MINING = "positives_first"
     cfg.MODEL.MIMICDET.S_HEAD.BATCH_SIZE_PER_IMAGE = 3
+    cfg.MODEL.MIMICDET.S_HEAD.NEG_POS_RATIO = 0.0
     head = SHead(cfg, SHAPES)
     gt = Instances((64, 64), gt_boxes=Boxes(torch.tensor([[10.0, 10, 40, 40]])))
     gt.gt_classes = torch.tensor([1])
@@ -79,16 +90,86 @@ def test_losses_keep_all_positives_and_the_hardest_negatives(cfg):
     logits[0, 7] = torch.tensor([2.0, 0, 0])  # second hardest
     deltas = torch.zeros(1, 8, 4)
     deltas[0, 5] = torch.tensor([0.5, -0.5, 0.0, 1.0])
-    losses = head.losses([refined], logits, deltas, [gt])
+    losses, counts = _losses(head, [refined], logits, deltas, [gt])
 
     ce = F.cross_entropy(logits[0, [5, 0, 7, 2]], torch.tensor([1, 2, 2, 2]), reduction="none")
     torch.testing.assert_close(losses["loss_s_cls"], ce[:3].sum() / 3)
     torch.testing.assert_close(losses["loss_s_box"], torch.tensor(2.0 / 3))
+    assert counts == {"s_head/num_fg_samples": 1.0, "s_head/num_bg_samples": 2.0}
 
     empty = Instances((64, 64), gt_boxes=Boxes(torch.zeros(0, 4)))
     empty.gt_classes = torch.zeros(0, dtype=torch.int64)
-    losses = head.losses([refined], logits, deltas, [empty])
+    losses, _ = _losses(head, [refined], logits, deltas, [empty])
     assert losses["loss_s_box"].item() == 0 and torch.isfinite(losses["loss_s_cls"])
+
+
+def _crowded_image(num_pos=200, num_neg=1000, num_hard_neg=50):
+    """
+    One image whose refined boxes are ``num_pos`` copies of its GT box (IoU 1) and ``num_neg``
+    boxes far from it; the S-head's logits make ``num_hard_neg`` negatives confidently wrong
+    (the highest losses), the positives unsure, the other negatives right.
+    """
+    gt = Instances((256, 256), gt_boxes=Boxes(torch.tensor([[10.0, 10, 60, 60]])))
+    gt.gt_classes = torch.tensor([0])
+    refined = Instances((256, 256))
+    far = torch.tensor([[150.0, 150, 200, 200]])
+    refined.proposal_boxes = Boxes(
+        torch.cat([gt.gt_boxes.tensor.expand(num_pos, 4), far.expand(num_neg, 4)])
+    )
+    refined.anchor_index = torch.randperm(num_pos + num_neg)
+    logits = torch.zeros(1, num_pos + num_neg, 3)
+    neg = refined.anchor_index[num_pos:]
+    logits[0, neg, 2] = 4.0  # background, right
+    logits[0, neg[:num_hard_neg], 0] = 8.0  # foreground class 0, wrong
+    logits[0, refined.anchor_index[:num_pos], 0] = torch.linspace(-1, 1, num_pos)
+    return gt, refined, logits, torch.zeros(1, num_pos + num_neg, 4)
+
+
+def _cross_entropy(refined, logits, num_pos):
+    labels = torch.tensor([0] * num_pos + [2] * (len(refined) - num_pos))
+    return F.cross_entropy(logits[0, refined.anchor_index], labels, reduction="none")
+
+
+def test_top_loss_mining_takes_the_highest_losses_of_a_crowded_image(cfg):
+    assert cfg.MODEL.MIMICDET.S_HEAD.HARD_MINING == "top_loss"  # the paper's, the default
+    head = SHead(cfg, SHAPES)
+    gt, refined, logits, deltas = _crowded_image()
+    losses, counts = _losses(head, [refined], logits, deltas, [gt])
+    ce = _cross_entropy(refined, logits, 200)
+    torch.testing.assert_close(losses["loss_s_cls"], ce.topk(128).values.sum() / 128)
+    # the 50 wrong negatives, then the 78 least confident positives
+    assert counts == {"s_head/num_fg_samples": 78.0, "s_head/num_bg_samples": 50.0}
+
+
+def test_positives_first_mining_keeps_three_negatives_per_positive(cfg):
+    cfg.MODEL.MIMICDET.S_HEAD.HARD_MINING = "positives_first"
+    assert cfg.MODEL.MIMICDET.S_HEAD.NEG_POS_RATIO == 3.0
+    head = SHead(cfg, SHAPES)
+    gt, refined, logits, deltas = _crowded_image()
+    losses, counts = _losses(head, [refined], logits, deltas, [gt])
+    ce = _cross_entropy(refined, logits, 200)
+    expected = ce[:200].sum() + ce[200:].topk(600).values.sum()
+    torch.testing.assert_close(losses["loss_s_cls"], expected / 800)
+    assert counts == {"s_head/num_fg_samples": 200.0, "s_head/num_bg_samples": 600.0}
+
+
+def test_hard_mining_samples_rules():
+    losses = torch.tensor([0.1, 5.0, 0.3, 4.0, 0.2, 3.0])
+    is_fg = torch.tensor([True, False, True, False, False, False])
+    top = hard_mining_samples(losses, is_fg, 3, "top_loss", 3.0)
+    assert sorted(top.tolist()) == [1, 3, 5]
+    # 2 positives, then max(3 - 2, 3 x 2) = 6 negatives wanted, 4 available
+    kept = hard_mining_samples(losses, is_fg, 3, "positives_first", 3.0)
+    assert sorted(kept.tolist()) == [0, 1, 2, 3, 4, 5]
+    kept = hard_mining_samples(losses, is_fg, 3, "positives_first", 0.0)
+    assert sorted(kept.tolist()) == [0, 1, 2]
+    assert len(hard_mining_samples(losses, is_fg, 100, "top_loss", 3.0)) == 6
+
+
+def test_unknown_hard_mining_rule_is_refused(cfg):
+    cfg.MODEL.MIMICDET.S_HEAD.HARD_MINING = "top-loss"
+    with pytest.raises(ValueError, match="hard mining 'top-loss'"):
+        SHead(cfg, SHAPES)
 
 
 def test_giou_box_loss_scores_the_decoded_boxes(cfg):
@@ -104,14 +185,14 @@ def test_giou_box_loss_scores_the_decoded_boxes(cfg):
     logits = torch.zeros(1, 2, 3)
     deltas = torch.zeros(1, 2, 4)
     deltas[0, 0] = torch.tensor([3.0, 3, 3, 3])  # the negative's deltas must not count
-    losses = head.losses([refined], logits, deltas, [gt])
+    losses, _ = _losses(head, [refined], logits, deltas, [gt])
     # zero deltas keep the refined box: GIoU loss 1 - 729/900, over 2 samples
     torch.testing.assert_close(losses["loss_s_box"], torch.tensor((1 - 729 / 900) / 2))
 
     deltas[0, 1] = head.box2box_transform.get_deltas(
         refined.proposal_boxes.tensor[:1], gt.gt_boxes.tensor
     )[0]
-    losses = head.losses([refined], logits, deltas, [gt])
+    losses, _ = _losses(head, [refined], logits, deltas, [gt])
     assert losses["loss_s_box"].abs().item() < 1e-5
 
 

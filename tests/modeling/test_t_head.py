@@ -4,6 +4,7 @@ import pytest
 import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_roi_heads
+from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
@@ -75,20 +76,98 @@ def test_forward_pools_from_level_below_when_staggered(cfg, staggered):
     assert sampled[0].teacher_reg_feats.shape == (len(sampled[0]), 64)
 
 
-def test_appended_gt_gets_canonical_level_and_no_anchor(cfg):
+def test_appended_gt_gets_the_refinements_level_and_no_anchor(cfg):
     head = build_roi_heads(cfg, SHAPES).train()
     with EventStorage():
         sampled, _ = head(None, _features(), [_proposals([6])], [_gt()])
     gt_rows = sampled[0][sampled[0].anchor_index < 0]
-    # sqrt(area) 64 -> dense level 3 by the canonical rule; staggered pooling then uses P2
-    assert len(gt_rows) == 1 and gt_rows.levels.tolist() == [3]
+    # sqrt(area) 64 against the anchors 32 (P3), 64 (P4): dense level 4; staggered pooling then
+    # reads P3
+    assert len(gt_rows) == 1 and gt_rows.levels.tolist() == [4]
+    cfg.MODEL.MIMICDET.REFINE.LEVEL_ASSIGNMENT = "canonical"
+    head = build_roi_heads(cfg, SHAPES).train()
+    with EventStorage():
+        sampled, _ = head(None, _features(), [_proposals([6])], [_gt()])
+    # floor(4 + log2(64 / 224)) = 2, clamped to P3
+    assert sampled[0][sampled[0].anchor_index < 0].levels.tolist() == [3]
 
 
-def test_two_paths_structure(cfg):
+def _position_features(channels=32):
+    """Per level, channel 0 holds each cell's centre x in image pixels, channel 1 its y."""
+    feats = {}
+    for name, s in SHAPES.items():
+        n = SIZE // s.stride
+        centres = (torch.arange(n, dtype=torch.float32) + 0.5) * s.stride
+        x = torch.zeros(1, channels, n, n)
+        x[0, 0] = centres[None, :].expand(n, n)
+        x[0, 1] = centres[:, None].expand(n, n)
+        feats[name] = x
+    return feats
+
+
+@pytest.mark.parametrize("staggered", [True, False])
+def test_pooling_reads_the_box_in_image_coordinates(cfg, staggered):
+    """Each 7x7 bin of a pooled box holds the image position of the bin's centre."""
+    cfg.MODEL.MIMICDET.STAGGERED = staggered
     head = build_roi_heads(cfg, SHAPES)
-    assert [fc.out_features for fc in head.cls_fcs] == [64, 64]
-    assert len(head.reg_convs) == 4 and head.reg_fc.out_features == 64
+    feats = _position_features()
+    # well inside the image, so no bin reads the clamped border
+    box = torch.tensor([[40.0, 36.0, 88.0, 92.0]])
+    for level in head.pool_levels[:3]:
+        pooled = head.pool(
+            [feats[f"p{lvl}"] for lvl in head.pool_levels],
+            [Boxes(box)],
+            torch.tensor([level]),
+        )
+        bins = (torch.arange(7, dtype=torch.float32) + 0.5) / 7
+        xs, ys = 40.0 + 48.0 * bins, 36.0 + 56.0 * bins
+        torch.testing.assert_close(pooled[0, 0], xs[None].expand(7, 7), atol=1e-3, rtol=0)
+        torch.testing.assert_close(pooled[0, 1], ys[:, None].expand(7, 7), atol=1e-3, rtol=0)
+
+
+def test_a_box_on_a_level_without_features_is_an_error(cfg):
+    cfg.MODEL.MIMICDET.STAGGERED = False
+    head = build_roi_heads(cfg, SHAPES)
+    feats = _features()
+    with pytest.raises(ValueError, match=r"levels \[2\] cannot be pooled"):
+        head.pool(
+            [feats[f"p{lvl}"] for lvl in head.pool_levels],
+            [_proposals([0, 0]).proposal_boxes],
+            torch.tensor([2, 3]),
+        )
+
+
+def test_two_paths_are_detectron2_conv_fc_heads(cfg):
+    head = build_roi_heads(cfg, SHAPES)
+    assert isinstance(head.cls_head, FastRCNNConvFCHead)
+    assert isinstance(head.reg_head, FastRCNNConvFCHead)
+    assert [fc.out_features for fc in head.cls_head.fcs] == [64, 64]
+    assert len(head.cls_head.conv_norm_relus) == 0
+    assert [c.kernel_size for c in head.reg_head.conv_norm_relus] == [(3, 3)] * 4
+    assert [fc.out_features for fc in head.reg_head.fcs] == [64]
     assert head.box_predictor.cls_score.out_features == 3
     assert head.box_predictor.bbox_pred.out_features == 4
     with pytest.raises(AssertionError):
         head.eval()(None, _features(), [_proposals([5])], [_gt()])
+
+
+def test_checkpoints_with_the_old_tower_names_load(cfg):
+    """Before the FastRCNNConvFCHead towers the T-head named them cls_fcs, reg_convs, reg_fc."""
+    head = build_roi_heads(cfg, SHAPES)
+    renames = {
+        "cls_head.fc1.": "cls_fcs.0.",
+        "cls_head.fc2.": "cls_fcs.1.",
+        "reg_head.fc1.": "reg_fc.",
+    }
+    renames.update({f"reg_head.conv{k + 1}.": f"reg_convs.{k}." for k in range(4)})
+    old = {}
+    for key, value in head.state_dict().items():
+        for new, before in renames.items():
+            key = key.replace(new, before)
+        old[key] = torch.randn_like(value)
+    assert not any(k.startswith(("cls_head", "reg_head")) for k in old)
+    result = head.load_state_dict(old)
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(head.reg_head.conv3.weight, old["reg_convs.2.weight"])
+    torch.testing.assert_close(head.cls_head.fc2.bias, old["cls_fcs.1.bias"])
+    torch.testing.assert_close(head.reg_head.fc1.weight, old["reg_fc.weight"])

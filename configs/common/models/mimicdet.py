@@ -6,7 +6,7 @@ from detectron2.modeling.backbone.fpn import LastLevelP6P7
 from detectron2.modeling.matcher import Matcher
 
 from mimicdet.backbone import StaggeredFPN
-from mimicdet.modeling import MimicDet, MimicTHead, RefinementModule, SHead
+from mimicdet.modeling import LevelAssigner, MimicDet, MimicTHead, RefinementModule, SHead
 
 model = L(MimicDet)(
     backbone=L(StaggeredFPN)(
@@ -19,6 +19,8 @@ model = L(MimicDet)(
         in_features="${.bottom_up.out_features}",
         out_channels=256,
         top_block=L(LastLevelP6P7)(in_channels=2048, out_channels="${..out_channels}"),
+        # P2 in training feeds only the staggered T-head (False without it)
+        finest_level_in_training=True,
     ),
     refinement=L(RefinementModule)(
         in_channels="${..backbone.out_channels}",
@@ -28,8 +30,15 @@ model = L(MimicDet)(
         strides=[8, 16, 32, 64, 128],
         anchor_size_per_stride=4.0,
         anchor_offset=0.5,
-        canonical_box_size=224,
-        canonical_level=4,
+        # each level's scale range centred on its anchor side (anchor_size_per_stride x stride)
+        level_assigner=L(LevelAssigner)(
+            levels=[3, 4, 5, 6, 7],
+            rule="anchor_scale",
+            anchor_sizes=[32.0, 64.0, 128.0, 256.0, 512.0],
+            scale_range_half_width=0.5,
+            canonical_box_size=224,
+            canonical_level=4,
+        ),
         center_sampling_ratio=0.3,
         min_center_radius=0.5,
         ignore_sampling_ratio=0.0,
@@ -53,6 +62,9 @@ model = L(MimicDet)(
         detach_guidance=True,
         iou_threshold=0.6,
         batch_size_per_image=128,
+        # paper: the 128 highest-loss boxes per image
+        hard_mining="top_loss",
+        neg_pos_ratio=3.0,
         bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
         box_reg_loss_type="smooth_l1",
         # paper: offsets from the micro-network alone (no box-aligned start)
@@ -61,8 +73,7 @@ model = L(MimicDet)(
     t_head=L(MimicTHead)(
         pool_levels=[2, 3, 4, 5, 6],
         staggered=True,
-        canonical_box_size="${..refinement.canonical_box_size}",
-        canonical_level="${..refinement.canonical_level}",
+        level_assigner="${..refinement.level_assigner}",
         in_channels="${..backbone.out_channels}",
         pooler_resolution=7,
         pooler_type="ROIAlignV2",

@@ -7,23 +7,17 @@ from .backbone.mobilenet_v2 import add_mobilenet_config
 
 def add_mimicdet_config(cfg):
     """
-    Add the ``MODEL.MIMICDET`` namespace and set detectron2 keys that MimicDet reads
-    (``MODEL.ROI_HEADS.*`` and ``MODEL.ROI_BOX_HEAD.*`` configure the T-head, because
-    detectron2's ``ROIHeads.from_config`` reads them; ``MODEL.ROI_HEADS.NUM_CLASSES`` is the one
-    number of classes for every head).
+    Add MimicDet's keys (``MODEL.MIMICDET``, ``MODEL.MOBILENET``, ``INPUT.RANDOM_FLIP_VERTICAL``)
+    and nothing else: every key detectron2 already has keeps its value, as in detectron2's own
+    projects. The values MimicDet needs for detectron2's keys (the meta-architecture, the
+    backbone, and the ``MODEL.ROI_HEADS.*`` / ``MODEL.ROI_BOX_HEAD.*`` keys that configure the
+    T-head, detectron2's ``ROIHeads.from_config`` reading them) are in
+    ``configs/Base-MimicDet.yaml``; ``MODEL.ROI_HEADS.NUM_CLASSES`` is the one number of classes
+    for every head.
     """
     _C = cfg
     # MODEL.MOBILENET: the MobileNetV2 bottom-up of the DeepForest configs (keys commented there)
     add_mobilenet_config(_C)
-
-    # paper: the detector
-    _C.MODEL.META_ARCHITECTURE = "MimicDet"
-    # paper: ResNet / ResNeXt under the staggered FPN (P2..P7, P6/P7 from C5)
-    _C.MODEL.BACKBONE.NAME = "build_mimicdet_resnet_fpn_backbone"
-    # paper: C2..C5 out of the ResNet
-    _C.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    # paper: FPN over C2..C5 (P2 feeds only the training-time T-head)
-    _C.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
 
     _C.MODEL.MIMICDET = CN()
     # paper: the T-head pools a box from one level finer than the S-head handles it on
@@ -61,9 +55,16 @@ def add_mimicdet_config(cfg):
     # default (ours): no normalization after those convs, as the paper describes none; "GN" adds
     # GroupNorm as detectron2's FCOS head has
     _C.MODEL.MIMICDET.REFINE.NORM = ""
-    # default (ours): detectron2's canonical FPN level rule assigns each GT to one level
+    # paper: a GT trains on the levels whose "valid scale range" holds it (ranges not given).
+    # default (ours): "anchor_scale", each level's range centred in log scale on its anchor side
+    # (ANCHOR_SIZE_PER_STRIDE x stride); "canonical" is detectron2's RoI-pooler rule below, made
+    # for RoI pooling on P2..P5: with 4 x stride anchors it leaves P6 and P7 no positive on COCO
+    _C.MODEL.MIMICDET.REFINE.LEVEL_ASSIGNMENT = "anchor_scale"
+    # default (ours): half-width of each level's scale range, in octaves: 0.5 makes the ranges
+    # adjacent and disjoint, one level per GT; 1.0 is FoveaBox's overlapping [a / 2, 2a]
+    _C.MODEL.MIMICDET.REFINE.SCALE_RANGE_HALF_WIDTH = 0.5
+    # "canonical" rule only: detectron2's canonical box size and its level (stride 16)
     _C.MODEL.MIMICDET.REFINE.CANONICAL_BOX_SIZE = 224
-    # default (ours): detectron2's canonical level (stride 16) for a 224-pixel box
     _C.MODEL.MIMICDET.REFINE.CANONICAL_LEVEL = 4
     # default (notes): positive centres lie in the GT shrunk to 0.3 of its width and height
     _C.MODEL.MIMICDET.REFINE.CENTER_SAMPLING_RATIO = 0.3
@@ -110,8 +111,14 @@ def add_mimicdet_config(cfg):
     _C.MODEL.MIMICDET.S_HEAD.FC_DIM = 1024
     # paper: a refined box is positive at IoU >= 0.6 with a GT, as in the T-head
     _C.MODEL.MIMICDET.S_HEAD.IOU_THRESHOLD = 0.6
-    # default (notes): classification samples per image: all positives + hardest negatives
+    # paper: the classification loss is taken over 128 refined boxes per image
     _C.MODEL.MIMICDET.S_HEAD.BATCH_SIZE_PER_IMAGE = 128
+    # paper: "top_loss", the 128 boxes with the highest loss, foreground and background alike;
+    # "positives_first" (ours, the earlier default): every positive, then the hardest negatives
+    _C.MODEL.MIMICDET.S_HEAD.HARD_MINING = "top_loss"
+    # "positives_first" only (ours, SSD's mining): at least this many negatives per positive, so
+    # that an image with 128+ positive refined boxes still trains on background
+    _C.MODEL.MIMICDET.S_HEAD.NEG_POS_RATIO = 3.0
     # paper: deltas of the S-head relative to the refined box, Fast R-CNN weights
     _C.MODEL.MIMICDET.S_HEAD.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
     # paper: L1 on the deltas, as the T-head ("smooth_l1" with beta 0); "giou" as REFINE's
@@ -146,33 +153,6 @@ def add_mimicdet_config(cfg):
     _C.MODEL.MIMICDET.MIMIC.NUM_PER_IMAGE = 64
     # default (notes): the mimic gradient trains the S-head and backbone, not the T-head
     _C.MODEL.MIMICDET.MIMIC.DETACH_TEACHER = True
-
-    # the T-head is a detectron2 ROIHeads and reads the usual ROI_HEADS / ROI_BOX_HEAD keys;
-    # MODEL.ROI_HEADS.NUM_CLASSES is the number of classes of every MimicDet head
-    # paper: the training-only two-stage head
-    _C.MODEL.ROI_HEADS.NAME = "MimicTHead"
-    # paper: a box is positive at IoU >= 0.6 with a GT
-    _C.MODEL.ROI_HEADS.IOU_THRESHOLDS = [0.6]
-    # paper: below 0.6 background, above foreground (no ignored band)
-    _C.MODEL.ROI_HEADS.IOU_LABELS = [0, 1]
-    # paper: 128 sampled boxes per image
-    _C.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 128
-    # paper: positives:negatives 1:3
-    _C.MODEL.ROI_HEADS.POSITIVE_FRACTION = 0.25
-    # default (ours): GT boxes join the T-head pool, as detectron2 does for its RPN proposals
-    _C.MODEL.ROI_HEADS.PROPOSAL_APPEND_GT = True
-    # paper: 7x7 RoIAlign
-    _C.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
-    # default (ours): detectron2's pixel-aligned RoIAlign
-    _C.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIAlignV2"
-    # default (ours): detectron2's adaptive sampling points per bin
-    _C.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO = 0
-    # paper: Fast R-CNN delta weights, class-agnostic
-    _C.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
-    # paper: L1 box loss (smooth L1 with beta 0)
-    _C.MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA = 0.0
-    # paper: that L1 on the deltas; "giou" (ours) as REFINE's
-    _C.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE = "smooth_l1"
 
     # not in the paper or detectron2 (ours): also flip training images top to bottom, with
     # probability 0.5 and independently of INPUT.RANDOM_FLIP, for views that have no "up" (aerial

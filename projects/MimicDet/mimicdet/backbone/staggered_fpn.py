@@ -25,7 +25,25 @@ class StaggeredFPN(FPN):
     With bottom-up features res2..res5 and a P6/P7 top block, training returns
     ``{"p2", ..., "p7"}`` and inference ``{"p3", ..., "p7"}``; each map is ``(N, C, H/s, W/s)``.
     ``output_shape()`` lists every level, as in training.
+
+    When nothing reads the finest level in training either (the T-head disabled, or pooling
+    from the S-head's own levels), ``finest_level_in_training=False`` skips it there too and
+    freezes its convs: DDP without ``find_unused_parameters`` would otherwise wait forever for
+    their gradient. They stay in the module so that checkpoints keep one layout.
     """
+
+    def __init__(self, *args, finest_level_in_training: bool = True, **kwargs):
+        """
+        Args:
+            args, kwargs: as :class:`detectron2.modeling.backbone.FPN`.
+            finest_level_in_training: compute the finest level in training (the staggered
+                T-head pools from it).
+        """
+        super().__init__(*args, **kwargs)
+        self.finest_level_in_training = finest_level_in_training
+        if not finest_level_in_training:
+            for name in self.training_only_modules:
+                getattr(self, name).requires_grad_(False)
 
     @property
     def training_only_modules(self):
@@ -43,7 +61,8 @@ class StaggeredFPN(FPN):
         """
         bottom_up_features = self.bottom_up(x)
         # lateral_convs / output_convs are ordered coarse to fine; the last one is the finest
-        num_fpn_levels = len(self.in_features) - (0 if self.training else 1)
+        finest = self.training and self.finest_level_in_training
+        num_fpn_levels = len(self.in_features) - (0 if finest else 1)
         prev_features = self.lateral_convs[0](bottom_up_features[self.in_features[-1]])
         results = [self.output_convs[0](prev_features)]
         for idx in range(1, num_fpn_levels):
@@ -64,13 +83,13 @@ class StaggeredFPN(FPN):
         return dict(zip(out_features, results))
 
 
-def build_fpn_p3_p7(cfg, bottom_up, fpn_class=FPN):
+def build_fpn_p3_p7(cfg, bottom_up, fpn_class=FPN, **kwargs):
     """
     Wrap any bottom-up :class:`Backbone` (ResNet, MobileNetV2, ...) into an FPN of ``fpn_class``
     with RetinaNet's P6/P7 (P6 = 3x3/2 conv on the coarsest bottom-up map, P7 = 3x3/2 on ReLU(P6)).
 
     Reads ``MODEL.FPN.IN_FEATURES`` (the last one feeds P6), ``OUT_CHANNELS``, ``NORM`` and
-    ``FUSE_TYPE``.
+    ``FUSE_TYPE``; ``kwargs`` go to ``fpn_class``.
     """
     in_features = cfg.MODEL.FPN.IN_FEATURES
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
@@ -84,12 +103,22 @@ def build_fpn_p3_p7(cfg, bottom_up, fpn_class=FPN):
             bottom_up.output_shape()[top_in].channels, out_channels, in_feature=top_in
         ),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+        **kwargs,
     )
 
 
 def build_staggered_fpn(cfg, bottom_up):
-    """:func:`build_fpn_p3_p7` with a :class:`StaggeredFPN`: P2 only in training."""
-    return build_fpn_p3_p7(cfg, bottom_up, fpn_class=StaggeredFPN)
+    """
+    :func:`build_fpn_p3_p7` with a :class:`StaggeredFPN`: P2 only in training, and only when the
+    staggered T-head reads it (``MODEL.MIMICDET.T_HEAD.ENABLED`` and ``STAGGERED``).
+    """
+    mcfg = cfg.MODEL.MIMICDET
+    return build_fpn_p3_p7(
+        cfg,
+        bottom_up,
+        fpn_class=StaggeredFPN,
+        finest_level_in_training=mcfg.T_HEAD.ENABLED and mcfg.STAGGERED,
+    )
 
 
 @BACKBONE_REGISTRY.register()

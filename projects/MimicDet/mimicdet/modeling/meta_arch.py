@@ -6,7 +6,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 from detectron2.config import configurable
-from detectron2.layers import batched_nms, cat
+from detectron2.layers import batched_nms, cat, nonzero_tuple
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_roi_heads
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
@@ -93,11 +93,13 @@ class MimicDet(DenseDetector):
         self.test_nms_thresh = test_nms_thresh
         self.max_detections_per_image = max_detections_per_image
         self.register_load_state_dict_post_hook(_explain_absent_training_only_weights)
-        if t_head is None:
-            # only the T-head reads the finest level: its convs would get no gradient, and DDP
-            # (without find_unused_parameters) would wait for one forever
-            for name in getattr(backbone, "training_only_modules", []):
-                getattr(backbone, name).requires_grad_(False)
+        _check_training_levels(backbone, t_head, head_in_features)
+        if t_head is not None and t_head.level_assigner != refinement.level_assigner:
+            # the T-head levels its appended GT boxes as the refinement levels the GTs
+            raise ValueError(
+                f"The T-head's level rule {t_head.level_assigner} is not the refinement's "
+                f"{refinement.level_assigner}"
+            )
 
     @classmethod
     def from_config(cls, cfg):
@@ -234,7 +236,13 @@ class MimicDet(DenseDetector):
         )
         gt_labels, gt_boxes = self.refinement.label_anchors(anchors, anchor_levels, gt_instances)
         num_pos = mean_over_workers((gt_labels == 1).sum().float()).item()
-        get_event_storage().put_scalar("refine/num_pos_anchors", num_pos / len(gt_instances))
+        storage = get_event_storage()
+        storage.put_scalar("refine/num_pos_anchors", num_pos / len(gt_instances))
+        # per level, on this worker: a level with none never trains its positives
+        levels = self.refinement.levels
+        pos_levels = anchor_levels[nonzero_tuple(gt_labels == 1)[1]] - levels[0]
+        for level, n in zip(levels, torch.bincount(pos_levels, minlength=len(levels)).tolist()):
+            storage.put_scalar(f"refine/num_pos_anchors_p{level}", n / len(gt_instances))
         # positives per batch vary a lot; RetinaNet's EMA keeps the normaliser stable, and the
         # mean over workers gives every worker the same normaliser (the losses are then averaged
         # by DDP's gradient all-reduce as if computed on the whole batch)
@@ -300,6 +308,25 @@ class MimicDet(DenseDetector):
             pred_boxes=boxes[keep],
             scores=scores[keep],
             pred_classes=classes[keep],
+        )
+
+
+def _check_training_levels(backbone: Backbone, t_head: Optional[nn.Module], head_in_features):
+    """
+    In training, every level the backbone computes must be read (DDP runs without
+    ``find_unused_parameters``) and every level the T-head pools from must be computed.
+    """
+    if not hasattr(backbone, "finest_level_in_training"):
+        return
+    dense_levels = [int(f[1:]) for f in head_in_features]
+    pooled = t_head.pool_levels if t_head is not None else []
+    needs_finest = any(lvl < min(dense_levels) for lvl in pooled)
+    if backbone.finest_level_in_training != needs_finest:
+        raise ValueError(
+            f"The backbone's finest_level_in_training is {backbone.finest_level_in_training}, "
+            f"but the T-head pools from levels {pooled or 'none'} and the dense heads read "
+            f"{head_in_features}: set it to {needs_finest} (yaml configs derive it from "
+            "MODEL.MIMICDET.T_HEAD.ENABLED and MODEL.MIMICDET.STAGGERED)"
         )
 
 

@@ -13,25 +13,9 @@ from detectron2.structures import Boxes, Instances
 from fvcore.nn import sigmoid_focal_loss
 from torch import Tensor, nn
 
-__all__ = ["RefinementModule", "canonical_levels"]
+from .level_assignment import LevelAssigner
 
-
-def canonical_levels(
-    boxes: Tensor, canonical_box_size: float, canonical_level: int, min_level: int, max_level: int
-) -> Tensor:
-    """
-    detectron2's FPN level rule (as ``assign_boxes_to_levels``):
-    ``floor(canonical_level + log2(sqrt(area) / canonical_box_size))`` clamped to the pyramid.
-
-    Args:
-        boxes: ``(M, 4)`` XYXY boxes.
-
-    Returns:
-        ``(M,)`` int64 pyramid levels (e.g. 3 for P3), not offsets.
-    """
-    sizes = Boxes(boxes).area().sqrt()
-    levels = torch.floor(canonical_level + torch.log2(sizes / canonical_box_size + 1e-8))
-    return levels.clamp(min=min_level, max=max_level).to(torch.int64)
+__all__ = ["RefinementModule"]
 
 
 class RefinementModule(nn.Module):
@@ -56,8 +40,7 @@ class RefinementModule(nn.Module):
         strides: List[int],
         anchor_size_per_stride: float,
         anchor_offset: float,
-        canonical_box_size: float,
-        canonical_level: int,
+        level_assigner: LevelAssigner,
         center_sampling_ratio: float,
         min_center_radius: float,
         ignore_sampling_ratio: float = 0.0,
@@ -81,7 +64,8 @@ class RefinementModule(nn.Module):
             strides: stride of each input level, fine to coarse, e.g. ``[8, 16, 32, 64, 128]``.
             anchor_size_per_stride: anchor side in units of its level's stride.
             anchor_offset: anchor centre within its cell, in strides (0.5 = cell centre).
-            canonical_box_size, canonical_level: level rule that assigns each GT to one level.
+            level_assigner: which levels each GT trains on, by its scale; with the
+                ``"anchor_scale"`` rule its anchor sizes must be this module's anchors.
             center_sampling_ratio: an anchor is positive if its centre lies in the GT shrunk about
                 its centre to this fraction of its width and height.
             min_center_radius: lower bound of the shrunk box's half-size, in strides.
@@ -130,8 +114,18 @@ class RefinementModule(nn.Module):
             offset=anchor_offset,
         )
         self.levels = [int(math.log2(s)) for s in strides]
-        self.canonical_box_size = canonical_box_size
-        self.canonical_level = canonical_level
+        if level_assigner.levels != self.levels:
+            raise ValueError(
+                f"The level assigner's levels {level_assigner.levels} are not the refinement's "
+                f"{self.levels}"
+            )
+        anchor_sizes = [anchor_size_per_stride * s for s in strides]
+        if level_assigner.rule == "anchor_scale" and level_assigner.anchor_sizes != anchor_sizes:
+            raise ValueError(
+                f"The level assigner's anchor sizes {level_assigner.anchor_sizes} are not the "
+                f"refinement's anchors {anchor_sizes}: the scale ranges must match the anchors"
+            )
+        self.level_assigner = level_assigner
         self.center_sampling_ratio = center_sampling_ratio
         self.min_center_radius = min_center_radius
         self.ignore_sampling_ratio = ignore_sampling_ratio
@@ -155,8 +149,7 @@ class RefinementModule(nn.Module):
             "strides": [s.stride for s in input_shape],
             "anchor_size_per_stride": rcfg.ANCHOR_SIZE_PER_STRIDE,
             "anchor_offset": rcfg.ANCHOR_OFFSET,
-            "canonical_box_size": rcfg.CANONICAL_BOX_SIZE,
-            "canonical_level": rcfg.CANONICAL_LEVEL,
+            "level_assigner": LevelAssigner(cfg),
             "center_sampling_ratio": rcfg.CENTER_SAMPLING_RATIO,
             "min_center_radius": rcfg.MIN_CENTER_RADIUS,
             "ignore_sampling_ratio": rcfg.IGNORE_SAMPLING_RATIO,
@@ -204,12 +197,6 @@ class RefinementModule(nn.Module):
         ]
         return Boxes.cat(anchors), torch.cat(levels)
 
-    def gt_levels(self, boxes: Tensor) -> Tensor:
-        """``(M, 4)`` GT boxes -> ``(M,)`` the level each one is assigned to."""
-        return canonical_levels(
-            boxes, self.canonical_box_size, self.canonical_level, self.levels[0], self.levels[-1]
-        )
-
     def _inside_shrunk_gt(
         self, centers: Tensor, strides: Tensor, gt: Tensor, ratio: float
     ) -> Tensor:
@@ -225,9 +212,10 @@ class RefinementModule(nn.Module):
         self, anchors: Boxes, anchor_levels: Tensor, gt_instances: List[Instances]
     ) -> Tuple[Tensor, Tensor]:
         """
-        Each GT goes to one level by its size; an anchor of that level is positive if its centre
-        lies in the GT shrunk about its centre (the smallest such GT wins), ignored if it is not
-        positive but lies in the GT shrunk to ``ignore_sampling_ratio``, negative otherwise.
+        Each GT trains on the levels whose scale range holds it (``level_assigner``); an anchor
+        of such a level is positive if its centre lies in the GT shrunk about its centre (the
+        smallest such GT wins), ignored if it is not positive but lies in the GT shrunk to
+        ``ignore_sampling_ratio``, negative otherwise.
 
         Args:
             anchors: ``(R, 4)``; anchor_levels: ``(R,)``.
@@ -239,6 +227,7 @@ class RefinementModule(nn.Module):
         """
         centers = anchors.get_centers()
         strides = (2.0 ** anchor_levels.float())[:, None]
+        level_offsets = anchor_levels - self.levels[0]
         gt_labels, matched_boxes = [], []
         for inst in gt_instances:
             gt = inst.gt_boxes.tensor
@@ -247,7 +236,7 @@ class RefinementModule(nn.Module):
                 gt_labels.append(labels)
                 matched_boxes.append(torch.zeros_like(anchors.tensor))
                 continue
-            on_level = anchor_levels[:, None] == self.gt_levels(gt)[None]
+            on_level = self.level_assigner.level_mask(gt).T[level_offsets]  # (R, G)
             inside = self._inside_shrunk_gt(centers, strides, gt, self.center_sampling_ratio)
             area = Boxes(gt).area()[None].expand(len(anchors), -1)
             area = torch.where(inside & on_level, area, torch.full_like(area, float("inf")))

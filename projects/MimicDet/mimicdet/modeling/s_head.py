@@ -1,20 +1,52 @@
 """The S-head: a dense one-stage head whose deformable conv follows the refined boxes."""
 
+import math
 from typing import Dict, List, Optional, Tuple
 
 import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec, cross_entropy
+from detectron2.layers import ShapeSpec, cross_entropy, nonzero_tuple
 from detectron2.modeling.box_regression import Box2BoxTransform, _dense_box_regression_loss
 from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Instances, pairwise_iou
+from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
 from ..layers import GuidedDeformConv
 
-__all__ = ["SHead", "box_aligned_offsets"]
+__all__ = ["SHead", "box_aligned_offsets", "hard_mining_samples"]
+
+_HARD_MINING_RULES = ("top_loss", "positives_first")
+
+
+def hard_mining_samples(
+    losses: Tensor, is_fg: Tensor, batch_size: int, rule: str, neg_pos_ratio: float
+) -> Tensor:
+    """
+    Which of one image's boxes the classification loss is taken over.
+
+    Args:
+        losses: ``(K,)`` each box's classification loss; is_fg: ``(K,)`` bool, foreground boxes.
+        batch_size: ``"top_loss"``: the ``batch_size`` boxes with the highest loss, foreground
+            and background alike (the paper). ``"positives_first"``: every foreground box, then
+            the highest-loss background boxes up to ``batch_size`` in all, but never fewer than
+            ``neg_pos_ratio`` per foreground box (SSD's 3:1), so that a crowded image still
+            trains on background.
+        rule: ``"top_loss"`` or ``"positives_first"``.
+        neg_pos_ratio: the negative floor of ``"positives_first"``.
+
+    Returns:
+        ``(S,)`` int64 indices into the K boxes.
+    """
+    if rule == "top_loss":
+        return losses.topk(min(batch_size, len(losses))).indices
+    fg = nonzero_tuple(is_fg)[0]
+    bg = nonzero_tuple(~is_fg)[0]
+    num_bg = max(batch_size - len(fg), math.ceil(neg_pos_ratio * len(fg)))
+    hard_bg = bg[losses[bg].topk(min(num_bg, len(bg))).indices]
+    return torch.cat([fg, hard_bg])
 
 
 def box_aligned_offsets(
@@ -85,6 +117,8 @@ class SHead(nn.Module):
         detach_guidance: bool,
         iou_threshold: float,
         batch_size_per_image: int,
+        hard_mining: str = "top_loss",
+        neg_pos_ratio: float = 3.0,
         bbox_reg_weights: Tuple[float, float, float, float],
         box_reg_loss_type: str = "smooth_l1",
         box_aligned_guidance: Optional[Dict[str, object]] = None,
@@ -99,8 +133,8 @@ class SHead(nn.Module):
             fc_dim: width of the classification and regression features.
             detach_guidance: stop the S-head's gradient at the refinement's deltas.
             iou_threshold: a refined box is foreground at IoU >= this with a GT.
-            batch_size_per_image: classification samples per image (all positives, then the
-                highest-loss negatives).
+            batch_size_per_image, hard_mining, neg_pos_ratio: which refined boxes of an image
+                the classification loss is taken over (:func:`hard_mining_samples`).
             bbox_reg_weights: :class:`Box2BoxTransform` weights from refined box to output box.
             box_reg_loss_type: ``"smooth_l1"`` (with beta 0: the paper's L1 on the deltas) or
                 ``"giou"`` (on the decoded boxes), as detectron2's box heads.
@@ -114,6 +148,12 @@ class SHead(nn.Module):
         self.kernel_sizes = list(kernel_sizes)
         self.detach_guidance = detach_guidance
         self.batch_size_per_image = batch_size_per_image
+        if hard_mining not in _HARD_MINING_RULES:
+            raise ValueError(
+                f"Unknown S-head hard mining '{hard_mining}'; expected one of {_HARD_MINING_RULES}"
+            )
+        self.hard_mining = hard_mining
+        self.neg_pos_ratio = neg_pos_ratio
 
         self.offset_nets = nn.ModuleDict()
         self.deform_convs = nn.ModuleDict()
@@ -163,6 +203,8 @@ class SHead(nn.Module):
             "detach_guidance": scfg.DETACH_GUIDANCE,
             "iou_threshold": scfg.IOU_THRESHOLD,
             "batch_size_per_image": scfg.BATCH_SIZE_PER_IMAGE,
+            "hard_mining": scfg.HARD_MINING,
+            "neg_pos_ratio": scfg.NEG_POS_RATIO,
             "bbox_reg_weights": scfg.BBOX_REG_WEIGHTS,
             "box_reg_loss_type": scfg.BBOX_REG_LOSS_TYPE,
             "box_aligned_guidance": _box_aligned_guidance(cfg),
@@ -213,17 +255,18 @@ class SHead(nn.Module):
     ) -> Dict[str, Tensor]:
         """
         Each refined box (the refinement's training NMS already removed the easy negatives) is
-        labelled by IoU with the GT; cross-entropy over all positives and the highest-loss
-        negatives up to ``batch_size_per_image`` per image; the box loss (L1 or GIoU) over
-        positives. Both are divided by the number of classification samples in the batch, as
-        detectron2's Fast R-CNN does, so the S-head's and T-head's losses have the same scale.
+        labelled by IoU with the GT; cross-entropy over the boxes :func:`hard_mining_samples`
+        picks per image; the box loss (L1 or GIoU) over all positives. Both are divided by the
+        number of classification samples in the batch, as detectron2's Fast R-CNN does, so the
+        S-head's and T-head's losses have the same scale. The sampled foreground and background
+        counts per image go to the event storage (``s_head/num_fg_samples``, ``num_bg_samples``).
 
         Args:
             refined: per image, Instances with ``proposal_boxes`` and ``anchor_index``.
             pred_logits: ``(N, R, C + 1)``; pred_deltas: ``(N, R, 4)``, flattened over levels.
             gt_instances: per image, with ``gt_boxes`` and ``gt_classes``.
         """
-        cls_losses, box_losses, num_samples = [], [], 0
+        cls_losses, box_losses, num_fg, num_bg = [], [], 0, 0
         for inst, logits, deltas, gt in zip(refined, pred_logits, pred_deltas, gt_instances):
             logits, deltas = logits[inst.anchor_index], deltas[inst.anchor_index]
             labels = torch.full_like(inst.anchor_index, self.num_classes)
@@ -246,11 +289,17 @@ class SHead(nn.Module):
                     )
                 )
             ce = cross_entropy(logits, labels, reduction="none")
-            num_neg = max(self.batch_size_per_image - int(fg.sum()), 0)
-            hard_neg = ce[~fg].topk(min(num_neg, int((~fg).sum()))).values
-            cls_losses += [ce[fg].sum(), hard_neg.sum()]
-            num_samples += int(fg.sum()) + len(hard_neg)
-        normalizer = max(num_samples, 1)
+            picked = hard_mining_samples(
+                ce, fg, self.batch_size_per_image, self.hard_mining, self.neg_pos_ratio
+            )
+            cls_losses.append(ce[picked].sum())
+            picked_fg = int(fg[picked].sum())
+            num_fg += picked_fg
+            num_bg += len(picked) - picked_fg
+        storage = get_event_storage()
+        storage.put_scalar("s_head/num_fg_samples", num_fg / len(refined))
+        storage.put_scalar("s_head/num_bg_samples", num_bg / len(refined))
+        normalizer = max(num_fg + num_bg, 1)
         loss_box = torch.stack(box_losses).sum() if box_losses else pred_deltas.sum() * 0.0
         return {
             "loss_s_cls": torch.stack(cls_losses).sum() / normalizer,

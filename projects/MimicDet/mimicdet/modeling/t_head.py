@@ -1,21 +1,21 @@
 """The T-head: a two-stage head on sparse refined boxes, used in training only."""
 
 import math
+import re
 from typing import Dict, List, Tuple
 
-import fvcore.nn.weight_init as weight_init
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cat, nonzero_tuple
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.poolers import ROIPooler, convert_boxes_to_pooler_format
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, ROIHeads
+from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.structures import Boxes, Instances
-from torch import Tensor, nn
+from torch import Tensor
 
-from .refinement import canonical_levels
+from .level_assignment import LevelAssigner
 
 __all__ = ["MimicTHead"]
 
@@ -24,8 +24,9 @@ __all__ = ["MimicTHead"]
 class MimicTHead(ROIHeads):
     """
     Samples refined boxes with detectron2's ``label_and_sample_proposals``, pools each one 7x7
-    from its own level (one finer than the S-head's level when staggered), then runs two paths:
-    classification fc-fc-fc(C + 1) and regression 4 x conv3x3 - fc (the regression feature) - fc4
+    from its own level (one finer than the S-head's level when staggered), then runs two paths,
+    each a detectron2 :class:`FastRCNNConvFCHead`: classification fc-fc (``cls_head``), then
+    fc(C + 1), and regression 4 x conv3x3 - fc (``reg_head``, the regression feature), then fc4
     (class-agnostic deltas). Returns the sampled boxes with the teacher's logits and regression
     features for the mimic loss.
     """
@@ -36,8 +37,7 @@ class MimicTHead(ROIHeads):
         *,
         pool_levels: List[int],
         staggered: bool,
-        canonical_box_size: float,
-        canonical_level: int,
+        level_assigner: LevelAssigner,
         in_channels: int,
         pooler_resolution: int,
         pooler_type: str,
@@ -58,8 +58,8 @@ class MimicTHead(ROIHeads):
             pool_levels: pyramid levels pooled from, fine to coarse, e.g. ``[2, ..., 6]``
                 (features named ``"p{level}"``).
             staggered: pool a box handled on level k from level k - 1 (else from level k).
-            canonical_box_size, canonical_level: level rule for the appended GT boxes (the same
-                rule the refinement assigns GTs with).
+            level_assigner: the refinement's level rule; an appended GT box is handled on its
+                nearest level.
             in_channels: channels of the pooled features.
             pooler_resolution, pooler_type, pooler_sampling_ratio: as detectron2's ROI box head.
             num_conv, conv_dim: 3x3 convs of the regression path.
@@ -67,8 +67,8 @@ class MimicTHead(ROIHeads):
             bbox_reg_weights, smooth_l1_beta, box_reg_loss_type: class-agnostic box loss of the
                 predictor (:class:`FastRCNNOutputLayers`).
             num_classes: foreground classes ``C``.
-            proposal_append_gt: add the GT boxes to the sampling pool (they get a level by the
-                canonical rule and no anchor location).
+            proposal_append_gt: add the GT boxes to the sampling pool (they get a level by
+                ``level_assigner`` and no anchor location).
             kwargs: the sampling arguments of :class:`ROIHeads`.
         """
         # detectron2's GT appending needs every proposal field on the GT; ours carry levels
@@ -76,30 +76,18 @@ class MimicTHead(ROIHeads):
         self.append_gt = proposal_append_gt
         self.pool_levels = list(pool_levels)
         self.staggered = staggered
-        self.canonical_box_size = canonical_box_size
-        self.canonical_level = canonical_level
+        self.level_assigner = level_assigner
         self.pooler = ROIPooler(
             output_size=pooler_resolution,
             scales=[1.0 / 2**lvl for lvl in self.pool_levels],
             sampling_ratio=pooler_sampling_ratio,
             pooler_type=pooler_type,
         )
-        pooled_dim = in_channels * pooler_resolution**2
-
-        self.cls_fcs = nn.ModuleList()
-        for k in range(num_fc):
-            self.cls_fcs.append(nn.Linear(pooled_dim if k == 0 else fc_dim, fc_dim))
-            weight_init.c2_xavier_fill(self.cls_fcs[-1])
-        self.reg_convs = nn.ModuleList()
-        for k in range(num_conv):
-            self.reg_convs.append(
-                nn.Conv2d(in_channels if k == 0 else conv_dim, conv_dim, kernel_size=3, padding=1)
-            )
-            weight_init.c2_msra_fill(self.reg_convs[-1])
-        self.reg_fc = nn.Linear(
-            (conv_dim if num_conv else in_channels) * pooler_resolution**2, fc_dim
+        pooled = ShapeSpec(channels=in_channels, height=pooler_resolution, width=pooler_resolution)
+        self.cls_head = FastRCNNConvFCHead(pooled, conv_dims=[], fc_dims=[fc_dim] * num_fc)
+        self.reg_head = FastRCNNConvFCHead(
+            pooled, conv_dims=[conv_dim] * num_conv, fc_dims=[fc_dim]
         )
-        weight_init.c2_xavier_fill(self.reg_fc)
         self.box_predictor = FastRCNNOutputLayers(
             ShapeSpec(channels=fc_dim),
             box2box_transform=Box2BoxTransform(weights=bbox_reg_weights),
@@ -120,8 +108,7 @@ class MimicTHead(ROIHeads):
             {
                 "pool_levels": pool_levels,
                 "staggered": staggered,
-                "canonical_box_size": cfg.MODEL.MIMICDET.REFINE.CANONICAL_BOX_SIZE,
-                "canonical_level": cfg.MODEL.MIMICDET.REFINE.CANONICAL_LEVEL,
+                "level_assigner": LevelAssigner(cfg),
                 "in_channels": input_shape[f"p{pool_levels[0]}"].channels,
                 "pooler_resolution": cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION,
                 "pooler_type": cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
@@ -149,6 +136,13 @@ class MimicTHead(ROIHeads):
         Returns:
             ``(M, C, R, R)`` pooled features.
         """
+        unknown = set(pool_levels.unique().tolist()) - set(self.pool_levels)
+        if unknown:
+            # such a box would otherwise be pooled as zeros and train the T-head on nothing
+            raise ValueError(
+                f"Boxes on levels {sorted(unknown)} cannot be pooled: the T-head pools from "
+                f"levels {self.pool_levels} (MODEL.MIMICDET.STAGGERED, REFINE.IN_FEATURES)"
+            )
         rois = convert_boxes_to_pooler_format(boxes)
         out = features[0].new_zeros((len(rois), features[0].shape[1]) + self.pooler.output_size)
         for x, level, pooler in zip(features, self.pool_levels, self.pooler.level_poolers):
@@ -169,14 +163,8 @@ class MimicTHead(ROIHeads):
             [b.proposal_boxes for b in boxes],
             cat([b.levels for b in boxes]) - int(self.staggered),
         )
-        cls_feat = x.flatten(1)
-        for fc in self.cls_fcs:
-            cls_feat = F.relu(fc(cls_feat))
-        reg_feat = x
-        for conv in self.reg_convs:
-            reg_feat = F.relu(conv(reg_feat))
-        reg_feat = F.relu(self.reg_fc(reg_feat.flatten(1)))
-        cls_logits = self.box_predictor.cls_score(cls_feat)
+        reg_feat = self.reg_head(x)
+        cls_logits = self.box_predictor.cls_score(self.cls_head(x))
         return cls_logits, self.box_predictor.bbox_pred(reg_feat), reg_feat
 
     @torch.no_grad()
@@ -199,7 +187,6 @@ class MimicTHead(ROIHeads):
         return list(zip(cls_logits.split(num_per_image), deltas.split(num_per_image)))
 
     def _append_gt(self, proposals: List[Instances], targets: List[Instances]) -> List[Instances]:
-        dense_levels = [lvl + 1 for lvl in self.pool_levels] if self.staggered else self.pool_levels
         out = []
         for props, gt in zip(proposals, targets):
             boxes = gt.gt_boxes.tensor
@@ -207,17 +194,27 @@ class MimicTHead(ROIHeads):
             gt_props.proposal_boxes = gt.gt_boxes
             # probability ~1, as detectron2 gives appended GT boxes
             gt_props.objectness_logits = torch.full_like(boxes[:, 0], math.log(1e10))
-            gt_props.levels = canonical_levels(
-                boxes,
-                self.canonical_box_size,
-                self.canonical_level,
-                dense_levels[0],
-                dense_levels[-1],
-            )
+            gt_props.levels = self.level_assigner.nearest_levels(boxes)
             # no anchor location: GT boxes never enter the mimic loss
             gt_props.anchor_index = torch.full_like(gt_props.levels, -1)
             out.append(Instances.cat([props, gt_props]))
         return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the towers were FastRCNNConvFCHeads name them cls_fcs.{k},
+        # reg_convs.{k} and reg_fc
+        renames = [
+            (r"cls_fcs\.(\d+)\.", lambda m: f"cls_head.fc{int(m.group(1)) + 1}."),
+            (r"reg_convs\.(\d+)\.", lambda m: f"reg_head.conv{int(m.group(1)) + 1}."),
+            (r"reg_fc\.", lambda m: "reg_head.fc1."),
+        ]
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            for pattern, new in renames:
+                m = re.match(pattern, key[len(prefix) :])
+                if m:
+                    state_dict[prefix + new(m) + key[len(prefix) + m.end() :]] = state_dict.pop(key)
+                    break
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(
         self,
