@@ -52,3 +52,41 @@ def test_deploy_checkpoint_is_smaller_and_predicts_identically(cfg, make_inputs,
     assert not any("roi_heads" in w or "fpn_lateral2" in w for w in warnings), warnings
     explained = [r.getMessage() for r in caplog.records if "training-only" in r.getMessage()]
     assert len(explained) == 1
+
+
+def test_converting_a_deploy_checkpoint_again_changes_nothing(cfg, make_inputs, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    WeightsOnlyCheckpointer(model, save_dir=str(tmp_path)).save("full")
+    full, once, twice = (str(tmp_path / f"{n}.pth") for n in ("full", "once", "twice"))
+    for src, dst in ((full, once), (once, twice)):
+        subprocess.run([sys.executable, TOOL, src, dst], capture_output=True, check=True)
+    first = torch.load(once, weights_only=True)["model"]
+    second = torch.load(twice, weights_only=True)["model"]
+    # P3's lateral and output convs are now the finest FPN stage, and inference runs them
+    assert "backbone.fpn_lateral3.weight" in second and "backbone.fpn_output3.weight" in second
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+    inputs = make_inputs(num_images=1, size=96)
+    a = _predict(cfg, once, inputs)[0]["instances"]
+    b = _predict(cfg, twice, inputs)[0]["instances"]
+    assert len(a) > 0 and torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+
+
+def test_a_deploy_checkpoint_missing_an_inference_weight_is_reported(cfg, tmp_path, caplog):
+    """Only the training-only modules' absence is explained away; any other gap is a warning."""
+    torch.manual_seed(0)
+    WeightsOnlyCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("full")
+    deploy = str(tmp_path / "deploy.pth")
+    subprocess.run([sys.executable, TOOL, str(tmp_path / "full.pth"), deploy], check=True)
+    checkpoint = torch.load(deploy, weights_only=True)
+    del checkpoint["model"]["backbone.fpn_lateral3.weight"]
+    del checkpoint["model"]["backbone.bottom_up.res2.0.conv1.weight"]
+    torch.save(checkpoint, deploy)
+    with caplog.at_level(logging.INFO):
+        WeightsOnlyCheckpointer(build_model(cfg).eval()).load(deploy)
+    warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert "backbone.fpn_lateral3.weight" in warnings
+    assert "backbone.bottom_up.res2.0.conv1.weight" in warnings
+    assert "fpn_lateral2" not in warnings and "roi_heads" not in warnings

@@ -5,7 +5,9 @@ Strip a MimicDet checkpoint to what inference runs: no T-head (``roi_heads.*``) 
 
     python tools/convert_to_deploy.py output/model_final.pth output/model_deploy.pth
 
-The result loads with the same config and gives the same inference outputs.
+The result loads with the same config and gives the same inference outputs. It is marked as a
+deploy checkpoint (``"deploy": True``), so converting it again changes nothing: its finest
+remaining FPN stage is one that inference runs.
 """
 
 import argparse
@@ -20,9 +22,12 @@ TRAINING_ONLY_PREFIX = "roi_heads."
 _FPN_BRANCH = re.compile(r"^backbone\.fpn_(lateral|output)(\d+)\.")
 
 
-def training_only_keys(state_dict):
-    """Keys of the T-head and of the finest FPN level's lateral and output convs."""
-    stages = [int(m.group(2)) for m in map(_FPN_BRANCH.match, state_dict) if m]
+def training_only_keys(state_dict, deployed=False):
+    """
+    Keys of the T-head and of the finest FPN level's lateral and output convs; with
+    ``deployed`` (the state dict already went through :func:`convert`) the T-head's only.
+    """
+    stages = [] if deployed else [int(m.group(2)) for m in map(_FPN_BRANCH.match, state_dict) if m]
     finest = min(stages) if stages else None
     return [
         k
@@ -40,10 +45,10 @@ def convert(in_path: str, out_path: str) -> dict:
     """Write the deploy checkpoint; returns sizes (bytes) and parameter counts before and after."""
     checkpoint = torch.load(in_path, map_location="cpu", weights_only=True)
     state_dict = checkpoint.get("model", checkpoint)
-    dropped = set(training_only_keys(state_dict))
+    dropped = set(training_only_keys(state_dict, deployed=checkpoint.get("deploy", False)))
     deploy = {k: v for k, v in state_dict.items() if k not in dropped}
     # an interrupted conversion must not leave a truncated checkpoint behind
-    atomic_write(out_path, lambda f: torch.save({"model": deploy}, f))
+    atomic_write(out_path, lambda f: torch.save({"model": deploy, "deploy": True}, f))
     return {
         "dropped_keys": sorted(dropped),
         "size_before": os.path.getsize(in_path),
