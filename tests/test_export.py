@@ -8,7 +8,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_OPTS, tiny_cfg
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
@@ -105,7 +104,10 @@ def test_torchscript_export_matches_eager_in_a_fresh_process(tmp_path, deploy_ch
 
 
 def test_traced_model_is_tied_to_the_traced_input_size(tmp_path, deploy_checkpoint):
-    """The documented limit: anchors and the feature grid are traced constants."""
+    """
+    A trace gives the eager model's detections for any image of the traced size, and not for
+    another size: the documented limit (anchors and the feature grid are traced constants).
+    """
     cfg = export_model.setup_cfg(
         YAML, list(TINY_OPTS) + TEST_OPTS + ["MODEL.WEIGHTS", deploy_checkpoint]
     )
@@ -115,6 +117,14 @@ def test_traced_model_is_tied_to_the_traced_input_size(tmp_path, deploy_checkpoi
         traced = torch.jit.trace(
             export_model.tracing_adapter(model, image), (image,), check_trace=False
         )
+        same_size = export_model.preprocess(cfg, _image(2, 64, 64))
+        ((boxes, classes, scores),) = _eager(cfg, [same_size])
+        t_boxes, t_classes, t_scores = _traced_fields(traced(same_size))
+        assert len(boxes) > 10
+        torch.testing.assert_close(t_boxes, boxes, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(t_scores, scores, rtol=1e-5, atol=1e-6)
+        assert torch.equal(t_classes, classes)
+
         other = export_model.preprocess(cfg, _image(1, 64, 96))
         boxes = model([{"image": other}])[0]["instances"].pred_boxes.tensor
         t_boxes = _traced_fields(traced(other))[0]
