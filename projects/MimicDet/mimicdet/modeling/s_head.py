@@ -28,13 +28,14 @@ def hard_mining_samples(
     Which of one image's boxes the classification loss is taken over.
 
     Args:
-        losses: ``(K,)`` each box's classification loss; is_fg: ``(K,)`` bool, foreground boxes.
-        batch_size: ``"top_loss"``: the ``batch_size`` boxes with the highest loss, foreground
-            and background alike (the paper). ``"positives_first"``: every foreground box, then
-            the highest-loss background boxes up to ``batch_size`` in all, but never fewer than
+        losses: ``(K,)`` each box's classification loss.
+        is_fg: ``(K,)`` bool, the foreground boxes.
+        batch_size: samples per image.
+        rule: ``"top_loss"``: the ``batch_size`` boxes with the highest loss, foreground and
+            background alike (the paper). ``"positives_first"``: every foreground box, then the
+            highest-loss background boxes up to ``batch_size`` in all, but never fewer than
             ``neg_pos_ratio`` per foreground box (SSD's 3:1), so that a crowded image still
             trains on background.
-        rule: ``"top_loss"`` or ``"positives_first"``.
         neg_pos_ratio: the negative floor of ``"positives_first"``.
 
     Returns:
