@@ -50,5 +50,6 @@ data: setup
 demo: setup
 	$(PY) tools/run_demo.py $(DEMO_ARGS)
 
+# drop the built op (and its stamp) so the next `make setup` rebuilds it, e.g. with FORCE_CUDA=1
 clean-build:
-	rm -rf build projects/MimicDet/mimicdet/_C*.so
+	rm -rf build projects/MimicDet/mimicdet/_C*.so $(STAMPS)/project

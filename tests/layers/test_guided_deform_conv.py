@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from mimicdet.layers import GuidedDeformConv, deform_conv2d
+from mimicdet.layers import GuidedDeformConv, deform_conv2d, deform_conv2d_at
+from mimicdet.layers.guided_deform_conv import BUILT_WITH_CUDA
 
 
 def out_size(size, kernel, stride, pad, dilation):
@@ -276,3 +277,60 @@ def test_torch_export_keeps_the_operator():
     targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
     assert "mimicdet.deform_conv2d.default" in targets
     torch.testing.assert_close(exported.module()(x, offset), layer(x, offset))
+
+
+def test_autocast_bfloat16_computes_in_float32_and_returns_the_input_dtype():
+    """A bf16 activation meets the float32 weight under CPU autocast (what AMP training does)."""
+    x, offset, weight, bias = make_case(2, 8, 6, 9, 11, 3, 1, 1, 1, 2.0, torch.float32, seed=3)
+    x_low = x.detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = deform_conv2d(x_low, offset, weight, bias, padding=1)
+    assert out.dtype == torch.bfloat16
+    # The same op in float32 on the bf16-rounded input, rounded to bf16 at the end.
+    ref = deform_conv2d(x_low.detach().float(), offset, weight, bias, padding=1)
+    torch.testing.assert_close(out, ref.bfloat16(), rtol=0, atol=0)
+    out.float().square().sum().backward()
+    assert x_low.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+    for tensor in (x_low, offset, weight, bias):
+        assert torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(BUILT_WITH_CUDA, reason="this build has CUDA kernels")
+@pytest.mark.parametrize("op_name", ["deform_conv2d", "_deform_conv2d_backward"])
+def test_cuda_tensors_on_a_cpu_only_build_name_the_rebuild_command(op_name):
+    """What a CUDA tensor meets in a library built where no GPU was visible (the CUDA kernel is
+    reached here through the dispatcher with CPU tensors, as a CUDA tensor would reach it)."""
+    args = _good_args()
+    x, offset, weight = args["input"], args["offset"], args["weight"]
+    conv_args = (1, 1, 1, 1, 1, 1)
+    op = getattr(torch.ops.mimicdet, op_name).default
+    if op_name == "deform_conv2d":
+        tensors = (x, offset, weight, None)
+    else:
+        tensors = (torch.ones(2, 5, 7, 9), x, offset, weight)
+    cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    with pytest.raises(RuntimeError, match=r"built without CUDA kernels.*FORCE_CUDA=1"):
+        op.redispatch(cuda_only, *tensors, *conv_args)
+
+
+@pytest.mark.parametrize(
+    "case", PARITY_CASES[:-1] + [(1, 8, 3, 1, 1, 5, 1, 2, 1, 0.7)], ids=lambda c: str(c[:9])
+)
+def test_deform_conv2d_at_equals_the_op_at_those_positions(case):
+    """The sparse form inference uses: any output positions, in any order, with their offsets."""
+    *shape, offset_std = case
+    n, c_in, c_out, h, w, k, stride, pad, dilation = shape
+    x, offset, weight, bias = make_case(*shape, offset_std, torch.float32, seed=sum(case[:9]))
+    with torch.no_grad():
+        dense = deform_conv2d(
+            x, offset, weight, bias, stride=stride, padding=pad, dilation=dilation
+        )
+        grid = torch.meshgrid(*(torch.arange(s) for s in (n, *dense.shape[2:])), indexing="ij")
+        positions = torch.stack(grid, dim=-1).reshape(-1, 3)
+        shuffle = torch.randperm(len(positions), generator=torch.Generator().manual_seed(0))
+        positions = positions[shuffle]
+        image, row, col = positions.unbind(1)
+        sparse = deform_conv2d_at(
+            x, offset[image, :, row, col], weight, bias, positions, stride, pad, dilation
+        )
+    assert_close_rel(sparse, dense[image, :, row, col], name="output")

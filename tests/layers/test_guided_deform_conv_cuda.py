@@ -157,3 +157,92 @@ def test_cuda_gradcheck_float64():
     inputs = _make_case(2, 3, 2, 5, 6, 3, 2, 1, 2, torch.float64, seed=4)
     fn = lambda *t: deform_conv2d(*t, stride=2, padding=1, dilation=2)  # noqa: E731
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+# The S-head at P3 (3x3) and P4 (5x5) of an 800x1333 image, batch 2. Each image's column
+# buffer (150 MB and 102 MB in float32) exceeds the op's 64 MiB budget, so these run in chunks.
+S_HEAD_CASES = [(2, 256, 256, 100, 167, 3), (2, 256, 256, 50, 84, 5)]
+
+
+@pytest.mark.cuda
+@requires_gpu
+@pytest.mark.parametrize("case", S_HEAD_CASES, ids=lambda c: "{}x{}_k{}".format(*c[3:]))
+def test_cuda_matches_torchvision_at_s_head_sizes(case):
+    from mimicdet.layers import deform_conv2d
+
+    n, c_in, c_out, h, w, k = case
+    inputs = _make_case(n, c_in, c_out, h, w, k, 1, k // 2, 1, torch.float32, seed=k)
+    out = deform_conv2d(*inputs, padding=k // 2)
+    ref = torchvision.ops.deform_conv2d(*inputs, padding=k // 2)
+    _assert_close_rel(out, ref, 1e-4, "output")
+    grad_out = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    ref_grads = torch.autograd.grad(ref, inputs, grad_out)
+    for name, grad, ref_grad in zip(("input", "offset", "weight", "bias"), grads, ref_grads):
+        _assert_close_rel(grad, ref_grad, 1e-4, f"grad_{name}")
+
+
+@pytest.mark.cuda
+@requires_gpu
+def test_cuda_float16_at_s_head_size_tracks_float64():
+    """Half precision over 2 x 16,700 positions: grad_weight sums all of them, so it is the one
+    that rounding partial sums to half would spoil."""
+    from mimicdet.layers import deform_conv2d
+
+    inputs = _make_case(2, 256, 64, 100, 167, 3, 1, 1, 1, torch.float64, seed=7)
+    low = [t.detach().half().requires_grad_() for t in inputs]
+    out = deform_conv2d(*low, padding=1)
+    ref = deform_conv2d(*inputs, padding=1)
+    _assert_close_rel(out.double(), ref, 1e-2, "output")
+    grad_out = torch.randn_like(ref) / ref.numel() ** 0.5
+    grads = torch.autograd.grad(out, low, grad_out.half())
+    ref_grads = torch.autograd.grad(ref, inputs, grad_out)
+    for name, grad, ref_grad in zip(("input", "offset", "weight", "bias"), grads, ref_grads):
+        assert torch.isfinite(grad).all(), name
+        _assert_close_rel(grad.double(), ref_grad, 2e-2, f"grad_{name}")
+
+
+@pytest.mark.cuda
+@requires_gpu
+def test_cuda_backward_raises_under_deterministic_algorithms():
+    from mimicdet.layers import deform_conv2d
+
+    inputs = _make_case(1, 4, 4, 6, 6, 3, 1, 1, 1, torch.float32, seed=0)
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = deform_conv2d(*inputs, padding=1)  # the forward has no atomics: allowed
+        with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
+            out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.cuda
+@requires_gpu
+def test_cuda_amp_float16_training_steps_with_grad_scaler(cfg, make_inputs):
+    """What SOLVER.AMP.ENABLED True runs: float16 autocast forward, scaled backward."""
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    cfg.MODEL.DEVICE = "cuda"
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda")
+    start = {name: conv.weight.detach().clone() for name, conv in model.s_head.deform_convs.items()}
+    with EventStorage():
+        for _ in range(3):
+            with torch.autocast("cuda", dtype=torch.float16):
+                losses = model(make_inputs())
+            assert all(torch.isfinite(v) for v in losses.values()), losses
+            scaler.scale(sum(losses.values())).backward()
+            scaler.unscale_(optimizer)
+            for name, param in model.named_parameters():
+                if param.grad is not None:
+                    assert torch.isfinite(param.grad).all(), name
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+    for name, conv in model.s_head.deform_convs.items():
+        assert not torch.equal(conv.weight, start[name]), f"{name} was never updated"

@@ -5,6 +5,10 @@
 offset group. It runs the compiled operator ``torch.ops.mimicdet.deform_conv2d`` (CPU and CUDA
 kernels in ``csrc/``); this module registers its autograd formula and its fake (meta) kernel,
 so the op works under autograd, ``torch.jit.trace``, ``torch.compile`` and ``torch.export``.
+
+Under ``torch.autocast`` (CPU or CUDA) the op computes in float32, as torchvision's does, and
+returns the input's dtype. ``BUILT_WITH_CUDA`` says whether the installed library has CUDA
+kernels; without them a CUDA input raises an error naming the rebuild command.
 """
 
 import math
@@ -14,9 +18,11 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from mimicdet import _C  # noqa: F401  (importing the extension registers torch.ops.mimicdet)
+from mimicdet import _C  # importing the extension registers torch.ops.mimicdet
 
-__all__ = ["deform_conv2d", "GuidedDeformConv"]
+__all__ = ["deform_conv2d", "deform_conv2d_at", "GuidedDeformConv", "BUILT_WITH_CUDA"]
+
+BUILT_WITH_CUDA: bool = _C.BUILT_WITH_CUDA
 
 IntPair = Union[int, Tuple[int, int]]
 
@@ -50,6 +56,8 @@ def _check_tensors(input, offset, weight, bias, stride_hw, pad_hw, dilation_hw):
             raise ValueError(
                 f"deform_conv2d: {name} must be 4-D {layout}, got shape {tuple(tensor.shape)}"
             )
+    # Under autocast the op's autocast kernel casts every tensor to float32 first.
+    autocast = torch.is_autocast_enabled(input.device.type)
     for name, tensor in (("offset", offset), ("weight", weight), ("bias", bias)):
         if tensor is None:
             continue
@@ -57,12 +65,12 @@ def _check_tensors(input, offset, weight, bias, stride_hw, pad_hw, dilation_hw):
             raise ValueError(
                 f"deform_conv2d: {name} is on {tensor.device} but input is on {input.device}"
             )
-        if tensor.dtype != input.dtype:
+        if tensor.dtype != input.dtype and not autocast:
             raise ValueError(
                 f"deform_conv2d: {name} has dtype {tensor.dtype} but input has {input.dtype}"
             )
     supported = _CUDA_DTYPES if input.device.type == "cuda" else _CPU_DTYPES
-    if input.dtype not in supported:
+    if input.dtype not in supported and not autocast:
         raise ValueError(
             f"deform_conv2d: dtype {input.dtype} is not supported on "
             f"{input.device.type}; use one of {supported}"
@@ -136,6 +144,73 @@ def deform_conv2d(
     return torch.ops.mimicdet.deform_conv2d(
         input, offset, weight, bias, *stride_hw, *pad_hw, *dilation_hw
     )
+
+
+def deform_conv2d_at(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    positions: torch.Tensor,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+) -> torch.Tensor:
+    """
+    :func:`deform_conv2d` evaluated at a few output positions only: row ``m`` of the result is
+    ``deform_conv2d(input, full_offset, ...)[n, :, y, x]`` for ``positions[m] = (n, y, x)``
+    whenever ``full_offset[n, :, y, x] == offset[m]``. The same sampling rule (bilinear, zero
+    outside the image, torchvision's ``(dy, dx)`` layout) in plain PyTorch ops: M positions
+    cost M * C_in * kh * kw samples and one ``(M, C_in * kh * kw)`` GEMM, which is what
+    inference needs when only the top-scoring locations are read (MimicDet's S-head).
+
+    Args:
+        input: (N, C_in, H, W).
+        offset: (M, 2 * kh * kw), the offsets of those positions.
+        weight: (C_out, C_in, kh, kw); bias: (C_out,) or None.
+        positions: (M, 3) int64 ``(image, out_row, out_col)``.
+        stride, padding, dilation: as :func:`deform_conv2d`.
+
+    Returns:
+        (M, C_out).
+    """
+    stride_h, stride_w = _as_pair(stride, "stride", 1)
+    pad_h, pad_w = _as_pair(padding, "padding", 0)
+    dil_h, dil_w = _as_pair(dilation, "dilation", 1)
+    n, c_in, height, width = input.shape
+    c_out, _, kh, kw = weight.shape
+    taps = kh * kw
+    if offset.shape != (len(positions), 2 * taps) or positions.shape != (len(positions), 3):
+        raise ValueError(
+            f"deform_conv2d_at: offset shape {tuple(offset.shape)} and positions shape "
+            f"{tuple(positions.shape)} must be (M, {2 * taps}) and (M, 3)"
+        )
+    image, out_y, out_x = positions.unbind(1)
+    tap_y = (torch.arange(kh, device=input.device) * dil_h).repeat_interleave(kw)
+    tap_x = (torch.arange(kw, device=input.device) * dil_w).repeat(kh)
+    offset = offset.view(-1, taps, 2).to(input.dtype)
+    # (M, taps) sampling coordinates, as sample_coord() in csrc/guided_deform_conv_math.h
+    h = (out_y[:, None] * stride_h - pad_h + tap_y).to(input.dtype) + offset[..., 0]
+    w = (out_x[:, None] * stride_w - pad_w + tap_x).to(input.dtype) + offset[..., 1]
+    inside = (h > -1) & (h < height) & (w > -1) & (w < width)
+    h_low, w_low = h.floor(), w.floor()
+    lh, lw = h - h_low, w - w_low
+    h_low, w_low = h_low.long(), w_low.long()
+    pixels = input.permute(0, 2, 3, 1).reshape(-1, c_in)  # (N * H * W, C_in)
+    columns = input.new_zeros(len(positions), taps, c_in)
+    for dy, dx, corner_weight in (
+        (0, 0, (1 - lh) * (1 - lw)),
+        (0, 1, (1 - lh) * lw),
+        (1, 0, lh * (1 - lw)),
+        (1, 1, lh * lw),
+    ):
+        y, x = h_low + dy, w_low + dx
+        valid = inside & (y >= 0) & (y < height) & (x >= 0) & (x < width)
+        flat = (image[:, None] * height + y.clamp(0, height - 1)) * width + x.clamp(0, width - 1)
+        columns += (corner_weight * valid)[..., None] * pixels[flat]
+    # rows in (tap, channel) order, as the columns
+    out = columns.flatten(1) @ weight.permute(0, 2, 3, 1).reshape(c_out, -1).t()
+    return out if bias is None else out + bias
 
 
 @torch.library.register_fake("mimicdet::deform_conv2d")
@@ -222,6 +297,15 @@ class GuidedDeformConv(nn.Module):
     def forward(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         return deform_conv2d(
             x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation
+        )
+
+    def forward_at(
+        self, x: torch.Tensor, offset: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """``forward`` at ``positions`` (M, 3) only, with their offsets (M, 2 * kh * kw);
+        returns (M, C_out). See :func:`deform_conv2d_at`."""
+        return deform_conv2d_at(
+            x, offset, self.weight, self.bias, positions, self.stride, self.padding, self.dilation
         )
 
     def extra_repr(self) -> str:

@@ -1,14 +1,22 @@
-// CUDA kernels of mimicdet::deform_conv2d: per image, an im2col kernel samples the columns
-// (C_in * kh * kw, H_out * W_out) and cuBLAS multiplies them by the weight; backward recomputes
-// the columns for grad_weight, forms their gradient with one GEMM, scatters it into grad_input
-// with atomics (accumulated in opmath precision) and reduces it over channels for grad_offset.
+// CUDA kernels of mimicdet::deform_conv2d. Output positions of one image are processed in chunks
+// whose column buffer (C_in * kh * kw, chunk) fits kColumnBudgetBytes: an im2col kernel samples
+// the chunk's columns and cuBLAS multiplies them by the weight. Backward recomputes the columns
+// for grad_weight (accumulated in float32 whatever the input dtype), forms their gradient with
+// one GEMM, scatters it into grad_input with atomics (accumulated in opmath precision, hence not
+// deterministic) and reduces it over channels for grad_offset.
+//
+// Each thread of the sampling kernels owns one (position, tap) and a block of channels, so the
+// sampling point and its bilinear weights are computed once per (position, tap) and reused for
+// every channel of the block.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/Atomic.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/version.h>
 
 #include <algorithm>
 
@@ -21,6 +29,13 @@ namespace {
 constexpr int kThreads = 256;
 // Grid-stride loops cover any size; more blocks than this only adds scheduling overhead.
 constexpr int64_t kMaxBlocks = 1 << 16;
+// Column buffer per chunk. An unchunked buffer is C_in * kh * kw * H_out * W_out elements
+// (about 150 MB in float32 at P3 of an 800x1333 image, 3x3, C_in = 256); 64 MiB keeps chunks
+// of thousands of positions, large enough for cuBLAS to run at full speed.
+constexpr int64_t kColumnBudgetBytes = 64 << 20;
+// Channels each sampling thread handles for its (position, tap): the point is computed once
+// for all of them, and C_in / 32 blocks still give enough threads at the coarsest level.
+constexpr int64_t kChannelsPerThread = 32;
 
 int grid_size(int64_t total) {
   return static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, kMaxBlocks));
@@ -52,6 +67,20 @@ ConvParams make_params(const at::Tensor& input, const at::Tensor& weight, int64_
   return p;
 }
 
+// Output positions per chunk so that one chunk's columns take at most kColumnBudgetBytes.
+int64_t chunk_positions(const ConvParams& p, int64_t element_size) {
+  const int64_t out_hw = static_cast<int64_t>(p.out_h) * p.out_w;
+  const int64_t column_bytes =
+      std::max<int64_t>(1, p.channels * p.kernel_h * p.kernel_w) * element_size;
+  return std::clamp<int64_t>(kColumnBudgetBytes / column_bytes, 1, std::max<int64_t>(1, out_hw));
+}
+
+// One chunk of one image: positions [p0, p0 + count) of the H_out * W_out output positions.
+struct Chunk {
+  int64_t p0;
+  int64_t count;
+};
+
 // Sample point of kernel tap k at flat output position pos; offset points at one image.
 template <typename scalar_t, typename acc_t>
 __device__ inline BilinearPoint<acc_t> tap_point(const ConvParams& p, const scalar_t* offset,
@@ -77,62 +106,84 @@ __device__ inline void corner_values(const BilinearPoint<acc_t>& pt, const scala
   }
 }
 
-// columns[(c * taps + k) * out_hw + pos] = sample of channel c at tap k of position pos.
+// Thread index -> (channel block, tap, position in chunk), position fastest so that neighbouring
+// threads write neighbouring columns.
+struct SampleTask {
+  int64_t local;
+  int k;
+  int64_t c_begin, c_end;
+};
+
+__device__ inline SampleTask sample_task(int64_t idx, const ConvParams& p, int64_t count) {
+  const int taps = p.kernel_h * p.kernel_w;
+  SampleTask task;
+  task.local = idx % count;
+  task.k = static_cast<int>((idx / count) % taps);
+  task.c_begin = (idx / (count * taps)) * kChannelsPerThread;
+  const int64_t c_end = task.c_begin + kChannelsPerThread;
+  task.c_end = c_end < p.channels ? c_end : p.channels;
+  return task;
+}
+
+// columns[(c * taps + k) * count + local] = sample of channel c at tap k of position p0 + local.
 template <typename scalar_t>
 __global__ void im2col_kernel(int64_t total, const scalar_t* input, const scalar_t* offset,
-                              ConvParams p, scalar_t* columns) {
+                              ConvParams p, Chunk chunk, scalar_t* columns) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t out_hw = static_cast<int64_t>(p.out_h) * p.out_w;
   const int64_t plane_size = static_cast<int64_t>(p.height) * p.width;
   const int taps = p.kernel_h * p.kernel_w;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t pos = idx % out_hw, c = idx / out_hw;
-    const scalar_t* plane = input + c * plane_size;
-    for (int k = 0; k < taps; ++k) {
-      const BilinearPoint<acc_t> pt = tap_point<scalar_t, acc_t>(p, offset, pos, k);
-      acc_t v[4], wt[4];
-      corner_values(pt, plane, p, v);
-      bilinear_weights(pt, wt);
-      columns[(c * taps + k) * out_hw + pos] = static_cast<scalar_t>(bilinear_interp(wt, v));
+    const SampleTask task = sample_task(idx, p, chunk.count);
+    const BilinearPoint<acc_t> pt =
+        tap_point<scalar_t, acc_t>(p, offset, chunk.p0 + task.local, task.k);
+    acc_t wt[4];
+    bilinear_weights(pt, wt);
+    for (int64_t c = task.c_begin; c < task.c_end; ++c) {
+      acc_t v[4];
+      corner_values(pt, input + c * plane_size, p, v);
+      columns[(c * taps + task.k) * chunk.count + task.local] =
+          static_cast<scalar_t>(bilinear_interp(wt, v));
     }
   }
 }
 
-// grad_input[c, corner] += weight * grad_columns[c, k, pos]; atomics because taps overlap.
+// grad_input[c, corner] += weight * grad_columns[c, k, local]; atomics because taps overlap.
 template <typename scalar_t, typename acc_t>
 __global__ void col2im_kernel(int64_t total, const scalar_t* offset,
-                              const scalar_t* grad_columns, ConvParams p, acc_t* grad_input) {
-  const int64_t out_hw = static_cast<int64_t>(p.out_h) * p.out_w;
+                              const scalar_t* grad_columns, ConvParams p, Chunk chunk,
+                              acc_t* grad_input) {
   const int64_t plane_size = static_cast<int64_t>(p.height) * p.width;
   const int taps = p.kernel_h * p.kernel_w;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t pos = idx % out_hw;
-    const int k = static_cast<int>((idx / out_hw) % taps);
-    const int64_t c = idx / (out_hw * taps);
-    const BilinearPoint<acc_t> pt = tap_point<scalar_t, acc_t>(p, offset, pos, k);
+    const SampleTask task = sample_task(idx, p, chunk.count);
+    const BilinearPoint<acc_t> pt =
+        tap_point<scalar_t, acc_t>(p, offset, chunk.p0 + task.local, task.k);
     if (!pt.inside) {
       continue;
     }
     acc_t wt[4];
     bilinear_weights(pt, wt);
-    const acc_t grad = static_cast<acc_t>(grad_columns[idx]);
-    acc_t* plane = grad_input + c * plane_size;
+    for (int64_t c = task.c_begin; c < task.c_end; ++c) {
+      const acc_t grad =
+          static_cast<acc_t>(grad_columns[(c * taps + task.k) * chunk.count + task.local]);
+      acc_t* plane = grad_input + c * plane_size;
 #pragma unroll
-    for (int corner = 0; corner < 4; ++corner) {
-      if (corner_in_image(pt, corner, p.height, p.width)) {
-        gpuAtomicAdd(plane + corner_index(pt, corner, p.width), wt[corner] * grad);
+      for (int corner = 0; corner < 4; ++corner) {
+        if (corner_in_image(pt, corner, p.height, p.width)) {
+          gpuAtomicAdd(plane + corner_index(pt, corner, p.width), wt[corner] * grad);
+        }
       }
     }
   }
 }
 
 // (grad_offset[2k, pos], grad_offset[2k + 1, pos]) = sum over channels of
-// grad_column * d(sample)/d(h, w).
+// grad_column * d(sample)/d(h, w), for the chunk's positions.
 template <typename scalar_t>
 __global__ void offset_grad_kernel(int64_t total, const scalar_t* input, const scalar_t* offset,
-                                   const scalar_t* grad_columns, ConvParams p,
+                                   const scalar_t* grad_columns, ConvParams p, Chunk chunk,
                                    scalar_t* grad_offset) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t out_hw = static_cast<int64_t>(p.out_h) * p.out_w;
@@ -140,13 +191,13 @@ __global__ void offset_grad_kernel(int64_t total, const scalar_t* input, const s
   const int taps = p.kernel_h * p.kernel_w;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t pos = idx % out_hw;
-    const int k = static_cast<int>(idx / out_hw);
+    const int64_t local = idx % chunk.count, pos = chunk.p0 + local;
+    const int k = static_cast<int>(idx / chunk.count);
     const BilinearPoint<acc_t> pt = tap_point<scalar_t, acc_t>(p, offset, pos, k);
     acc_t sums[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
     if (pt.inside) {
       for (int64_t c = 0; c < p.channels; ++c) {
-        const acc_t grad = static_cast<acc_t>(grad_columns[(c * taps + k) * out_hw + pos]);
+        const acc_t grad = static_cast<acc_t>(grad_columns[(c * taps + k) * chunk.count + local]);
         acc_t v[4];
         corner_values(pt, input + c * plane_size, p, v);
 #pragma unroll
@@ -160,6 +211,29 @@ __global__ void offset_grad_kernel(int64_t total, const scalar_t* input, const s
     grad_offset[(2 * k) * out_hw + pos] = static_cast<scalar_t>(dh);
     grad_offset[(2 * k + 1) * out_hw + pos] = static_cast<scalar_t>(dw);
   }
+}
+
+// Threads of the sampling kernels for one chunk: (channel blocks, taps, positions).
+int64_t sample_threads(const ConvParams& p, int64_t count) {
+  const int64_t channel_blocks = (p.channels + kChannelsPerThread - 1) / kChannelsPerThread;
+  return channel_blocks * p.kernel_h * p.kernel_w * count;
+}
+
+// grad_weight_acc (float32 or float64) += grad_slice @ columns^T. Half-precision operands are
+// multiplied into a float32 product, so neither the GEMM's sum nor the per-chunk partial result
+// is rounded to half before it is accumulated.
+void accumulate_weight_grad(at::Tensor& grad_weight_acc, const at::Tensor& grad_slice,
+                            const at::Tensor& columns) {
+  if (grad_slice.scalar_type() == grad_weight_acc.scalar_type()) {
+    grad_weight_acc.addmm_(grad_slice, columns.t());
+    return;
+  }
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+  grad_weight_acc.add_(at::mm(grad_slice, columns.t(), grad_weight_acc.scalar_type()));
+#else
+  grad_weight_acc.addmm_(grad_slice.to(grad_weight_acc.scalar_type()),
+                         columns.t().to(grad_weight_acc.scalar_type()));
+#endif
 }
 
 }  // namespace
@@ -178,24 +252,34 @@ at::Tensor deform_conv2d_forward_cuda(const at::Tensor& input, const at::Tensor&
   const int64_t batch = input.size(0), out_channels = weight.size(0);
   const int64_t taps = p.kernel_h * p.kernel_w, out_hw = static_cast<int64_t>(p.out_h) * p.out_w;
   at::Tensor output = at::empty({batch, out_channels, p.out_h, p.out_w}, input.options());
+  if (output.numel() == 0) {
+    return output;
+  }
   const at::Tensor input_c = input.contiguous(), offset_c = offset.contiguous();
   const at::Tensor weight2d = weight.reshape({out_channels, p.channels * taps});
   at::Tensor out2d = output.view({batch, out_channels, out_hw});
-  at::Tensor columns = at::empty({p.channels * taps, out_hw}, input.options());
-  const int64_t total = p.channels * out_hw;
+  const int64_t chunk_size = chunk_positions(p, input.element_size());
+  at::Tensor columns = at::empty({p.channels * taps * chunk_size}, input.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "mimicdet_deform_conv2d_cuda", [&] {
         for (int64_t n = 0; n < batch; ++n) {
-          if (total > 0) {
+          for (int64_t p0 = 0; p0 < out_hw; p0 += chunk_size) {
+            const Chunk chunk{p0, std::min(chunk_size, out_hw - p0)};
+            at::Tensor cols =
+                columns.narrow(0, 0, p.channels * taps * chunk.count).view({-1, chunk.count});
+            const int64_t total = sample_threads(p, chunk.count);
             im2col_kernel<scalar_t><<<grid_size(total), kThreads, 0, stream>>>(
                 total, input_c[n].const_data_ptr<scalar_t>(),
-                offset_c[n].const_data_ptr<scalar_t>(), p, columns.mutable_data_ptr<scalar_t>());
+                offset_c[n].const_data_ptr<scalar_t>(), p, chunk,
+                cols.mutable_data_ptr<scalar_t>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
+            // A column slice of the (C_out, H_out * W_out) output: cuBLAS writes it in place
+            // with leading dimension H_out * W_out.
+            at::Tensor out_slice = out2d[n].narrow(1, p0, chunk.count);
+            at::mm_out(out_slice, weight2d, cols);
           }
-          at::Tensor out_n = out2d[n];
-          at::mm_out(out_n, weight2d, columns);
         }
       });
   if (bias.has_value()) {
@@ -213,6 +297,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_cuda(
   TORCH_CHECK(input.is_cuda() && grad_output.device() == input.device(),
               "deform_conv2d_backward_cuda: grad_output (", grad_output.device(),
               ") and input (", input.device(), ") must be on one CUDA device");
+  // The atomicAdd scatter into grad_input sums in a run-dependent order, like torch's own
+  // scatter-add kernels: raise (or warn) under torch.use_deterministic_algorithms(True).
+  at::globalContext().alertNotDeterministic("mimicdet::deform_conv2d backward (CUDA)");
   const c10::cuda::CUDAGuard guard(input.device());
   const ConvParams p = make_params(input, weight, stride_h, stride_w, pad_h, pad_w, dilation_h,
                                    dilation_w);
@@ -226,18 +313,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_cuda(
               "deform_conv2d backward: grad_output dtype ", grad_output.scalar_type(),
               " must match the input dtype ", input.scalar_type());
   const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
+  // Zeros, not empty: an empty batch or output returns them as they are.
+  at::Tensor grad_input = at::zeros(input.sizes(), input.options());
+  at::Tensor grad_offset = at::zeros(offset.sizes(), offset.options());
+  at::Tensor grad_weight_acc =
+      at::zeros({out_channels, p.channels * taps}, weight.options().dtype(acc_type));
+  if (batch == 0 || out_hw == 0) {
+    return {grad_input, grad_offset, grad_weight_acc.to(weight.scalar_type()).view(weight.sizes())};
+  }
   const at::Tensor input_c = input.contiguous(), offset_c = offset.contiguous();
   const at::Tensor weight2d = weight.reshape({out_channels, p.channels * taps});
   const at::Tensor grad2d = grad_output.contiguous().view({batch, out_channels, out_hw});
-  at::Tensor grad_input = at::empty(input.sizes(), input.options());
-  at::Tensor grad_offset = at::empty(offset.sizes(), offset.options());
-  at::Tensor grad_weight_acc =
-      at::zeros({out_channels, p.channels * taps}, weight.options().dtype(acc_type));
+  // grad_input of one image in opmath precision, so half-precision atomics do not lose sums.
   at::Tensor grad_input_acc =
       at::empty({p.channels, p.height, p.width}, input.options().dtype(acc_type));
-  at::Tensor columns = at::empty({p.channels * taps, out_hw}, input.options());
-  const int64_t sample_total = p.channels * out_hw, column_total = sample_total * taps;
-  const int64_t offset_total = taps * out_hw;
+  const int64_t chunk_size = chunk_positions(p, input.element_size());
+  at::Tensor columns = at::empty({p.channels * taps * chunk_size}, input.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -246,29 +337,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_cuda(
         for (int64_t n = 0; n < batch; ++n) {
           const scalar_t* input_n = input_c[n].const_data_ptr<scalar_t>();
           const scalar_t* offset_n = offset_c[n].const_data_ptr<scalar_t>();
-          const at::Tensor grad_n = grad2d[n];
-          if (sample_total > 0) {
-            im2col_kernel<scalar_t><<<grid_size(sample_total), kThreads, 0, stream>>>(
-                sample_total, input_n, offset_n, p, columns.mutable_data_ptr<scalar_t>());
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          }
-          grad_weight_acc.add_(at::mm(grad_n, columns.t()));
-          // The sampled columns are no longer needed: reuse their buffer for their gradient.
-          at::mm_out(columns, weight2d.t(), grad_n);
           grad_input_acc.zero_();
-          if (column_total > 0) {
-            col2im_kernel<scalar_t, acc_t><<<grid_size(column_total), kThreads, 0, stream>>>(
-                column_total, offset_n, columns.const_data_ptr<scalar_t>(), p,
+          for (int64_t p0 = 0; p0 < out_hw; p0 += chunk_size) {
+            const Chunk chunk{p0, std::min(chunk_size, out_hw - p0)};
+            at::Tensor cols =
+                columns.narrow(0, 0, p.channels * taps * chunk.count).view({-1, chunk.count});
+            const at::Tensor grad_slice = grad2d[n].narrow(1, p0, chunk.count);
+            const int64_t sample_total = sample_threads(p, chunk.count);
+            im2col_kernel<scalar_t><<<grid_size(sample_total), kThreads, 0, stream>>>(
+                sample_total, input_n, offset_n, p, chunk, cols.mutable_data_ptr<scalar_t>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            accumulate_weight_grad(grad_weight_acc, grad_slice, cols);
+            // The sampled columns are no longer needed: reuse their buffer for their gradient.
+            at::mm_out(cols, weight2d.t(), grad_slice);
+            col2im_kernel<scalar_t, acc_t><<<grid_size(sample_total), kThreads, 0, stream>>>(
+                sample_total, offset_n, cols.const_data_ptr<scalar_t>(), p, chunk,
                 grad_input_acc.mutable_data_ptr<acc_t>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
-          }
-          grad_input[n].copy_(grad_input_acc);
-          if (offset_total > 0) {
+            const int64_t offset_total = taps * chunk.count;
             offset_grad_kernel<scalar_t><<<grid_size(offset_total), kThreads, 0, stream>>>(
-                offset_total, input_n, offset_n, columns.const_data_ptr<scalar_t>(), p,
+                offset_total, input_n, offset_n, cols.const_data_ptr<scalar_t>(), p, chunk,
                 grad_offset[n].mutable_data_ptr<scalar_t>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           }
+          grad_input[n].copy_(grad_input_acc);
         }
       });
   at::Tensor grad_weight = grad_weight_acc.to(weight.scalar_type()).view(weight.sizes());

@@ -2,6 +2,7 @@
 // module `mimicdet._C` (or torch.ops.load_library on it) runs these static registrations.
 #include <torch/extension.h>
 #include <torch/library.h>
+#include <ATen/autocast_mode.h>
 
 #include "guided_deform_conv.h"
 #include "guided_deform_conv_math.h"
@@ -75,18 +76,90 @@ TORCH_LIBRARY(mimicdet, m) {
       "-> (Tensor, Tensor, Tensor)");
 }
 
+namespace mimicdet {
+namespace {
+
+// Autocast: the kernels compute in float32 (as torchvision's deform_conv2d does under autocast),
+// so a half-precision input meeting a float32 weight is cast up instead of failing the dtype
+// check, and the result is returned in the input's dtype for the next autocast op.
+template <c10::DispatchKey autocast_key, c10::DeviceType device_type>
+at::Tensor deform_conv2d_autocast(const at::Tensor& input, const at::Tensor& offset,
+                                  const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                  int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
+                                  int64_t dilation_h, int64_t dilation_w) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mimicdet::deform_conv2d", "")
+                       .typed<decltype(deform_conv2d_forward_cpu)>();
+  const auto to_float = [](const at::Tensor& t) {
+    return at::autocast::cached_cast(at::kFloat, t, device_type);
+  };
+  const std::optional<at::Tensor> bias_float =
+      bias.has_value() ? std::optional<at::Tensor>(to_float(*bias)) : std::nullopt;
+  return op.call(to_float(input), to_float(offset), to_float(weight), bias_float, stride_h,
+                 stride_w, pad_h, pad_w, dilation_h, dilation_w)
+      .to(input.scalar_type());
+}
+
+#ifndef WITH_CUDA
+// Registered for the CUDA key in a CPU-only build, so that a CUDA tensor gets a message saying
+// how to rebuild instead of the dispatcher's "could not run ... with arguments from the CUDA
+// backend".
+constexpr const char* kBuiltWithoutCuda =
+    "mimicdet::deform_conv2d got CUDA tensors, but the installed mimicdet._C was built without "
+    "CUDA kernels (no GPU was visible when it was built). Rebuild it where nvcc is installed: "
+    "`make clean-build && FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=\"8.0;9.0\" make setup` (or "
+    "`FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=\"8.0;9.0\" pip install --no-deps --no-build-isolation "
+    "-e .`), listing the compute capabilities of your GPUs.";
+
+at::Tensor forward_without_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const std::optional<at::Tensor>&, int64_t, int64_t, int64_t,
+                                int64_t, int64_t, int64_t) {
+  TORCH_CHECK(false, kBuiltWithoutCuda);
+  return {};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_without_cuda(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+    int64_t, int64_t, int64_t, int64_t) {
+  TORCH_CHECK(false, kBuiltWithoutCuda);
+  return {};
+}
+#endif
+
+}  // namespace
+}  // namespace mimicdet
+
 TORCH_LIBRARY_IMPL(mimicdet, CPU, m) {
   m.impl("deform_conv2d", &mimicdet::deform_conv2d_forward_cpu);
   m.impl("_deform_conv2d_backward", &mimicdet::deform_conv2d_backward_cpu);
 }
 
-#ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(mimicdet, CUDA, m) {
+#ifdef WITH_CUDA
   m.impl("deform_conv2d", &mimicdet::deform_conv2d_forward_cuda);
   m.impl("_deform_conv2d_backward", &mimicdet::deform_conv2d_backward_cuda);
-}
+#else
+  m.impl("deform_conv2d", &mimicdet::forward_without_cuda);
+  m.impl("_deform_conv2d_backward", &mimicdet::backward_without_cuda);
 #endif
+}
+
+TORCH_LIBRARY_IMPL(mimicdet, AutocastCPU, m) {
+  m.impl("deform_conv2d", &mimicdet::deform_conv2d_autocast<c10::DispatchKey::AutocastCPU,
+                                                            c10::DeviceType::CPU>);
+}
+
+TORCH_LIBRARY_IMPL(mimicdet, AutocastCUDA, m) {
+  m.impl("deform_conv2d", &mimicdet::deform_conv2d_autocast<c10::DispatchKey::AutocastCUDA,
+                                                            c10::DeviceType::CUDA>);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mimicdet compiled ops; use them through torch.ops.mimicdet or mimicdet.layers";
+#ifdef WITH_CUDA
+  m.attr("BUILT_WITH_CUDA") = true;
+#else
+  m.attr("BUILT_WITH_CUDA") = false;
+#endif
 }
