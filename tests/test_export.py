@@ -127,14 +127,25 @@ def test_traced_model_is_tied_to_the_traced_input_size(tmp_path, deploy_checkpoi
 
         other = export_model.preprocess(cfg, _image(1, 64, 96))
         boxes = model([{"image": other}])[0]["instances"].pred_boxes.tensor
-        t_boxes = _traced_fields(traced(other))[0]
+        try:
+            t_boxes = _traced_fields(traced(other))[0]
+        except RuntimeError:  # an anchor index past the traced grid: refusing is fine too
+            return
     assert t_boxes.shape != boxes.shape or not torch.allclose(t_boxes, boxes)
 
 
-def test_onnx_export_names_the_op_without_a_mapping(tmp_path, deploy_checkpoint):
+def test_the_deploy_trace_runs_no_custom_op(deploy_checkpoint):
+    """Inference evaluates the S-head's deformable conv at the top refined boxes with plain
+    ATen ops, so a deploy graph (TorchScript, ONNX) needs no mapping of mimicdet's op."""
     cfg = export_model.setup_cfg(
         YAML, list(TINY_OPTS) + TEST_OPTS + ["MODEL.WEIGHTS", deploy_checkpoint]
     )
     image = export_model.preprocess(cfg, _image(0, 64, 64))
-    with pytest.raises(Exception, match="mimicdet::deform_conv2d|deform_conv2d"):
-        export_model.export(cfg, image, "onnx", str(tmp_path / "onnx"))
+    model = export_model.build_deploy_model(cfg)
+    with torch.no_grad():
+        traced = torch.jit.trace(
+            export_model.tracing_adapter(model, image), (image,), check_trace=False
+        )
+    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+    assert any(kind.startswith("aten::") for kind in kinds)
+    assert not [kind for kind in kinds if kind.startswith("mimicdet::")]

@@ -17,9 +17,10 @@ library registered::
 
 Limits: one image per call (the batch size is traced), and the padded input shape is traced too
 (anchors, feature grids, clipping): feed images of the sample image's size after resizing. The
-data-dependent parts (score threshold, top-k, NMS, number of detections) stay dynamic. ONNX has no
-mapping for the op ``mimicdet::deform_conv2d``, so ``--format onnx`` fails with torch's
-``UnsupportedOperatorError`` naming it.
+data-dependent parts (score threshold, top-k, NMS, number of detections) stay dynamic. At another
+size the trace fails or returns other boxes. Inference evaluates the S-head's deformable conv at
+the top refined boxes with plain ATen ops, so the traced graph holds no ``mimicdet::`` op;
+``--format onnx`` needs the ``onnx`` package, which ``make setup`` does not install (untested).
 """
 
 import argparse

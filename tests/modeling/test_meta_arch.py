@@ -226,3 +226,58 @@ def test_mimic_loss_reads_the_s_head_at_each_sampled_boxs_anchor_location(
             torch.testing.assert_close(student_reg[n, idx], level_reg[k][n, :, row, col])
             checked += 1
     assert checked > 0
+
+
+def test_training_step_under_bfloat16_autocast_has_finite_losses_and_gradients(cfg, make_inputs):
+    """AMP as detectron2's AMPTrainer runs it (forward under autocast, backward outside), on the
+    CPU with bfloat16; the S-head's deformable convs get half-precision inputs there."""
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    with EventStorage():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = model(make_inputs())
+        assert set(losses) == ALL_LOSSES
+        for name, value in losses.items():
+            assert value.dtype == torch.float32 and torch.isfinite(value), (name, value)
+        sum(losses.values()).backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    for name, conv in model.s_head.deform_convs.items():
+        assert conv.weight.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("box_aligned", [False, True])
+def test_inference_reads_the_s_head_at_the_top_refined_boxes_as_the_dense_head_would(
+    cfg, make_inputs, box_aligned
+):
+    """Inference evaluates the S-head at the refined boxes' locations only; the detections
+    must be those of the dense S-head indexed at the same locations."""
+    cfg.MODEL.MIMICDET.S_HEAD.BOX_ALIGNED_OFFSETS = box_aligned
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    # trained-looking offsets, so that the deformable conv samples off the grid
+    for net in model.s_head.offset_nets.values():
+        torch.nn.init.normal_(net[-1].weight, std=0.5)
+    inputs = make_inputs(num_images=2)
+    with torch.no_grad():
+        images = model.preprocess_image(inputs)
+        features = model.backbone(images.tensor)
+        results = model.forward_inference(images, features)
+        anchors, levels, objectness, deltas, s_logits, s_deltas, _ = model._dense_forward(features)
+        refined = model.refinement.refined_boxes(
+            anchors, levels, objectness, deltas, images.image_sizes
+        )
+        expected = [
+            model.inference_single_image(r, logits[r.anchor_index], box_deltas[r.anchor_index])
+            for r, logits, box_deltas in zip(refined, s_logits, s_deltas)
+        ]
+    assert {int(lvl) for r in refined for lvl in r.levels.unique()} == {3, 4, 5, 6, 7}
+    for result, reference in zip(results, expected):
+        assert len(reference) > 0
+        torch.testing.assert_close(result.scores, reference.scores, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            result.pred_boxes.tensor, reference.pred_boxes.tensor, rtol=1e-4, atol=1e-3
+        )
+        assert torch.equal(result.pred_classes, reference.pred_classes)

@@ -1,7 +1,7 @@
 """MimicDet: a one-stage detector whose dense S-head mimics a training-only two-stage T-head."""
 
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -275,15 +275,26 @@ class MimicDet(DenseDetector):
         return {k: v * self.loss_weights.get(k, 1.0) for k, v in losses.items()}
 
     def forward_inference(self, images: ImageList, features: Dict[str, Tensor]) -> List[Instances]:
-        anchors, anchor_levels, objectness, refine_deltas, s_logits, s_deltas, _ = (
-            self._dense_forward(features)
-        )
+        # The refinement runs densely; the S-head only where its output is read, at the top
+        # refined boxes' locations (the same values as the dense S-head there, see tests).
+        dense = [features[f] for f in self.head_in_features]
+        anchors, anchor_levels = self.refinement.anchors(dense)
+        objectness_maps, delta_maps = self.refinement(dense)
+        objectness, refine_deltas = [
+            cat(x, dim=1)
+            for x in self._transpose_dense_predictions([objectness_maps, delta_maps], [1, 4])
+        ]
         refined = self.refinement.refined_boxes(
-            anchors, anchor_levels, objectness, refine_deltas, images.image_sizes
+            anchors, anchor_levels, objectness.squeeze(2), refine_deltas, images.image_sizes
         )
+        positions, order = _level_positions(refined, anchor_levels, dense, self.refinement.levels)
+        s_logits, s_deltas = self.s_head.forward_at(dense, delta_maps, positions)
+        # back to the refined boxes' order; sizes stay tensors so that a trace keeps them dynamic
+        s_logits, s_deltas = s_logits[order], s_deltas[order]
+        image = cat([torch.full_like(r.anchor_index, i) for i, r in enumerate(refined)])
         return [
-            self.inference_single_image(r, logits[r.anchor_index], deltas[r.anchor_index])
-            for r, logits, deltas in zip(refined, s_logits, s_deltas)
+            self.inference_single_image(r, s_logits[image == i], s_deltas[image == i])
+            for i, r in enumerate(refined)
         ]
 
     def inference_single_image(
@@ -309,6 +320,31 @@ class MimicDet(DenseDetector):
             scores=scores[keep],
             pred_classes=classes[keep],
         )
+
+
+def _level_positions(
+    refined: List[Instances], anchor_levels: Tensor, features: List[Tensor], levels: List[int]
+) -> Tuple[List[Tensor], Tensor]:
+    """
+    The ``(image, row, col)`` of every refined box's anchor, grouped by pyramid level (one
+    anchor per location, flattened level by level, row-major, as the dense predictions), and
+    the permutation that puts level-grouped rows back in the boxes' order (images concatenated).
+    """
+    sizes = [f.shape[2] * f.shape[3] for f in features]
+    assert len(anchor_levels) == sum(sizes), "the S-head reads one anchor per location"
+    level_start = torch.tensor([0] + sizes[:-1], device=anchor_levels.device).cumsum(0)
+    index = cat([r.anchor_index for r in refined])
+    image = cat([torch.full_like(r.anchor_index, i) for i, r in enumerate(refined)])
+    level = anchor_levels[index] - levels[0]
+    positions, grouped = [], []
+    for i, feature in enumerate(features):
+        rows = nonzero_tuple(level == i)[0]
+        within = index[rows] - level_start[i]
+        width = feature.shape[3]
+        positions.append(torch.stack([image[rows], within // width, within % width], dim=1))
+        grouped.append(rows)
+    # the inverse permutation, as a tensor op (len() would be a constant in a trace)
+    return positions, torch.argsort(cat(grouped))
 
 
 def _check_training_levels(backbone: Backbone, t_head: Optional[nn.Module], head_in_features):

@@ -25,8 +25,9 @@ def cosine_mimic_loss(student: Tensor, teacher: Tensor) -> Tensor:
         a scalar; 0 (still connected to ``student``) when ``M == 0``.
     """
     if student.numel() == 0:
-        return student.sum() * 0.0
-    return (1.0 - F.cosine_similarity(student, teacher, dim=1)).mean()
+        return student.sum().float() * 0.0
+    # In float32, like detectron2's other losses, whatever precision autocast gave the features.
+    return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=1)).mean()
 
 
 def sample_mimic_boxes(instances: List[Instances], num_per_image: int) -> List[Instances]:

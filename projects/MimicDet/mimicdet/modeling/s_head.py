@@ -238,6 +238,32 @@ class SHead(nn.Module):
             reg_feats.append(reg_feat)
         return logits, deltas, reg_feats
 
+    def forward_at(
+        self, features: List[Tensor], guidance: List[Tensor], positions: List[Tensor]
+    ) -> Tuple[Tensor, Tensor]:
+        """
+        :meth:`forward`'s logits and deltas at a few locations only (inference reads the S-head
+        at the refinement's top boxes alone, a few percent of the locations at COCO scale).
+
+        Args:
+            features, guidance: as :meth:`forward`.
+            positions: per level ``(M_i, 3)`` int64 ``(image, row, col)``.
+
+        Returns:
+            class logits ``(M, C + 1)`` and box deltas ``(M, 4)``, rows in the order of the
+            levels' positions concatenated.
+        """
+        logits, deltas = [], []
+        for x, g, k, pos in zip(features, guidance, self.kernel_sizes, positions):
+            g = g[pos[:, 0], :, pos[:, 1], pos[:, 2]][:, :, None, None]  # (M, 4, 1, 1)
+            offset = self.offset_nets[f"k{k}"](g)
+            if self.box_aligned_guidance is not None:
+                offset = offset + box_aligned_offsets(g, k, **self.box_aligned_guidance)
+            t = F.relu(self.deform_convs[f"k{k}"].forward_at(x, offset.flatten(1), pos))
+            logits.append(_conv1x1(self.cls_score, F.relu(_conv1x1(self.cls_fc, t))))
+            deltas.append(_conv1x1(self.bbox_pred, F.relu(_conv1x1(self.reg_fc, t))))
+        return torch.cat(logits), torch.cat(deltas)
+
     def predict(
         self, refined_boxes: Tensor, pred_logits: Tensor, pred_deltas: Tensor
     ) -> Tuple[Tensor, Tensor]:
@@ -306,6 +332,11 @@ class SHead(nn.Module):
             "loss_s_cls": torch.stack(cls_losses).sum() / normalizer,
             "loss_s_box": loss_box / normalizer,
         }
+
+
+def _conv1x1(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A 1x1 conv applied to ``(M, C_in)`` rows, i.e. to M single locations."""
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
 
 
 def _box_aligned_guidance(cfg) -> Optional[Dict[str, object]]:
