@@ -11,7 +11,11 @@ pip-installs the result as an ordinary, non-editable package without the `detect
 A detectron2 that is already importable and was not installed by this script (for example one a
 user built from source with its C++/CUDA ops) is left alone.
 
-Usage: python dev/install_detectron2.py [--force]
+With --wheel-dir DIR it installs nothing and instead writes the patched source as a pure-Python
+wheel (py3-none-any, model-zoo configs included) into DIR, for a machine that cannot download it
+(tools/gpu_check.sh --prepare); the wheel is checked by importing it from a scratch folder.
+
+Usage: python dev/install_detectron2.py [--force | --wheel-dir DIR]
 """
 import argparse
 import hashlib
@@ -21,6 +25,8 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
+import zipfile
 from pathlib import Path
 
 SDIST_REQUIREMENT = "pb1-detectron2==0.6"
@@ -209,10 +215,61 @@ def apply_patches(source):
     log(f"applied {len(PATCHES)} compatibility fixes")
 
 
+# Files a wheel must hold: the model zoo reads its configs from inside the package.
+WHEEL_MUST_HOLD = (
+    "detectron2/model_zoo/configs/Base-RetinaNet.yaml",
+    "detectron2/model_zoo/configs/common/train.py",
+    "detectron2/_C_missing.py",
+    f"detectron2/{RECIPE_MARKER}",
+)
+
+
+def build_wheel(wheel_dir):
+    """Writes the patched detectron2 as a py3-none-any wheel into ``wheel_dir``; returns it."""
+    wheel_dir = Path(wheel_dir).resolve()
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    for old in wheel_dir.glob("detectron2-*.whl"):  # two versions would break a later install
+        old.unlink()
+    source = unpack(download_sdist())
+    apply_patches(source)
+    log(f"building a pure-Python wheel into {wheel_dir}")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation"]
+        + ["--wheel-dir", str(wheel_dir), str(source)],
+        check=True,
+    )
+    (wheel,) = wheel_dir.glob("detectron2-*.whl")
+    if not wheel.name.endswith("-py3-none-any.whl"):
+        sys.exit(f"{wheel.name}: expected a pure-Python py3-none-any wheel")
+    with zipfile.ZipFile(wheel) as archive:
+        missing = sorted(set(WHEEL_MUST_HOLD) - set(archive.namelist()))
+    if missing:
+        sys.exit(f"{wheel.name} lacks {missing}")
+    # Imported from a scratch folder, so a detectron2 already in this Python cannot answer for it.
+    with tempfile.TemporaryDirectory() as target:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile"]
+            + ["--target", target, str(wheel)],
+            check=True,
+        )
+        check = SMOKE_TEST + f"assert detectron2.__file__.startswith({target!r})\n"
+        env = dict(os.environ, PYTHONPATH=target)
+        subprocess.run([sys.executable, "-c", check], check=True, cwd=target, env=env)
+    log(f"wrote and verified {wheel}")
+    return wheel
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--force", action="store_true", help="reinstall even if up to date")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--force", action="store_true", help="reinstall even if up to date")
+    group.add_argument(
+        "--wheel-dir", type=Path, help="write a wheel into this folder instead of installing"
+    )
     args = parser.parse_args()
+    if args.wheel_dir is not None:
+        build_wheel(args.wheel_dir)
+        return
 
     installed, recipe = installed_recipe()
     if installed and recipe is None and not args.force:

