@@ -134,6 +134,26 @@ def test_traced_model_is_tied_to_the_traced_input_size(tmp_path, deploy_checkpoi
     assert t_boxes.shape != boxes.shape or not torch.allclose(t_boxes, boxes)
 
 
+def test_a_trace_keeps_the_top_boxes_per_level_dynamic(deploy_checkpoint):
+    """With fewer top refined boxes than anchors (as at COCO scale), how many fall on each level
+    changes from image to image: the trace must not freeze those counts."""
+    opts = TEST_OPTS + ["MODEL.MIMICDET.REFINE.TOPK_TEST", "20"]
+    cfg = export_model.setup_cfg(
+        YAML, list(TINY_OPTS) + opts + ["MODEL.WEIGHTS", deploy_checkpoint]
+    )
+    images = [export_model.preprocess(cfg, _image(seed, 64, 64)) for seed in range(5)]
+    model = export_model.build_deploy_model(cfg)
+    with torch.no_grad():
+        traced = torch.jit.trace(
+            export_model.tracing_adapter(model, images[0]), (images[0],), check_trace=False
+        )
+        for image, (boxes, classes, scores) in zip(images[1:], _eager(cfg, images[1:])):
+            t_boxes, t_classes, t_scores = _traced_fields(traced(image))
+            torch.testing.assert_close(t_boxes, boxes, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(t_scores, scores, rtol=1e-5, atol=1e-6)
+            assert torch.equal(t_classes, classes)
+
+
 def test_the_deploy_trace_runs_no_custom_op(deploy_checkpoint):
     """Inference evaluates the S-head's deformable conv at the top refined boxes with plain
     ATen ops, so a deploy graph (TorchScript, ONNX) needs no mapping of mimicdet's op."""

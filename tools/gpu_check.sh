@@ -356,7 +356,8 @@ from mimicdet.backbone.mobilenet_v2 import deep_sort_mobilenet_v2_weights
 
 library = os.path.abspath(_C.__file__)
 source = os.path.join(os.environ["REPO"], "projects", "MimicDet", "mimicdet")
-has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("mimicdet::deform_conv2d", "CUDA")
+# not the dispatcher's CUDA entry: a CPU-only build registers one too (it raises, naming the fix)
+has_cuda = _C.BUILT_WITH_CUDA
 print(f"BUILT library={library} cuda_kernel={has_cuda}")
 print(f"weights: {deep_sort_mobilenet_v2_weights()}")
 assert library.startswith(source), f"import mimicdet found {library}, not the in-place build"

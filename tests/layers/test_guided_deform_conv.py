@@ -334,3 +334,21 @@ def test_deform_conv2d_at_equals_the_op_at_those_positions(case):
             x, offset[image, :, row, col], weight, bias, positions, stride, pad, dilation
         )
     assert_close_rel(sparse, dense[image, :, row, col], name="output")
+
+
+def test_deform_conv2d_at_follows_the_op_under_autocast_and_for_non_finite_offsets():
+    """Like the op: float32 sampling under bf16 autocast (bf16 coordinates would snap to whole
+    pixels on a 167-wide map), and a NaN or infinite offset reads zero, not NaN."""
+    x, offset, weight, bias = make_case(1, 16, 8, 20, 167, 3, 1, 1, 1, 2.0, torch.float32, seed=5)
+    offset = offset.detach().clone()
+    offset[0, 0, 3, 150] = float("nan")
+    offset[0, 5, 7, 160] = float("inf")
+    positions = torch.tensor([[0, 3, 150], [0, 7, 160], [0, 10, 140], [0, 19, 166]])
+    image, row, col = positions.unbind(1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        x_low = x.bfloat16()
+        dense = deform_conv2d(x_low, offset, weight, bias, padding=1)[image, :, row, col]
+        sparse = deform_conv2d_at(x_low, offset[image, :, row, col], weight, bias, positions, 1, 1)
+    assert sparse.dtype == dense.dtype == torch.bfloat16
+    assert torch.isfinite(sparse).all()
+    assert_close_rel(sparse.float(), dense.float(), rtol=1e-2, name="output")

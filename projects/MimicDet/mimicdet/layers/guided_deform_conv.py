@@ -177,27 +177,49 @@ def deform_conv2d_at(
     stride_h, stride_w = _as_pair(stride, "stride", 1)
     pad_h, pad_w = _as_pair(padding, "padding", 0)
     dil_h, dil_w = _as_pair(dilation, "dilation", 1)
-    n, c_in, height, width = input.shape
-    c_out, _, kh, kw = weight.shape
+    kh, kw = weight.shape[2:]
     taps = kh * kw
-    if offset.shape != (len(positions), 2 * taps) or positions.shape != (len(positions), 3):
+    # In a trace, M is a tensor-derived constant: no check, and no shape built from it below.
+    if not torch.jit.is_tracing() and (
+        offset.shape != (len(positions), 2 * taps) or positions.shape != (len(positions), 3)
+    ):
         raise ValueError(
             f"deform_conv2d_at: offset shape {tuple(offset.shape)} and positions shape "
             f"{tuple(positions.shape)} must be (M, {2 * taps}) and (M, 3)"
         )
+    # In float32 (float64 stays) like the op's kernels under autocast: sampling coordinates in
+    # half precision would be rounded to whole pixels on wide maps.
+    dtype = torch.promote_types(input.dtype, torch.float32)
+    with torch.autocast(input.device.type, enabled=False):
+        out = _sample_and_multiply(
+            input.to(dtype), offset.to(dtype), weight.to(dtype), positions,
+            (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w), (kh, kw),
+        )  # fmt: skip
+        if bias is not None:
+            out = out + bias.to(dtype)
+    return out.to(input.dtype)
+
+
+def _sample_and_multiply(input, offset, weight, positions, conv_args, kernel):
+    """``deform_conv2d_at`` without its checks and casts; see there."""
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w = conv_args
+    kh, kw = kernel
+    c_in, height, width = input.shape[1:]
     image, out_y, out_x = positions.unbind(1)
     tap_y = (torch.arange(kh, device=input.device) * dil_h).repeat_interleave(kw)
     tap_x = (torch.arange(kw, device=input.device) * dil_w).repeat(kh)
-    offset = offset.view(-1, taps, 2).to(input.dtype)
+    offset = offset.reshape(-1, kh * kw, 2)
     # (M, taps) sampling coordinates, as sample_coord() in csrc/guided_deform_conv_math.h
     h = (out_y[:, None] * stride_h - pad_h + tap_y).to(input.dtype) + offset[..., 0]
     w = (out_x[:, None] * stride_w - pad_w + tap_x).to(input.dtype) + offset[..., 1]
+    # as bilinear_point(): a positive test, so NaN coordinates count as outside
     inside = (h > -1) & (h < height) & (w > -1) & (w < width)
     h_low, w_low = h.floor(), w.floor()
     lh, lw = h - h_low, w - w_low
-    h_low, w_low = h_low.long(), w_low.long()
+    h_low = torch.where(inside, h_low, torch.zeros_like(h_low)).long()
+    w_low = torch.where(inside, w_low, torch.zeros_like(w_low)).long()
     pixels = input.permute(0, 2, 3, 1).reshape(-1, c_in)  # (N * H * W, C_in)
-    columns = input.new_zeros(len(positions), taps, c_in)
+    terms = []
     for dy, dx, corner_weight in (
         (0, 0, (1 - lh) * (1 - lw)),
         (0, 1, (1 - lh) * lw),
@@ -207,10 +229,12 @@ def deform_conv2d_at(
         y, x = h_low + dy, w_low + dx
         valid = inside & (y >= 0) & (y < height) & (x >= 0) & (x < width)
         flat = (image[:, None] * height + y.clamp(0, height - 1)) * width + x.clamp(0, width - 1)
-        columns += (corner_weight * valid)[..., None] * pixels[flat]
-    # rows in (tap, channel) order, as the columns
-    out = columns.flatten(1) @ weight.permute(0, 2, 3, 1).reshape(c_out, -1).t()
-    return out if bias is None else out + bias
+        # where(), not a product with the mask: a corner outside must read 0 even if it is inf
+        term = corner_weight[..., None] * pixels[flat]
+        terms.append(torch.where(valid[..., None], term, torch.zeros_like(term)))
+    columns = terms[0] + terms[1] + terms[2] + terms[3]  # (M, taps, C_in)
+    # weight rows in (tap, channel) order, as the columns
+    return columns.flatten(1) @ weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).t()
 
 
 @torch.library.register_fake("mimicdet::deform_conv2d")

@@ -287,11 +287,12 @@ class MimicDet(DenseDetector):
         refined = self.refinement.refined_boxes(
             anchors, anchor_levels, objectness.squeeze(2), refine_deltas, images.image_sizes
         )
-        positions, order = _level_positions(refined, anchor_levels, dense, self.refinement.levels)
+        positions, order, image = _level_positions(
+            refined, anchor_levels, dense, self.refinement.levels
+        )
         s_logits, s_deltas = self.s_head.forward_at(dense, delta_maps, positions)
         # back to the refined boxes' order; sizes stay tensors so that a trace keeps them dynamic
         s_logits, s_deltas = s_logits[order], s_deltas[order]
-        image = cat([torch.full_like(r.anchor_index, i) for i, r in enumerate(refined)])
         return [
             self.inference_single_image(r, s_logits[image == i], s_deltas[image == i])
             for i, r in enumerate(refined)
@@ -324,27 +325,28 @@ class MimicDet(DenseDetector):
 
 def _level_positions(
     refined: List[Instances], anchor_levels: Tensor, features: List[Tensor], levels: List[int]
-) -> Tuple[List[Tensor], Tensor]:
+) -> Tuple[List[Tensor], Tensor, Tensor]:
     """
     The ``(image, row, col)`` of every refined box's anchor, grouped by pyramid level (one
-    anchor per location, flattened level by level, row-major, as the dense predictions), and
-    the permutation that puts level-grouped rows back in the boxes' order (images concatenated).
+    anchor per location, flattened level by level, row-major, as the dense predictions); the
+    permutation that puts level-grouped rows back in the boxes' order (images concatenated);
+    and each box's image in that order.
     """
     sizes = [f.shape[2] * f.shape[3] for f in features]
     assert len(anchor_levels) == sum(sizes), "the S-head reads one anchor per location"
     level_start = torch.tensor([0] + sizes[:-1], device=anchor_levels.device).cumsum(0)
     index = cat([r.anchor_index for r in refined])
     image = cat([torch.full_like(r.anchor_index, i) for i, r in enumerate(refined)])
-    level = anchor_levels[index] - levels[0]
+    level = anchor_levels[index]
     positions, grouped = [], []
     for i, feature in enumerate(features):
-        rows = nonzero_tuple(level == i)[0]
+        rows = nonzero_tuple(level == levels[i])[0]
         within = index[rows] - level_start[i]
         width = feature.shape[3]
         positions.append(torch.stack([image[rows], within // width, within % width], dim=1))
         grouped.append(rows)
     # the inverse permutation, as a tensor op (len() would be a constant in a trace)
-    return positions, torch.argsort(cat(grouped))
+    return positions, torch.argsort(cat(grouped)), image
 
 
 def _check_training_levels(backbone: Backbone, t_head: Optional[nn.Module], head_in_features):

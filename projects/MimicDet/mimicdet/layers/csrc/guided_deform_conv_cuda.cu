@@ -270,11 +270,13 @@ at::Tensor deform_conv2d_forward_cuda(const at::Tensor& input, const at::Tensor&
             at::Tensor cols =
                 columns.narrow(0, 0, p.channels * taps * chunk.count).view({-1, chunk.count});
             const int64_t total = sample_threads(p, chunk.count);
-            im2col_kernel<scalar_t><<<grid_size(total), kThreads, 0, stream>>>(
-                total, input_c[n].const_data_ptr<scalar_t>(),
-                offset_c[n].const_data_ptr<scalar_t>(), p, chunk,
-                cols.mutable_data_ptr<scalar_t>());
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            if (total > 0) {  // C_in == 0 has nothing to sample (and a 0-block launch fails)
+              im2col_kernel<scalar_t><<<grid_size(total), kThreads, 0, stream>>>(
+                  total, input_c[n].const_data_ptr<scalar_t>(),
+                  offset_c[n].const_data_ptr<scalar_t>(), p, chunk,
+                  cols.mutable_data_ptr<scalar_t>());
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            }
             // A column slice of the (C_out, H_out * W_out) output: cuBLAS writes it in place
             // with leading dimension H_out * W_out.
             at::Tensor out_slice = out2d[n].narrow(1, p0, chunk.count);
@@ -344,16 +346,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_cuda(
                 columns.narrow(0, 0, p.channels * taps * chunk.count).view({-1, chunk.count});
             const at::Tensor grad_slice = grad2d[n].narrow(1, p0, chunk.count);
             const int64_t sample_total = sample_threads(p, chunk.count);
-            im2col_kernel<scalar_t><<<grid_size(sample_total), kThreads, 0, stream>>>(
-                sample_total, input_n, offset_n, p, chunk, cols.mutable_data_ptr<scalar_t>());
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            if (sample_total > 0) {  // C_in == 0: nothing to sample or scatter
+              im2col_kernel<scalar_t><<<grid_size(sample_total), kThreads, 0, stream>>>(
+                  sample_total, input_n, offset_n, p, chunk, cols.mutable_data_ptr<scalar_t>());
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            }
             accumulate_weight_grad(grad_weight_acc, grad_slice, cols);
             // The sampled columns are no longer needed: reuse their buffer for their gradient.
             at::mm_out(cols, weight2d.t(), grad_slice);
-            col2im_kernel<scalar_t, acc_t><<<grid_size(sample_total), kThreads, 0, stream>>>(
-                sample_total, offset_n, cols.const_data_ptr<scalar_t>(), p, chunk,
-                grad_input_acc.mutable_data_ptr<acc_t>());
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            if (sample_total > 0) {
+              col2im_kernel<scalar_t, acc_t><<<grid_size(sample_total), kThreads, 0, stream>>>(
+                  sample_total, offset_n, cols.const_data_ptr<scalar_t>(), p, chunk,
+                  grad_input_acc.mutable_data_ptr<acc_t>());
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            }
             const int64_t offset_total = taps * chunk.count;
             offset_grad_kernel<scalar_t><<<grid_size(offset_total), kThreads, 0, stream>>>(
                 offset_total, input_n, offset_n, cols.const_data_ptr<scalar_t>(), p, chunk,
