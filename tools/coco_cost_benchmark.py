@@ -79,6 +79,9 @@ def parse_args(argv=None):
         help="only profile one training step per model, and count denormal gradients",
     )
     parser.add_argument(
+        "--by-shape", action="store_true", help="with --profile: one row per op and input shape"
+    )
+    parser.add_argument(
         "--no-bn-calibration",
         action="store_true",
         help="keep FrozenBN at mean 0 / var 1 (what made the CPU backward slow, see above)",
@@ -318,14 +321,18 @@ def profile_train_steps(args, rows=15):
     for name in args.models:
         model, _ = prepare(name, args, batch)
         train_step(model, batch, args, scaler)
-        with profile(activities=activities) as prof, counting_denormal_gradients(model) as found:
+        with profile(
+            activities=activities, record_shapes=args.by_shape
+        ) as prof, counting_denormal_gradients(model) as found:
             step_ms = train_step(model, batch, args, scaler)
-        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        averages = prof.key_averages(group_by_input_shape=args.by_shape)
+        events = sorted(averages, key=lambda e: -e.self_cpu_time_total)
         total = sum(e.self_cpu_time_total for e in events)
         print(f"{name}: training step {step_ms:.0f} ms under the profiler; self CPU time by op:")
         for e in events[:rows]:
             ms, share = e.self_cpu_time_total / 1e3, 100 * e.self_cpu_time_total / total
-            print(f"  {e.key[:48]:48s} {ms:8.0f} ms {share:5.1f}%  x{e.count}")
+            shapes = f"  {str(e.input_shapes)[:70]}" if args.by_shape else ""
+            print(f"  {e.key[:48]:48s} {ms:8.0f} ms {share:5.1f}%  x{e.count}{shapes}")
         print(f"{name}: denormal values in the gradients of module outputs: {sum(found.values())}")
         for module, count in sorted(found.items(), key=lambda kv: -kv[1])[:5]:
             print(f"  {module}: {count}")
@@ -384,6 +391,7 @@ def prepare(name, args, batch):
         "params_m": deploy_params(name, model) / 1e6,
         "train_params_m": sum(p.numel() for p in model.parameters()) / 1e6,
     }
+    model.eval()
     info["frozen_bn_calibrated"] = (
         0 if args.no_bn_calibration else calibrate_frozen_bn(model, batch)
     )
