@@ -1,0 +1,24 @@
+"""
+Knowledge distillation from a separate, frozen teacher detector (the methods MimicDet is compared
+against): FGFI, DeFeat, Rank Mimicking and Prediction-guided Feature Imitation. Each method is a
+mask builder (which locations) and a loss (how they are compared); :mod:`.teacher` loads and
+freezes the teacher so that it cannot be silently wrong.
+
+Depends on detectron2 and :mod:`mimicdet.modeling`; nothing in :mod:`mimicdet.modeling` imports
+this package.
+"""
+
+from .losses import defeat_losses, fgfi_loss, pfi_loss, rank_mimic_loss
+from .masks import defeat_foreground_masks, fgfi_masks
+from .teacher import FrozenTeacher, load_teacher_weights
+
+__all__ = [
+    "FrozenTeacher",
+    "defeat_foreground_masks",
+    "defeat_losses",
+    "fgfi_loss",
+    "fgfi_masks",
+    "load_teacher_weights",
+    "pfi_loss",
+    "rank_mimic_loss",
+]

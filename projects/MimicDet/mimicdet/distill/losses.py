@@ -1,0 +1,104 @@
+"""The distillation losses. Features are per FPN level ``(N, C, H, W)``, student ones already
+through their adaptation layer; masks per level ``(N, H, W)``. The teacher's tensors carry no
+gradient (computed under ``no_grad``)."""
+
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["fgfi_loss", "defeat_losses", "rank_mimic_loss", "pfi_loss"]
+
+
+def _zero(tensors: Sequence[Tensor]) -> Tensor:
+    """A zero that stays connected to the student's graph (DDP needs every parameter used)."""
+    return sum(t.sum() for t in tensors) * 0.0
+
+
+def fgfi_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], masks: Sequence[Tensor]):
+    """
+    FGFI's imitation loss: the squared difference summed over masked locations and channels of
+    every level, divided by ``2 * N_p`` with ``N_p`` the masked locations of all levels and images
+    (the authors' normaliser for one map, extended to an FPN by counting all of them).
+    """
+    num_masked = sum(m.sum() for m in masks)
+    if num_masked == 0:
+        return _zero(student)
+    total = sum(
+        ((s - t).pow(2) * m[:, None].to(s.dtype)).sum() for s, t, m in zip(student, teacher, masks)
+    )
+    return total / (2 * num_masked)
+
+
+def defeat_losses(
+    student: Sequence[Tensor], teacher: Sequence[Tensor], fg_masks: Sequence[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    """
+    DeFeat's decoupled feature losses: per level, the squared difference summed over the
+    foreground (background) cells and channels, divided by the number of foreground (background)
+    elements, channels included; each averaged over the levels that have such cells.
+
+    Returns:
+        (foreground loss, background loss), to be weighted separately.
+    """
+    fg_terms, bg_terms = [], []
+    for s, t, fg in zip(student, teacher, fg_masks):
+        diff = (s - t).pow(2)
+        fg = fg[:, None].to(s.dtype)
+        channels = s.shape[1]
+        for mask, terms in ((fg, fg_terms), (1 - fg, bg_terms)):
+            count = mask.sum() * channels
+            if count > 0:
+                terms.append((diff * mask).sum() / count)
+    fg_loss = torch.stack(fg_terms).mean() if fg_terms else _zero(student)
+    bg_loss = torch.stack(bg_terms).mean() if bg_terms else _zero(student)
+    return fg_loss, bg_loss
+
+
+def rank_mimic_loss(teacher_scores: List[Tensor], student_scores: List[Tensor]) -> Tensor:
+    """
+    Rank Mimicking (Li et al., AAAI 2022): per GT, the scores of its candidate anchors at the
+    GT's class, teacher and student in the same anchor order, each turned into a distribution by
+    a softmax; ``KL(teacher || student)``, averaged over the GTs. Sorting either side on its own
+    would lose the anchor correspondence that the loss is about.
+
+    Args:
+        teacher_scores, student_scores: per GT, ``(K_g,)`` logits of the same K_g anchors.
+    """
+    if not student_scores:
+        raise ValueError("rank_mimic_loss needs at least one GT (use a zero loss without GTs)")
+    terms = []
+    for t, s in zip(teacher_scores, student_scores):
+        if t.shape != s.shape:
+            raise ValueError(
+                f"rank_mimic_loss: teacher {tuple(t.shape)} vs student {tuple(s.shape)}"
+            )
+        log_p_t, log_p_s = F.log_softmax(t.float(), dim=0), F.log_softmax(s.float(), dim=0)
+        terms.append((log_p_t.exp() * (log_p_t - log_p_s)).sum())
+    return torch.stack(terms).mean()
+
+
+def pfi_loss(
+    student: Sequence[Tensor],
+    teacher: Sequence[Tensor],
+    student_logits: Sequence[Tensor],
+    teacher_logits: Sequence[Tensor],
+) -> Tensor:
+    """
+    Prediction-guided Feature Imitation (Li et al., AAAI 2022): per location, the mean over
+    channels of the squared teacher-student logit difference weights the squared feature
+    difference (mean over channels, default: ours, the paper leaves the reduction open); the
+    weighted differences are averaged over locations, then over levels. The weight is a guide
+    and gets no gradient (default, ours), so the student cannot lower the loss by matching
+    predictions instead of features.
+
+    Args:
+        student, teacher: per level ``(N, C, H, W)`` features.
+        student_logits, teacher_logits: per level ``(N, K, H, W)`` classification logits.
+    """
+    terms = []
+    for s, t, s_logit, t_logit in zip(student, teacher, student_logits, teacher_logits):
+        weight = (t_logit - s_logit).detach().pow(2).mean(dim=1)  # (N, H, W)
+        terms.append((weight * (s - t).pow(2).mean(dim=1)).mean())
+    return torch.stack(terms).mean()

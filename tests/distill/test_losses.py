@@ -1,0 +1,73 @@
+"""mimicdet.distill losses: hand-made values, normalisers, the properties each paper relies on."""
+
+import pytest
+import torch
+
+from mimicdet.distill import defeat_losses, fgfi_loss, pfi_loss, rank_mimic_loss
+
+
+def test_fgfi_loss_sums_masked_squares_over_twice_the_masked_locations():
+    student = [torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 1, 1)]
+    teacher = [torch.ones(1, 2, 2, 2) * 3, torch.ones(1, 2, 1, 1)]
+    masks = [torch.tensor([[[True, False], [False, False]]]), torch.tensor([[[True]]])]
+    # masked: one fine cell (2 channels x 9) and the coarse cell (2 channels x 1) -> 20 / (2 * 2)
+    assert fgfi_loss(student, teacher, masks).item() == pytest.approx(5.0)
+    empty = [torch.zeros_like(m) for m in masks]
+    student[0].requires_grad_()
+    zero = fgfi_loss(student, teacher, empty)
+    assert zero.item() == 0.0 and zero.requires_grad
+
+
+def test_defeat_normalises_foreground_and_background_by_their_own_counts():
+    student = torch.zeros(1, 2, 2, 2)
+    teacher = torch.tensor([[[[2.0, 1.0], [1.0, 1.0]], [[2.0, 1.0], [1.0, 1.0]]]])
+    fg = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    fg_loss, bg_loss = defeat_losses([student], [teacher], [fg])
+    assert fg_loss.item() == pytest.approx(4.0)  # (4 + 4) / (1 cell x 2 channels)
+    assert bg_loss.item() == pytest.approx(1.0)  # 6 x 1 / (3 cells x 2 channels)
+
+
+def test_defeat_averages_over_the_levels_that_have_such_cells():
+    student = [torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 1)]
+    teacher = [torch.tensor([[[[2.0, 0.0]]]]), torch.tensor([[[[4.0]]]])]
+    fg = [torch.tensor([[[1.0, 0.0]]]), torch.zeros(1, 1, 1)]
+    fg_loss, bg_loss = defeat_losses(student, teacher, fg)
+    assert fg_loss.item() == pytest.approx(4.0)  # only level 0 has foreground
+    assert bg_loss.item() == pytest.approx((0.0 + 16.0) / 2)
+
+
+def test_rank_mimic_loss_is_zero_for_equal_scores_and_positive_when_the_order_differs():
+    teacher = [torch.tensor([3.0, 1.0, 0.0]), torch.tensor([0.5, 2.0])]
+    assert rank_mimic_loss(teacher, [t.clone() for t in teacher]).item() == pytest.approx(0.0)
+    swapped = [torch.tensor([0.0, 1.0, 3.0]), torch.tensor([2.0, 0.5])]
+    assert rank_mimic_loss(teacher, swapped).item() > 0.1
+
+
+def test_rank_mimic_loss_is_unchanged_when_both_sides_permute_their_anchors_together():
+    gen = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(7, generator=gen), torch.randn(3, generator=gen)]
+    student = [torch.randn(7, generator=gen), torch.randn(3, generator=gen)]
+    perms = [torch.randperm(7, generator=gen), torch.randperm(3, generator=gen)]
+    loss = rank_mimic_loss(teacher, student)
+    permuted = rank_mimic_loss(
+        [t[p] for t, p in zip(teacher, perms)], [s[p] for s, p in zip(student, perms)]
+    )
+    assert permuted.item() == pytest.approx(loss.item(), rel=1e-6)
+    # sorting each side on its own, as one public port does, is a different (wrong) quantity
+    sorted_each = rank_mimic_loss(
+        [t.sort().values for t in teacher], [s.sort().values for s in student]
+    )
+    assert sorted_each.item() != pytest.approx(loss.item(), rel=1e-3)
+
+
+def test_pfi_weights_each_location_by_the_prediction_difference():
+    student = torch.zeros(1, 2, 1, 2, requires_grad=True)
+    teacher = torch.ones(1, 2, 1, 2)  # the same feature gap at both locations
+    s_logits = torch.zeros(1, 3, 1, 2, requires_grad=True)
+    t_logits = torch.tensor([[[[1.0, 3.0]], [[1.0, 3.0]], [[1.0, 3.0]]]])  # gaps 1 and 3
+    loss = pfi_loss([student], [teacher], [s_logits], [t_logits])
+    assert loss.item() == pytest.approx((1.0 * 1 + 9.0 * 1) / 2)
+    loss.backward()
+    grad = student.grad[0, 0, 0]
+    assert grad[1] / grad[0] == pytest.approx(9.0)  # the location the predictions disagree on
+    assert s_logits.grad is None  # the weight guides, it is not trained
