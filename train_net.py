@@ -32,17 +32,19 @@ from detectron2.engine import defaults as engine_defaults
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
-from mimicdet import WeightsOnlyCheckpointer, add_mimicdet_config
+from mimicdet import WeightsOnlyCheckpointer, add_distill_config, add_mimicdet_config
 from mimicdet.data import MimicDetDatasetMapper, check_detection_dataset_dicts
 from mimicdet.evaluation import HAS_DETECTRON2_OPS
 
 logger = logging.getLogger("detectron2")
 
 
-
 def num_classes_of(cfg):
     """The number of classes of a yaml config's detector (the baselines keep their own key)."""
-    if cfg.MODEL.META_ARCHITECTURE == "RetinaNet":
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch == "Distiller":  # the student's classes
+        arch = cfg.MODEL.DISTILL.STUDENT_META_ARCHITECTURE
+    if arch == "RetinaNet":
         return cfg.MODEL.RETINANET.NUM_CLASSES
     return cfg.MODEL.ROI_HEADS.NUM_CLASSES
 
@@ -126,6 +128,7 @@ class Trainer(DefaultTrainer):
 def setup_yaml(args):
     cfg = get_cfg()
     add_mimicdet_config(cfg)
+    add_distill_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.MODEL.DEVICE = cpu_if_no_gpu(cfg.MODEL.DEVICE)

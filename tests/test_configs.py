@@ -12,7 +12,7 @@ from detectron2.modeling import build_model
 from omegaconf import DictConfig, ListConfig
 from torch import nn
 
-from mimicdet import add_mimicdet_config
+from mimicdet import add_distill_config, add_mimicdet_config
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -110,6 +110,16 @@ def test_add_mimicdet_config_adds_keys_and_changes_none_of_detectron2s():
         k.startswith(("MODEL.MIMICDET.", "MODEL.MOBILENET.")) or k == "INPUT.RANDOM_FLIP_VERTICAL"
         for k in added
     ), sorted(added)
+
+
+def test_add_distill_config_adds_only_model_distill():
+    default = _flat(get_cfg())
+    ours = get_cfg()
+    add_distill_config(ours)
+    ours = _flat(ours)
+    assert {k: ours[k] for k in default} == default
+    added = set(ours) - set(default)
+    assert added and all(k.startswith("MODEL.DISTILL.") for k in added), sorted(added)
 
 
 def test_a_detectron2_yaml_through_our_train_net_builds_detectron2s_model(tmp_path):

@@ -51,6 +51,7 @@ def test_a_teacher_without_weights_is_refused():
 
 def test_the_teacher_stays_frozen_and_in_eval_mode_when_the_student_trains():
     teacher = FrozenTeacher(_teacher())
+    assert not any(m.training for m in teacher.modules())
     student = nn.ModuleDict({"teacher": teacher, "body": nn.Conv2d(3, 2, 1)})
     student.train()
     assert student["body"].training and not any(m.training for m in teacher.modules())

@@ -1,12 +1,19 @@
 """MimicDet for Detectron2: a one-stage detector trained by mimicking a two-stage head."""
 
 from . import backbone as _  # noqa: F401 registers the backbone builder
+from . import distill as _  # noqa: F401,F811 registers the Distiller
 from . import modeling as _  # noqa: F401,F811 registers MimicDet and its T-head
 from .checkpoint import WeightsOnlyCheckpointer
 from .config import add_mimicdet_config
 from .data import register_deepforest
+from .distill import add_distill_config
 
 # deepforest_train / deepforest_val; the files are read only when a split is used
 register_deepforest()
 
-__all__ = ["WeightsOnlyCheckpointer", "add_mimicdet_config", "register_deepforest"]
+__all__ = [
+    "WeightsOnlyCheckpointer",
+    "add_distill_config",
+    "add_mimicdet_config",
+    "register_deepforest",
+]

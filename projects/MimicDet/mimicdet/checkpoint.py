@@ -1,4 +1,5 @@
 """Checkpoints that load without unpickling arbitrary objects and save without half-written files."""
+
 import os
 import pickle
 

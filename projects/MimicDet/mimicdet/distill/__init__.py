@@ -2,18 +2,26 @@
 Knowledge distillation from a separate, frozen teacher detector (the methods MimicDet is compared
 against): FGFI, DeFeat, Rank Mimicking and Prediction-guided Feature Imitation. Each method is a
 mask builder (which locations) and a loss (how they are compared); :mod:`.teacher` loads and
-freezes the teacher so that it cannot be silently wrong.
+freezes the teacher so that it cannot be silently wrong; :class:`Distiller` (the
+``MODEL.META_ARCHITECTURE "Distiller"``, keys in :func:`add_distill_config`) trains a detectron2
+dense detector with them.
 
 Depends on detectron2 and :mod:`mimicdet.modeling`; nothing in :mod:`mimicdet.modeling` imports
 this package.
 """
 
+from .config import add_distill_config
 from .losses import defeat_losses, fgfi_loss, pfi_loss, rank_mimic_loss
 from .masks import defeat_foreground_masks, fgfi_masks
+from .meta_arch import Distiller, build_teacher, candidate_matches
 from .teacher import FrozenTeacher, load_teacher_weights
 
 __all__ = [
+    "Distiller",
     "FrozenTeacher",
+    "add_distill_config",
+    "build_teacher",
+    "candidate_matches",
     "defeat_foreground_masks",
     "defeat_losses",
     "fgfi_loss",

@@ -56,7 +56,7 @@ class FrozenTeacher(nn.Module):
         self.model = model
         for param in self.model.parameters():
             param.requires_grad_(False)
-        self.model.eval()
+        self.train(False)  # this wrapper too, not only the model
 
     def train(self, mode: bool = True):
         # the student's model.train() reaches here through the module tree: stay in eval

@@ -1,0 +1,58 @@
+"""Config keys of the distiller (``MODEL.DISTILL``); each says if a paper fixes it or we did."""
+
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_distill_config"]
+
+
+def add_distill_config(cfg):
+    """Add ``MODEL.DISTILL`` and nothing else (detectron2's keys keep their values)."""
+    _C = cfg
+    _C.MODEL.DISTILL = CN()
+    # the student's own meta-architecture (MODEL.META_ARCHITECTURE is "Distiller"); it reads
+    # every other key of this config as if it were trained alone
+    _C.MODEL.DISTILL.STUDENT_META_ARCHITECTURE = "RetinaNet"
+    # FPN levels imitated, by the student's and the teacher's feature names (same names, sizes)
+    _C.MODEL.DISTILL.FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # default (ours; FGFI's code starts imitating at iteration 400): iterations before the KD
+    # terms count (they are still computed, multiplied by 0, so DDP sees every parameter used)
+    _C.MODEL.DISTILL.WARMUP_ITERS = 0
+    # kernel of the adaptation conv from the student's feature to the teacher's width, one per
+    # level, shared by the feature-imitation terms (paper: 3x3 in FGFI's and DeFeat's code)
+    _C.MODEL.DISTILL.ADAPTER_KERNEL = 3
+
+    _C.MODEL.DISTILL.TEACHER = CN()
+    # the teacher's own config file (yacs); it is built and loaded as a separate model
+    _C.MODEL.DISTILL.TEACHER.CONFIG_FILE = ""
+    # the teacher's checkpoint; every tensor must match (mimicdet.distill.load_teacher_weights)
+    _C.MODEL.DISTILL.TEACHER.WEIGHTS = ""
+    # default (ours): False refuses a teacher without weights; True only for tests and smoke runs
+    _C.MODEL.DISTILL.TEACHER.ALLOW_RANDOM = False
+
+    # FGFI (Wang et al., CVPR 2019): loss_kd_fgfi
+    _C.MODEL.DISTILL.FGFI = CN()
+    # paper code: 0.01 on one VGG map; 0 switches the term off
+    _C.MODEL.DISTILL.FGFI.WEIGHT = 0.0
+    # paper: psi = 0.5
+    _C.MODEL.DISTILL.FGFI.PSI = 0.5
+    # default (ours): False takes each GT's best anchor IoU over all levels (see fgfi_masks)
+    _C.MODEL.DISTILL.FGFI.PER_LEVEL_THRESHOLD = False
+
+    # DeFeat (Guo et al., CVPR 2021): loss_kd_defeat_fg, loss_kd_defeat_bg
+    _C.MODEL.DISTILL.DEFEAT = CN()
+    # paper (COCO, per the authors): 4 foreground, 16 background (released VOC config: 3, 12)
+    _C.MODEL.DISTILL.DEFEAT.FG_WEIGHT = 0.0
+    _C.MODEL.DISTILL.DEFEAT.BG_WEIGHT = 0.0
+    # paper: the RoI level rule, detectron2's canonical 224 px at level 4
+    _C.MODEL.DISTILL.DEFEAT.CANONICAL_BOX_SIZE = 224
+    _C.MODEL.DISTILL.DEFEAT.CANONICAL_LEVEL = 4
+
+    # Rank Mimicking and Prediction-guided Feature Imitation (Li et al., AAAI 2022):
+    # loss_kd_rank, loss_kd_pfi; both need a dense teacher whose class logits have the student's
+    # shapes (same anchors per location and classes)
+    _C.MODEL.DISTILL.RANK = CN()
+    # public port: 4
+    _C.MODEL.DISTILL.RANK.WEIGHT = 0.0
+    _C.MODEL.DISTILL.PFI = CN()
+    # public port: 1.5
+    _C.MODEL.DISTILL.PFI.WEIGHT = 0.0

@@ -1,0 +1,321 @@
+"""The distiller: a detectron2 dense detector (the student) trained with knowledge-distillation
+terms from a separate, frozen teacher detector."""
+
+import logging
+from typing import Dict, List
+
+import torch
+from detectron2.config import configurable, get_cfg
+from detectron2.layers import cat
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
+from detectron2.structures import Boxes, Instances, pairwise_iou
+from detectron2.utils.events import get_event_storage
+from torch import Tensor, nn
+
+from ..config import add_mimicdet_config
+from .config import add_distill_config
+from .losses import defeat_losses, fgfi_loss, pfi_loss, rank_mimic_loss
+from .masks import defeat_foreground_masks, fgfi_masks
+from .teacher import FrozenTeacher, load_teacher_weights
+
+__all__ = ["Distiller", "build_teacher", "candidate_matches"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_teacher(cfg) -> FrozenTeacher:
+    """
+    The teacher of ``cfg.MODEL.DISTILL.TEACHER``: built from its own config file on the student's
+    device, loaded strictly from its checkpoint, frozen. Without a checkpoint it is refused
+    unless ``TEACHER.ALLOW_RANDOM`` says otherwise (tests, smoke runs).
+    """
+    tcfg_node = cfg.MODEL.DISTILL.TEACHER
+    if not tcfg_node.CONFIG_FILE:
+        raise ValueError("MODEL.DISTILL.TEACHER.CONFIG_FILE is empty: the teacher needs a config")
+    tcfg = get_cfg()
+    add_mimicdet_config(tcfg)
+    add_distill_config(tcfg)
+    tcfg.merge_from_file(tcfg_node.CONFIG_FILE)
+    tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
+    if tcfg.MODEL.META_ARCHITECTURE == "Distiller":
+        raise ValueError(f"The teacher config {tcfg_node.CONFIG_FILE} is itself a distiller")
+    tcfg.freeze()
+    model = build_model(tcfg)
+    if tcfg_node.WEIGHTS:
+        load_teacher_weights(model, tcfg_node.WEIGHTS)
+    elif tcfg_node.ALLOW_RANDOM:
+        logger.warning("The teacher keeps its random initialisation (TEACHER.ALLOW_RANDOM True)")
+    else:
+        raise ValueError(
+            "MODEL.DISTILL.TEACHER.WEIGHTS is empty: distilling a random teacher teaches noise "
+            "(set TEACHER.ALLOW_RANDOM True only for a smoke run)"
+        )
+    return FrozenTeacher(model)
+
+
+@torch.no_grad()
+def candidate_matches(
+    detector: DenseDetector, anchors: List[Boxes], gt_instances: List[Instances]
+) -> List[Tensor]:
+    """
+    The one function through which Rank Mimicking asks a dense detector for its positives: per
+    image, ``(R,)`` the index of the GT each anchor (all levels concatenated) is a positive of,
+    -1 for the others. FCOS: its own ``match_anchors``; RetinaNet: its IoU ``anchor_matcher``,
+    keeping the foreground label only (ignored anchors are not candidates).
+    """
+    if hasattr(detector, "match_anchors"):
+        return detector.match_anchors(anchors, gt_instances)
+    if not hasattr(detector, "anchor_matcher"):
+        raise ValueError(f"{type(detector).__name__} has no anchor assigner to rank-mimic")
+    all_anchors = Boxes.cat(anchors)
+    matches = []
+    for gt in gt_instances:
+        if len(gt) == 0:
+            matches.append(torch.full((len(all_anchors),), -1, device=all_anchors.device))
+            continue
+        matched, labels = detector.anchor_matcher(pairwise_iou(gt.gt_boxes, all_anchors))
+        matches.append(torch.where(labels == 1, matched, torch.full_like(matched, -1)))
+    return matches
+
+
+@META_ARCH_REGISTRY.register()
+class Distiller(nn.Module):
+    """
+    Trains ``student`` (a detectron2 ``DenseDetector``: RetinaNet, FCOS) with its own losses plus
+    the KD terms whose weights are non-zero: ``loss_kd_fgfi``, ``loss_kd_defeat_fg``,
+    ``loss_kd_defeat_bg``, ``loss_kd_rank``, ``loss_kd_pfi``. The teacher runs once per step
+    under ``no_grad`` on the same augmented batch with its own pixel mean/std.
+
+    The teacher is held outside the module tree: it is not in ``state_dict`` (no checkpoint,
+    ``MODEL.WEIGHTS`` included, can overwrite it, and a checkpoint holds the student and the
+    adapters only), not in ``parameters()`` (the optimizer and DDP never see it), and
+    ``train()`` does not reach it. Inference is the student's alone.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        student: DenseDetector,
+        teacher: FrozenTeacher,
+        features: List[str],
+        adapter_kernel: int,
+        warmup_iters: int,
+        weights: Dict[str, float],
+        fgfi_psi: float,
+        fgfi_per_level_threshold: bool,
+        defeat_canonical_box_size: int,
+        defeat_canonical_level: int,
+    ):
+        """
+        Args:
+            student: the detector being trained, built from its own meta-architecture.
+            teacher: the frozen teacher (:func:`build_teacher`).
+            features: names of the FPN levels imitated (the student's and the teacher's).
+            adapter_kernel: kernel of the per-level adaptation conv (student -> teacher width).
+            warmup_iters: iterations before the KD terms count.
+            weights: per KD term, its multiplier; a term with weight 0 is not computed.
+            fgfi_psi, fgfi_per_level_threshold: :func:`fgfi_masks` arguments.
+            defeat_canonical_box_size, defeat_canonical_level: the RoI level rule of DeFeat.
+        """
+        super().__init__()
+        if not (isinstance(student, DenseDetector) and isinstance(student.head, nn.Module)):
+            raise ValueError(
+                f"The student must be a detectron2 DenseDetector with one dense head (RetinaNet, "
+                f"FCOS), got {type(student).__name__}"
+            )
+        self.student = student
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: see the class docstring
+        self.features = list(features)
+        self.warmup_iters = warmup_iters
+        self.weights = {k: v for k, v in weights.items() if v > 0}
+        self.fgfi_psi = fgfi_psi
+        self.fgfi_per_level_threshold = fgfi_per_level_threshold
+        self.defeat_canonical = (defeat_canonical_box_size, defeat_canonical_level)
+        self._check_compatible()
+
+        # adapters only when a feature-imitation term is on (an unused one would stall DDP)
+        self.kd_adapters = nn.ModuleDict()
+        if self.weights.keys() & {"fgfi", "defeat_fg", "defeat_bg", "pfi"}:
+            s_shapes = student.backbone.output_shape()
+            t_shapes = teacher.model.backbone.output_shape()
+            for f in self.features:
+                self.kd_adapters[f] = nn.Conv2d(
+                    s_shapes[f].channels,
+                    t_shapes[f].channels,
+                    adapter_kernel,
+                    padding=adapter_kernel // 2,
+                )
+            self.kd_adapters.to(student.device)
+        num_params = sum(p.numel() for p in teacher.parameters())
+        logger.info(
+            f"Distilling {type(student).__name__} from a {type(teacher.model).__name__} teacher "
+            f"({num_params / 1e6:.2f} M parameters) with {sorted(self.weights) or 'no KD term'}"
+        )
+
+    @classmethod
+    def from_config(cls, cfg):
+        dcfg = cfg.MODEL.DISTILL
+        student_cfg = cfg.clone()
+        student_cfg.defrost()
+        student_cfg.MODEL.META_ARCHITECTURE = dcfg.STUDENT_META_ARCHITECTURE
+        student_cfg.freeze()
+        return {
+            "student": build_model(student_cfg),
+            "teacher": build_teacher(cfg),
+            "features": dcfg.FEATURES,
+            "adapter_kernel": dcfg.ADAPTER_KERNEL,
+            "warmup_iters": dcfg.WARMUP_ITERS,
+            "weights": {
+                "fgfi": dcfg.FGFI.WEIGHT,
+                "defeat_fg": dcfg.DEFEAT.FG_WEIGHT,
+                "defeat_bg": dcfg.DEFEAT.BG_WEIGHT,
+                "rank": dcfg.RANK.WEIGHT,
+                "pfi": dcfg.PFI.WEIGHT,
+            },
+            "fgfi_psi": dcfg.FGFI.PSI,
+            "fgfi_per_level_threshold": dcfg.FGFI.PER_LEVEL_THRESHOLD,
+            "defeat_canonical_box_size": dcfg.DEFEAT.CANONICAL_BOX_SIZE,
+            "defeat_canonical_level": dcfg.DEFEAT.CANONICAL_LEVEL,
+        }
+
+    def _check_compatible(self):
+        """Clear errors at construction for what would otherwise fail (or mislead) mid-training."""
+        student, teacher = self.student, self.teacher.model
+        for name, model in (("student", student), ("teacher", teacher)):
+            missing = set(self.features) - set(model.backbone.output_shape())
+            if missing:
+                raise ValueError(
+                    f"MODEL.DISTILL.FEATURES {self.features}: the {name} "
+                    f"({type(model).__name__}) has no feature {sorted(missing)}"
+                )
+        if self.weights.keys() & {"fgfi", "rank", "pfi"}:
+            if not set(self.features) <= set(student.head_in_features):
+                raise ValueError(
+                    f"FGFI, Rank Mimicking and PFI read the student's head at "
+                    f"MODEL.DISTILL.FEATURES {self.features}, which must be among its head "
+                    f"levels {student.head_in_features}"
+                )
+        if self.weights.keys() & {"rank", "pfi"} and not (
+            isinstance(teacher, DenseDetector)
+            and teacher.head_in_features == student.head_in_features
+        ):
+            raise ValueError(
+                "Rank Mimicking and PFI compare the teacher's class logits with the student's: "
+                f"the teacher must be a dense detector on the same levels, got "
+                f"{type(teacher).__name__}"
+            )
+
+    @property
+    def device(self):
+        return self.student.device
+
+    def forward(self, batched_inputs: List[Dict[str, Tensor]]):
+        """As the student's ``forward``; in training its losses plus the KD terms."""
+        if not self.training:
+            return self.student(batched_inputs)
+        student = self.student
+        images = student.preprocess_image(batched_inputs)
+        features = student.backbone(images.tensor)
+        head_features = [features[f] for f in student.head_in_features]
+        predictions = student.head(head_features)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        losses = student.forward_training(images, head_features, predictions, gt_instances)
+        if self.weights:
+            losses.update(
+                self.kd_losses(batched_inputs, images, features, predictions, gt_instances)
+            )
+        return losses
+
+    def kd_losses(self, batched_inputs, images, features, predictions, gt_instances):
+        """The enabled KD terms, each times its weight (and 0 during the warm-up)."""
+        teacher = self.teacher.model
+        with torch.no_grad():
+            t_images = teacher.preprocess_image(batched_inputs)
+            if t_images.tensor.shape != images.tensor.shape:
+                raise ValueError(
+                    f"Teacher and student see images of shapes {tuple(t_images.tensor.shape)} "
+                    f"and {tuple(images.tensor.shape)}: give both the same "
+                    "SIZE_DIVISIBILITY / padding"
+                )
+            t_features = teacher.backbone(t_images.tensor)
+            t_logits = None
+            if self.weights.keys() & {"rank", "pfi"}:
+                t_logits = teacher.head([t_features[f] for f in teacher.head_in_features])[0]
+        levels = [self.student.head_in_features.index(f) for f in self.features]
+        levels = levels if self.weights.keys() & {"fgfi", "rank", "pfi"} else []
+        s_logits = predictions[0]
+
+        adapted = [self.kd_adapters[f](features[f]) for f in self.kd_adapters]
+        t_feats = [t_features[f] for f in self.kd_adapters]
+        for f, s, t in zip(self.kd_adapters, adapted, t_feats):
+            if s.shape != t.shape:
+                raise ValueError(
+                    f"Feature {f}: student {tuple(s.shape)} vs teacher {tuple(t.shape)}"
+                )
+
+        losses = {}
+        if "fgfi" in self.weights:
+            # the generator is built for every head level: generate them all, keep the imitated
+            head_features = [features[f] for f in self.student.head_in_features]
+            anchors = [self.student.anchor_generator(head_features)[i] for i in levels]
+            grids = [tuple(features[f].shape[-2:]) for f in self.features]
+            per_image = [
+                fgfi_masks(
+                    [a.tensor for a in anchors],
+                    grids,
+                    gt.gt_boxes.tensor,
+                    self.fgfi_psi,
+                    self.fgfi_per_level_threshold,
+                )
+                for gt in gt_instances
+            ]
+            masks = [torch.stack(level) for level in zip(*per_image)]
+            losses["loss_kd_fgfi"] = fgfi_loss(adapted, t_feats, masks)
+        if self.weights.keys() & {"defeat_fg", "defeat_bg"}:
+            shapes = self.student.backbone.output_shape()
+            grids = [tuple(features[f].shape[-2:]) for f in self.features]
+            strides = [shapes[f].stride for f in self.features]
+            per_image = [
+                defeat_foreground_masks(gt.gt_boxes.tensor, grids, strides, *self.defeat_canonical)
+                for gt in gt_instances
+            ]
+            fg_masks = [torch.stack(level) for level in zip(*per_image)]
+            fg, bg = defeat_losses(adapted, t_feats, fg_masks)
+            losses.update({"loss_kd_defeat_fg": fg, "loss_kd_defeat_bg": bg})
+        if "pfi" in self.weights:
+            losses["loss_kd_pfi"] = pfi_loss(
+                adapted, t_feats, [s_logits[i] for i in levels], [t_logits[i] for i in levels]
+            )
+        if "rank" in self.weights:
+            losses["loss_kd_rank"] = self._rank_loss(features, s_logits, t_logits, gt_instances)
+
+        scale = 0.0 if get_event_storage().iter < self.warmup_iters else 1.0
+        names = {
+            "loss_kd_fgfi": "fgfi",
+            "loss_kd_defeat_fg": "defeat_fg",
+            "loss_kd_defeat_bg": "defeat_bg",
+            "loss_kd_pfi": "pfi",
+            "loss_kd_rank": "rank",
+        }
+        return {k: v * self.weights.get(names[k], 0.0) * scale for k, v in losses.items()}
+
+    def _rank_loss(self, features, s_logits, t_logits, gt_instances) -> Tensor:
+        """Rank Mimicking over the teacher's positives of each GT, at the GT's class."""
+        head_features = [features[f] for f in self.student.head_in_features]
+        anchors = self.student.anchor_generator(head_features)
+        matches = candidate_matches(self.teacher.model, anchors, gt_instances)
+        num_classes = self.student.num_classes
+        s_flat = cat([permute_to_N_HWA_K(x, num_classes) for x in s_logits], dim=1)
+        t_flat = cat([permute_to_N_HWA_K(x, num_classes) for x in t_logits], dim=1)
+        teacher_scores, student_scores = [], []
+        for i, (matched, gt) in enumerate(zip(matches, gt_instances)):
+            for g, cls in enumerate(gt.gt_classes.tolist()):
+                idx = (matched == g).nonzero().squeeze(1)
+                if len(idx):
+                    teacher_scores.append(t_flat[i, idx, cls])
+                    student_scores.append(s_flat[i, idx, cls])
+        if not student_scores:
+            return s_flat.sum() * 0.0
+        return rank_mimic_loss(teacher_scores, student_scores)

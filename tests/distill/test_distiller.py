@@ -1,0 +1,195 @@
+"""The Distiller: a tiny RetinaNet student with a tiny RetinaNet teacher, on the CPU."""
+
+import json
+
+import pytest
+import torch
+from detectron2 import model_zoo
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from mimicdet import add_distill_config, add_mimicdet_config
+
+KD_TERMS = {"loss_kd_fgfi", "loss_kd_defeat_fg", "loss_kd_defeat_bg", "loss_kd_rank", "loss_kd_pfi"}
+
+# R-18 FPN RetinaNet with narrow heads: seconds on the CPU
+TINY_RETINANET = {
+    "MODEL.DEVICE": "cpu",
+    "MODEL.WEIGHTS": "",
+    "MODEL.RESNETS.DEPTH": 18,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS": 64,
+    "MODEL.FPN.OUT_CHANNELS": 32,
+    "MODEL.RETINANET.NUM_CONVS": 1,
+    "MODEL.RETINANET.NUM_CLASSES": 2,
+    # unit-scale inputs: random FrozenBN weights amplify detectron2's default std of 1 into
+    # features in the thousands, and imitation losses in the millions
+    "MODEL.PIXEL_STD": [57.375, 57.12, 58.395],
+}
+
+
+def _retinanet_cfg():
+    cfg = get_cfg()
+    add_mimicdet_config(cfg)
+    add_distill_config(cfg)
+    cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
+    for key, value in TINY_RETINANET.items():
+        cfg.merge_from_list([key, value])
+    return cfg
+
+
+@pytest.fixture
+def teacher_files(tmp_path):
+    """A teacher config file and its checkpoint (a tiny RetinaNet with its own initialisation)."""
+    cfg = _retinanet_cfg()
+    config_file = tmp_path / "teacher.yaml"
+    config_file.write_text(cfg.dump())
+    torch.manual_seed(1)
+    weights = tmp_path / "teacher.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
+    return str(config_file), str(weights)
+
+
+def _distiller_cfg(teacher_files, **weights):
+    cfg = _retinanet_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "Distiller"
+    cfg.MODEL.DISTILL.TEACHER.CONFIG_FILE, cfg.MODEL.DISTILL.TEACHER.WEIGHTS = teacher_files
+    cfg.MODEL.DISTILL.FGFI.WEIGHT = weights.get("fgfi", 1.0)
+    cfg.MODEL.DISTILL.DEFEAT.FG_WEIGHT = weights.get("defeat_fg", 1.0)
+    cfg.MODEL.DISTILL.DEFEAT.BG_WEIGHT = weights.get("defeat_bg", 1.0)
+    cfg.MODEL.DISTILL.RANK.WEIGHT = weights.get("rank", 1.0)
+    cfg.MODEL.DISTILL.PFI.WEIGHT = weights.get("pfi", 1.0)
+    return cfg
+
+
+def _train_step(model, inputs, iteration=0):
+    model.train()
+    with EventStorage(iteration):
+        losses = model(inputs)
+        sum(losses.values()).backward()
+    return losses
+
+
+def test_a_training_step_adds_every_kd_term_and_leaves_the_teacher_untouched(
+    teacher_files, make_inputs
+):
+    torch.manual_seed(0)
+    model = build_model(_distiller_cfg(teacher_files))
+    teacher = model.teacher
+    before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    losses = _train_step(model, make_inputs(num_images=2))
+    assert {"loss_cls", "loss_box_reg"} | KD_TERMS == set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert all(losses[k] > 0 for k in KD_TERMS), losses
+    # the teacher: eval mode, no gradient, not a parameter of the trained model, unchanged
+    assert not any(m.training for m in teacher.modules())
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert not {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}
+    assert all(torch.equal(v, before[k]) for k, v in teacher.model.state_dict().items())
+    # the KD terms train the adapters and the student's pyramid
+    assert all(a.weight.grad.abs().sum() > 0 for a in model.kd_adapters.values())
+    assert model.student.backbone.fpn_output3.weight.grad.abs().sum() > 0
+
+
+def test_the_teacher_loads_its_checkpoint_and_stays_out_of_the_state_dict(teacher_files):
+    model = build_model(_distiller_cfg(teacher_files))
+    saved = torch.load(teacher_files[1], weights_only=True)["model"]
+    for key, value in model.teacher.model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    keys = model.state_dict().keys()
+    assert all(k.startswith(("student.", "kd_adapters.")) for k in keys)
+
+
+def test_inference_is_the_students_alone(teacher_files, make_inputs):
+    torch.manual_seed(0)
+    model = build_model(_distiller_cfg(teacher_files)).eval()
+    inputs = [{"image": x["image"]} for x in make_inputs(num_images=1)]
+    with torch.no_grad():
+        out = model(inputs)[0]["instances"]
+        alone = model.student(inputs)[0]["instances"]
+    assert torch.equal(out.pred_boxes.tensor, alone.pred_boxes.tensor)
+    assert torch.equal(out.scores, alone.scores)
+
+
+def test_kd_terms_are_weighted_and_silent_during_the_warm_up(teacher_files, make_inputs):
+    inputs = make_inputs(num_images=2)
+    cfg = _distiller_cfg(teacher_files, fgfi=1.0, defeat_fg=0, defeat_bg=0, rank=0, pfi=0)
+    torch.manual_seed(0)
+    one = _train_step(build_model(cfg), inputs)["loss_kd_fgfi"]
+    cfg.MODEL.DISTILL.FGFI.WEIGHT = 3.0
+    torch.manual_seed(0)
+    three = _train_step(build_model(cfg), inputs)["loss_kd_fgfi"]
+    assert three.item() == pytest.approx(3 * one.item(), rel=1e-5)
+    cfg.MODEL.DISTILL.WARMUP_ITERS = 10
+    torch.manual_seed(0)
+    losses = _train_step(build_model(cfg), inputs, iteration=5)
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_kd_fgfi"}
+    assert losses["loss_kd_fgfi"].item() == 0.0
+
+
+def test_a_teacher_without_weights_is_refused_unless_allowed(teacher_files):
+    cfg = _distiller_cfg(teacher_files)
+    cfg.MODEL.DISTILL.TEACHER.WEIGHTS = ""
+    with pytest.raises(ValueError, match="TEACHER.WEIGHTS is empty"):
+        build_model(cfg)
+    cfg.MODEL.DISTILL.TEACHER.ALLOW_RANDOM = True
+    assert build_model(cfg).teacher is not None
+
+
+def test_features_the_teacher_lacks_are_a_clear_error(teacher_files):
+    cfg = _distiller_cfg(teacher_files)
+    cfg.MODEL.DISTILL.FEATURES = ["p2", "p3"]
+    with pytest.raises(ValueError, match=r"has no feature \['p2'\]"):
+        build_model(cfg)
+
+
+def test_a_distillation_run_through_train_net_then_eval_only(tmp_path, teacher_files, tiny_coco):
+    """train_net.py with every usual flag: a few iterations at batch 2, a checkpoint without
+    the teacher, then --eval-only of that checkpoint with COCOEvaluator."""
+    import os
+    import sys
+
+    from detectron2.engine import default_argument_parser
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
+    import train_net
+
+    config_file = tmp_path / "distill.yaml"
+    config_file.write_text(_distiller_cfg(teacher_files).dump())
+    name = tiny_coco("mimicdet_tiny_distill")
+    out = str(tmp_path / "out")
+    opts = [
+        "DATASETS.TRAIN", f"('{name}',)",
+        "DATASETS.TEST", f"('{name}',)",
+        "DATALOADER.NUM_WORKERS", "0",
+        "SOLVER.IMS_PER_BATCH", "2",
+        # random weights: a small, clipped step keeps the few iterations finite
+        "SOLVER.BASE_LR", "0.001",
+        "SOLVER.CLIP_GRADIENTS.ENABLED", "True",
+        "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm",
+        "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1.0",
+        "SOLVER.WARMUP_ITERS", "0",
+        "SOLVER.MAX_ITER", "3",
+        "SOLVER.CHECKPOINT_PERIOD", "100",
+        "INPUT.MIN_SIZE_TRAIN", "(96,)",
+        "INPUT.MAX_SIZE_TRAIN", "96",
+        "INPUT.MIN_SIZE_TEST", "96",
+        "INPUT.MAX_SIZE_TEST", "96",
+        "TEST.EVAL_PERIOD", "0",
+        "OUTPUT_DIR", out,
+    ]  # fmt: skip
+
+    def run(*flags, weights=""):
+        argv = ["--config-file", str(config_file), "--num-gpus", "0", *flags]
+        argv += opts + (["MODEL.WEIGHTS", weights] if weights else [])
+        return train_net.main(default_argument_parser().parse_args(argv))
+
+    run()
+    final = os.path.join(out, "model_final.pth")
+    state = torch.load(final, weights_only=True)["model"]
+    assert state and all(k.startswith(("student.", "kd_adapters.")) for k in state)
+    with open(os.path.join(out, "metrics.json")) as f:
+        logged = set().union(*(json.loads(line) for line in f))
+    assert KD_TERMS <= logged  # each KD term reaches the event storage
+    results = run("--eval-only", weights=final)
+    assert {"AP", "AP50"} <= set(results["bbox"])
