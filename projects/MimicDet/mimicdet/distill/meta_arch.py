@@ -259,7 +259,8 @@ class Distiller(nn.Module):
         if "fgfi" in self.weights:
             # the generator is built for every head level: generate them all, keep the imitated
             head_features = [features[f] for f in self.student.head_in_features]
-            anchors = [self.student.anchor_generator(head_features)[i] for i in levels]
+            all_anchors = self.student.anchor_generator(head_features)
+            anchors = [all_anchors[i] for i in levels]
             grids = [tuple(features[f].shape[-2:]) for f in self.features]
             per_image = [
                 fgfi_masks(
