@@ -243,8 +243,10 @@ class Distiller(nn.Module):
             t_logits = None
             if self.weights.keys() & {"rank", "pfi"}:
                 t_logits = teacher.head([t_features[f] for f in teacher.head_in_features])[0]
-        levels = [self.student.head_in_features.index(f) for f in self.features]
-        levels = levels if self.weights.keys() & {"fgfi", "rank", "pfi"} else []
+        # the head level of each imitated feature (checked at construction when a term needs it)
+        levels = []
+        if self.weights.keys() & {"fgfi", "rank", "pfi"}:
+            levels = [self.student.head_in_features.index(f) for f in self.features]
         s_logits = predictions[0]
 
         adapted = [self.kd_adapters[f](features[f]) for f in self.kd_adapters]
