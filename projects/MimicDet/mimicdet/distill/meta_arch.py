@@ -134,6 +134,10 @@ class Distiller(nn.Module):
         self.fgfi_per_level_threshold = fgfi_per_level_threshold
         self.defeat_canonical = (defeat_canonical_box_size, defeat_canonical_level)
         self._check_compatible()
+        # the head level of each imitated feature, for the terms that read the student's head
+        self.head_levels = []
+        if self.weights.keys() & {"fgfi", "rank", "pfi"}:
+            self.head_levels = [student.head_in_features.index(f) for f in self.features]
 
         # adapters only when a feature-imitation term is on (an unused one would stall DDP)
         self.kd_adapters = nn.ModuleDict()
@@ -224,11 +228,13 @@ class Distiller(nn.Module):
         losses = student.forward_training(images, head_features, predictions, gt_instances)
         if self.weights:
             losses.update(
-                self.kd_losses(batched_inputs, images, features, predictions, gt_instances)
+                self.kd_losses(
+                    batched_inputs, images, features, head_features, predictions, gt_instances
+                )
             )
         return losses
 
-    def kd_losses(self, batched_inputs, images, features, predictions, gt_instances):
+    def kd_losses(self, batched_inputs, images, features, head_features, predictions, gt_instances):
         """The enabled KD terms, each times its weight (and 0 during the warm-up)."""
         teacher = self.teacher.model
         with torch.no_grad():
@@ -243,11 +249,13 @@ class Distiller(nn.Module):
             t_logits = None
             if self.weights.keys() & {"rank", "pfi"}:
                 t_logits = teacher.head([t_features[f] for f in teacher.head_in_features])[0]
-        # the head level of each imitated feature (checked at construction when a term needs it)
-        levels = []
-        if self.weights.keys() & {"fgfi", "rank", "pfi"}:
-            levels = [self.student.head_in_features.index(f) for f in self.features]
+        levels = self.head_levels
         s_logits = predictions[0]
+        grids = [tuple(features[f].shape[-2:]) for f in self.features]
+        # the student's anchors on every head level, once for FGFI and Rank Mimicking
+        anchors = None
+        if self.weights.keys() & {"fgfi", "rank"}:
+            anchors = self.student.anchor_generator(head_features)
 
         adapted = [self.kd_adapters[f](features[f]) for f in self.kd_adapters]
         t_feats = [t_features[f] for f in self.kd_adapters]
@@ -259,14 +267,9 @@ class Distiller(nn.Module):
 
         losses = {}
         if "fgfi" in self.weights:
-            # the generator is built for every head level: generate them all, keep the imitated
-            head_features = [features[f] for f in self.student.head_in_features]
-            all_anchors = self.student.anchor_generator(head_features)
-            anchors = [all_anchors[i] for i in levels]
-            grids = [tuple(features[f].shape[-2:]) for f in self.features]
             per_image = [
                 fgfi_masks(
-                    [a.tensor for a in anchors],
+                    [anchors[i].tensor for i in levels],
                     grids,
                     gt.gt_boxes.tensor,
                     self.fgfi_psi,
@@ -278,7 +281,6 @@ class Distiller(nn.Module):
             losses["loss_kd_fgfi"] = fgfi_loss(adapted, t_feats, masks)
         if self.weights.keys() & {"defeat_fg", "defeat_bg"}:
             shapes = self.student.backbone.output_shape()
-            grids = [tuple(features[f].shape[-2:]) for f in self.features]
             strides = [shapes[f].stride for f in self.features]
             per_image = [
                 defeat_foreground_masks(gt.gt_boxes.tensor, grids, strides, *self.defeat_canonical)
@@ -292,22 +294,16 @@ class Distiller(nn.Module):
                 adapted, t_feats, [s_logits[i] for i in levels], [t_logits[i] for i in levels]
             )
         if "rank" in self.weights:
-            losses["loss_kd_rank"] = self._rank_loss(features, s_logits, t_logits, gt_instances)
+            losses["loss_kd_rank"] = self._rank_loss(anchors, s_logits, t_logits, gt_instances)
 
         scale = 0.0 if get_event_storage().iter < self.warmup_iters else 1.0
-        names = {
-            "loss_kd_fgfi": "fgfi",
-            "loss_kd_defeat_fg": "defeat_fg",
-            "loss_kd_defeat_bg": "defeat_bg",
-            "loss_kd_pfi": "pfi",
-            "loss_kd_rank": "rank",
-        }
-        return {k: v * self.weights.get(names[k], 0.0) * scale for k, v in losses.items()}
+        # "loss_kd_<term>" is weighted by weights["<term>"]; DeFeat computes both halves, one may
+        # be off (weight 0)
+        prefix = len("loss_kd_")
+        return {k: v * self.weights.get(k[prefix:], 0.0) * scale for k, v in losses.items()}
 
-    def _rank_loss(self, features, s_logits, t_logits, gt_instances) -> Tensor:
+    def _rank_loss(self, anchors, s_logits, t_logits, gt_instances) -> Tensor:
         """Rank Mimicking over the teacher's positives of each GT, at the GT's class."""
-        head_features = [features[f] for f in self.student.head_in_features]
-        anchors = self.student.anchor_generator(head_features)
         matches = candidate_matches(self.teacher.model, anchors, gt_instances)
         num_classes = self.student.num_classes
         s_flat = cat([permute_to_N_HWA_K(x, num_classes) for x in s_logits], dim=1)
