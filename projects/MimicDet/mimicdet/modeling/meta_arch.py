@@ -184,10 +184,7 @@ class MimicDet(DenseDetector):
             features = self.backbone(images.tensor)
         finally:
             self.backbone.eval()
-        anchors, anchor_levels, objectness, refine_deltas, _, _, _ = self._dense_forward(features)
-        refined = self.refinement.refined_boxes(
-            anchors, anchor_levels, objectness, refine_deltas, images.image_sizes
-        )
+        refined, _, _ = self._top_refined_boxes(features, images.image_sizes)
         results = [
             self.inference_single_image(r, logits, deltas)
             for r, (logits, deltas) in zip(refined, self.roi_heads.predict(features, refined))
@@ -274,9 +271,15 @@ class MimicDet(DenseDetector):
                 )
         return {k: v * self.loss_weights.get(k, 1.0) for k, v in losses.items()}
 
-    def forward_inference(self, images: ImageList, features: Dict[str, Tensor]) -> List[Instances]:
-        # The refinement runs densely; the S-head only where its output is read, at the top
-        # refined boxes' locations (the same values as the dense S-head there, see tests).
+    def _top_refined_boxes(self, features: Dict[str, Tensor], image_sizes):
+        """
+        The refinement alone, run densely, and its top refined boxes per image (inference).
+
+        Returns:
+            the refined boxes per image (:meth:`RefinementModule.refined_boxes`), the anchor
+            levels ``(R,)`` and the per-level refinement deltas ``(N, 4, Hi, Wi)`` that guide
+            the S-head.
+        """
         dense = [features[f] for f in self.head_in_features]
         anchors, anchor_levels = self.refinement.anchors(dense)
         objectness_maps, delta_maps = self.refinement(dense)
@@ -285,8 +288,15 @@ class MimicDet(DenseDetector):
             for x in self._transpose_dense_predictions([objectness_maps, delta_maps], [1, 4])
         ]
         refined = self.refinement.refined_boxes(
-            anchors, anchor_levels, objectness.squeeze(2), refine_deltas, images.image_sizes
+            anchors, anchor_levels, objectness.squeeze(2), refine_deltas, image_sizes
         )
+        return refined, anchor_levels, delta_maps
+
+    def forward_inference(self, images: ImageList, features: Dict[str, Tensor]) -> List[Instances]:
+        # The refinement runs densely; the S-head only where its output is read, at the top
+        # refined boxes' locations (the same values as the dense S-head there, see tests).
+        refined, anchor_levels, delta_maps = self._top_refined_boxes(features, images.image_sizes)
+        dense = [features[f] for f in self.head_in_features]
         positions, order, image = _level_positions(
             refined, anchor_levels, dense, self.refinement.levels
         )
