@@ -204,14 +204,11 @@ def recording_nms_inputs(scores_seen):
             module.batched_nms = original
 
 
-def set_score_threshold(name, model, value):
-    model.test_score_thresh = value  # one attribute name in all three detectors
-
-
 @torch.no_grad()
-def calibrate_candidates(name, model, batch, candidates):
-    """Sets the test score threshold so that ``candidates`` boxes per image reach NMS."""
-    set_score_threshold(name, model, 0.0)
+def calibrate_candidates(model, batch, candidates):
+    """Sets the test score threshold so that ``candidates`` boxes per image reach NMS (the
+    attribute is ``test_score_thresh`` in all three detectors)."""
+    model.test_score_thresh = 0.0
     scores = []
     with recording_nms_inputs(scores):
         model([{"image": batch[0]["image"]}])
@@ -219,7 +216,7 @@ def calibrate_candidates(name, model, batch, candidates):
     if len(scores) <= candidates:
         return {"threshold": 0.0, "candidates": len(scores)}
     threshold = scores.topk(candidates + 1).values[-1].item()
-    set_score_threshold(name, model, threshold)
+    model.test_score_thresh = threshold
     kept = []
     with recording_nms_inputs(kept):
         model([{"image": batch[0]["image"]}])
@@ -262,6 +259,11 @@ class StageTimer:
         self.restore()
 
 
+def amp_context(args):
+    """float16 autocast with --amp (CUDA), else nothing."""
+    return torch.autocast("cuda", dtype=torch.float16) if args.amp else nullcontext()
+
+
 def _sync_for(device):
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -270,7 +272,7 @@ def time_inference(name, model, batch, args):
     sync = _sync_for(args.device)
     images = [{"image": x["image"]} for x in batch]
     timer = StageTimer(model, name, sync)
-    autocast = torch.autocast("cuda", dtype=torch.float16) if args.amp else nullcontext()
+    autocast = amp_context(args)
     try:
         with torch.no_grad(), autocast:
             sync()
@@ -294,7 +296,7 @@ def train_step(model, batch, args, scaler):
 
     sync = _sync_for(args.device)
     model.train()
-    autocast = torch.autocast("cuda", dtype=torch.float16) if args.amp else nullcontext()
+    autocast = amp_context(args)
     with EventStorage():
         sync()
         start = time.perf_counter()
@@ -395,7 +397,7 @@ def prepare(name, args, batch):
     info["frozen_bn_calibrated"] = (
         0 if args.no_bn_calibration else calibrate_frozen_bn(model, batch)
     )
-    info.update(calibrate_candidates(name, model, batch, args.candidates))
+    info.update(calibrate_candidates(model, batch, args.candidates))
     return model.eval(), info
 
 
