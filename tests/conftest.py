@@ -29,7 +29,8 @@ TINY_OPTS = [
 ]  # fmt: skip
 
 
-BASE_YAML = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "Base-MimicDet.yaml")
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+BASE_YAML = os.path.join(ROOT, "configs", "Base-MimicDet.yaml")
 
 
 def tiny_cfg():
@@ -126,3 +127,83 @@ def tiny_coco(tmp_path):
     for name in names:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+
+
+# detectron2 v0.6's launch() insists on CUDA and NCCL; this is its _distributed_worker with gloo.
+# Each rank registers the dataset, runs train_net.main, and saves its model weights afterwards.
+GLOO_WORKER = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from detectron2.data.datasets import register_coco_instances
+from detectron2.engine import default_argument_parser
+from detectron2.utils import comm
+import train_net
+
+
+def worker(rank, argv, port, out):
+    torch.set_num_threads(1)
+    url = f"tcp://127.0.0.1:{{port}}"
+    dist.init_process_group("gloo", init_method=url, world_size=2, rank=rank)
+    comm._LOCAL_PROCESS_GROUP = dist.new_group([0, 1])
+    register_coco_instances({name!r}, {{}}, {json_file!r}, {image_dir!r})
+    train = train_net.Trainer.train
+
+    def train_and_save(self):
+        ret = train(self)
+        torch.save(self.model.module.state_dict(), os.path.join(out, f"rank{{rank}}.pth"))
+        return ret
+
+    train_net.Trainer.train = train_and_save
+    results = train_net.main(default_argument_parser().parse_args(argv))
+    if comm.is_main_process() and results:
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f)
+    comm.synchronize()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    port, out, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    os.makedirs(out, exist_ok=True)
+    mp.spawn(worker, nprocs=2, args=(argv, port, out))
+"""
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def gloo_script(tmp_path):
+    """
+    ``make(name, config_file)`` writes a tiny COCO dataset ``name`` and a 2-process gloo launcher
+    of train_net; returns ``(run, json_file, image_dir)``, where ``run(argv, results_dir)`` trains
+    (or evaluates) with ``config_file`` and the train_net flags and options ``argv``.
+    """
+
+    def make(name, config_file):
+        import subprocess
+        import sys
+
+        json_file, image_dir = _write_coco(str(tmp_path / name), num_images=4, size=64)
+        script = tmp_path / "launch_gloo.py"
+        script.write_text(
+            GLOO_WORKER.format(root=ROOT, name=name, json_file=json_file, image_dir=image_dir)
+        )
+
+        def run(argv, results_dir):
+            cmd = [sys.executable, str(script), str(_free_port()), results_dir]
+            subprocess.run(
+                cmd + ["--config-file", str(config_file)] + argv, check=True, timeout=400
+            )
+
+        return run, json_file, image_dir
+
+    return make

@@ -5,12 +5,10 @@ and the refinement loss normaliser averaged over workers.
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import _write_coco
 from detectron2.engine import default_argument_parser
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
@@ -30,48 +28,6 @@ ABLATIONS = {
         "False",
     ],
 }
-
-# detectron2 v0.6's launch() insists on CUDA and NCCL; this is its _distributed_worker with gloo.
-# Each rank registers the dataset, runs train_net.main, and saves its model weights afterwards.
-WORKER = """
-import json, os, sys
-sys.path.insert(0, {root!r})
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from detectron2.data.datasets import register_coco_instances
-from detectron2.engine import default_argument_parser
-from detectron2.utils import comm
-import train_net
-
-
-def worker(rank, argv, port, out):
-    torch.set_num_threads(1)
-    url = f"tcp://127.0.0.1:{{port}}"
-    dist.init_process_group("gloo", init_method=url, world_size=2, rank=rank)
-    comm._LOCAL_PROCESS_GROUP = dist.new_group([0, 1])
-    register_coco_instances({name!r}, {{}}, {json_file!r}, {image_dir!r})
-    train = train_net.Trainer.train
-
-    def train_and_save(self):
-        ret = train(self)
-        torch.save(self.model.module.state_dict(), os.path.join(out, f"rank{{rank}}.pth"))
-        return ret
-
-    train_net.Trainer.train = train_and_save
-    results = train_net.main(default_argument_parser().parse_args(argv))
-    if comm.is_main_process() and results:
-        with open(os.path.join(out, "results.json"), "w") as f:
-            json.dump(results, f)
-    comm.synchronize()
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    port, out, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
-    os.makedirs(out, exist_ok=True)
-    mp.spawn(worker, nprocs=2, args=(argv, port, out))
-"""
 
 
 def _opts(name, out, tiny_opts):
@@ -97,26 +53,6 @@ def _opts(name, out, tiny_opts):
     ]  # fmt: skip
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _gloo_script(tmp_path, name):
-    json_file, image_dir = _write_coco(str(tmp_path / name), num_images=4, size=64)
-    script = tmp_path / "launch_gloo.py"
-    script.write_text(WORKER.format(root=ROOT, name=name, json_file=json_file, image_dir=image_dir))
-
-    def run(argv, results_dir):
-        cmd = [sys.executable, str(script), str(_free_port()), results_dir]
-        subprocess.run(cmd + ["--config-file", YAML] + argv, check=True, timeout=400)
-
-    return run, json_file, image_dir
-
-
 def _assert_ranks_equal_final(out):
     final = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["model"]
     ranks = [torch.load(os.path.join(out, f"rank{r}.pth"), weights_only=True) for r in (0, 1)]
@@ -127,18 +63,18 @@ def _assert_ranks_equal_final(out):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ablation", ["not_staggered", "no_t_head"])
-def test_two_process_cpu_training_of_the_ablations(tmp_path, tiny_opts, ablation):
+def test_two_process_cpu_training_of_the_ablations(tmp_path, tiny_opts, gloo_script, ablation):
     """The paper's ablation rows train under DDP (no unused parameter, no hang)."""
-    run, _, _ = _gloo_script(tmp_path, f"mimicdet_tiny_ddp_{ablation}")
+    run, _, _ = gloo_script(f"mimicdet_tiny_ddp_{ablation}", YAML)
     out = str(tmp_path / "out")
     run(_opts(f"mimicdet_tiny_ddp_{ablation}", out, tiny_opts) + ABLATIONS[ablation], out)
     _assert_ranks_equal_final(out)
 
 
 @pytest.mark.slow
-def test_two_process_cpu_training_and_evaluation(tmp_path, tiny_opts):
+def test_two_process_cpu_training_and_evaluation(tmp_path, tiny_opts, gloo_script):
     name = "mimicdet_tiny_ddp"
-    run, json_file, image_dir = _gloo_script(tmp_path, name)
+    run, json_file, image_dir = gloo_script(name, YAML)
     out = str(tmp_path / "out")
     opts = _opts(name, out, tiny_opts)
 

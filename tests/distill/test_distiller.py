@@ -193,3 +193,94 @@ def test_a_distillation_run_through_train_net_then_eval_only(tmp_path, teacher_f
     assert KD_TERMS <= logged  # each KD term reaches the event storage
     results = run("--eval-only", weights=final)
     assert {"AP", "AP50"} <= set(results["bbox"])
+
+
+def test_the_student_only_deploy_checkpoint_predicts_as_the_distillers_student(
+    teacher_files, make_inputs, tmp_path
+):
+    """tools/convert_to_deploy.py on a distiller checkpoint: the student alone, under its own
+    key names, loads strictly into the student's own config and predicts identically."""
+    import os
+    import subprocess
+    import sys
+
+    from mimicdet import WeightsOnlyCheckpointer
+
+    cfg = _distiller_cfg(teacher_files)
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0  # random weights: keep every candidate
+    torch.manual_seed(0)
+    distiller = build_model(cfg).eval()
+    WeightsOnlyCheckpointer(distiller, save_dir=str(tmp_path)).save("distilled")
+    tool = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "tools")
+    distilled, deploy = str(tmp_path / "distilled.pth"), str(tmp_path / "deploy.pth")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(tool, "convert_to_deploy.py"), distilled, deploy],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "kept the student alone" in proc.stdout
+
+    state = torch.load(deploy, weights_only=True)["model"]
+    assert set(state) == set(distiller.student.state_dict())  # no teacher, no adapters
+    student_cfg = _retinanet_cfg()
+    student_cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+    torch.manual_seed(5)  # another initialisation: only the checkpoint can make them agree
+    student = build_model(student_cfg).eval()
+    student.load_state_dict(state, strict=True)
+
+    inputs = [{"image": x["image"]} for x in make_inputs(num_images=2)]
+    with torch.no_grad():
+        expected, got = distiller(inputs), student(inputs)
+    for a, b in zip(expected, got):
+        a, b = a["instances"], b["instances"]
+        assert len(a) > 0
+        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+        assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_classes, b.pred_classes)
+
+
+@pytest.mark.slow
+def test_two_process_distillation_keeps_ranks_in_step(tmp_path, teacher_files, gloo_script):
+    """DDP (2 processes, gloo) with a teacher: every KD term on, no unused parameter, the same
+    student and adapters on both ranks as in the saved checkpoint, the teacher in none of them."""
+    config_file = tmp_path / "distill.yaml"
+    config_file.write_text(_distiller_cfg(teacher_files).dump())
+    name = "mimicdet_tiny_distill_ddp"
+    run, _, _ = gloo_script(name, config_file)
+    out = str(tmp_path / "out")
+    run(
+        [
+            "DATASETS.TRAIN", f"('{name}',)",
+            "DATASETS.TEST", f"('{name}',)",
+            "DATALOADER.NUM_WORKERS", "0",
+            "SOLVER.IMS_PER_BATCH", "2",  # one image per process
+            # random weights: a small, clipped step keeps the few iterations finite
+            "SOLVER.BASE_LR", "0.001",
+            "SOLVER.CLIP_GRADIENTS.ENABLED", "True",
+            "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm",
+            "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1.0",
+            "SOLVER.WARMUP_ITERS", "0",
+            "SOLVER.MAX_ITER", "3",
+            "SOLVER.CHECKPOINT_PERIOD", "100",
+            "INPUT.MIN_SIZE_TRAIN", "(64,)",
+            "INPUT.MAX_SIZE_TRAIN", "64",
+            "INPUT.MIN_SIZE_TEST", "64",
+            "INPUT.MAX_SIZE_TEST", "64",
+            "TEST.EVAL_PERIOD", "0",
+            "OUTPUT_DIR", out,
+        ],
+        out,
+    )  # fmt: skip
+    import os
+
+    final = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["model"]
+    assert any(k.startswith("kd_adapters.") for k in final)
+    assert all(k.startswith(("student.", "kd_adapters.")) for k in final)
+    initial = build_model(_distiller_cfg(teacher_files)).state_dict()
+    assert any(not torch.equal(v, initial[k]) for k, v in final.items())  # it trained
+    for rank in (0, 1):
+        state = torch.load(os.path.join(out, f"rank{rank}.pth"), weights_only=True)
+        assert state.keys() == final.keys()
+        for key, value in final.items():
+            assert torch.equal(state[key], value), (rank, key)
+    with open(os.path.join(out, "metrics.json")) as f:
+        logged = set().union(*(json.loads(line) for line in f))
+    assert KD_TERMS <= logged

@@ -11,18 +11,22 @@ this package.
 """
 
 from .config import add_distill_config
+from .dense_view import DenseView, candidate_matches, dense_view
 from .losses import defeat_losses, fgfi_loss, pfi_loss, rank_mimic_loss
 from .masks import defeat_foreground_masks, fgfi_masks
-from .meta_arch import Distiller, build_teacher, candidate_matches
+from .meta_arch import Distiller, build_teacher, distiller_arguments
 from .teacher import FrozenTeacher, load_teacher_weights
 
 __all__ = [
+    "DenseView",
     "Distiller",
     "FrozenTeacher",
     "add_distill_config",
     "build_teacher",
     "candidate_matches",
     "defeat_foreground_masks",
+    "dense_view",
+    "distiller_arguments",
     "defeat_losses",
     "fgfi_loss",
     "fgfi_masks",

@@ -2,49 +2,59 @@
 terms from a separate, frozen teacher detector."""
 
 import logging
-from typing import Dict, List
+import os
+from typing import Dict, List, Optional
 
 import torch
-from detectron2.config import configurable, get_cfg
+from detectron2.config import LazyConfig, configurable, get_cfg, instantiate
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
-from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
 from ..config import add_mimicdet_config
 from .config import add_distill_config
+from .dense_view import DenseView, candidate_matches, dense_view, same_anchors
 from .losses import defeat_losses, fgfi_loss, pfi_loss, rank_mimic_loss
 from .masks import defeat_foreground_masks, fgfi_masks
 from .teacher import FrozenTeacher, load_teacher_weights
 
-__all__ = ["Distiller", "build_teacher", "candidate_matches"]
+__all__ = ["Distiller", "build_teacher", "distiller_arguments"]
 
 logger = logging.getLogger(__name__)
 
 
-def build_teacher(cfg) -> FrozenTeacher:
+def build_teacher(
+    config_file: str, weights: str, device: str, allow_random: bool = False
+) -> FrozenTeacher:
     """
-    The teacher of ``cfg.MODEL.DISTILL.TEACHER``: built from its own config file on the student's
-    device, loaded strictly from its checkpoint, frozen. Without a checkpoint it is refused
-    unless ``TEACHER.ALLOW_RANDOM`` says otherwise (tests, smoke runs).
+    The teacher: built from its own config file (yacs ``.yaml`` or LazyConfig ``.py``) on the
+    student's device, loaded strictly from its checkpoint, frozen. Without a checkpoint it is
+    refused unless ``allow_random`` (``MODEL.DISTILL.TEACHER.ALLOW_RANDOM``: tests, smoke runs).
     """
-    tcfg_node = cfg.MODEL.DISTILL.TEACHER
-    if not tcfg_node.CONFIG_FILE:
+    if not config_file:
         raise ValueError("MODEL.DISTILL.TEACHER.CONFIG_FILE is empty: the teacher needs a config")
-    tcfg = get_cfg()
-    add_mimicdet_config(tcfg)
-    add_distill_config(tcfg)
-    tcfg.merge_from_file(tcfg_node.CONFIG_FILE)
-    tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
-    if tcfg.MODEL.META_ARCHITECTURE == "Distiller":
-        raise ValueError(f"The teacher config {tcfg_node.CONFIG_FILE} is itself a distiller")
-    tcfg.freeze()
-    model = build_model(tcfg)
-    if tcfg_node.WEIGHTS:
-        load_teacher_weights(model, tcfg_node.WEIGHTS)
-    elif tcfg_node.ALLOW_RANDOM:
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"MODEL.DISTILL.TEACHER.CONFIG_FILE {config_file} does not exist")
+    if config_file.endswith(".py"):
+        model = instantiate(LazyConfig.load(config_file).model)
+        if isinstance(model, Distiller):
+            raise ValueError(f"The teacher config {config_file} is itself a distiller")
+        model.to(device)
+    else:
+        tcfg = get_cfg()
+        add_mimicdet_config(tcfg)
+        add_distill_config(tcfg)
+        tcfg.merge_from_file(config_file)
+        tcfg.MODEL.DEVICE = device
+        if tcfg.MODEL.META_ARCHITECTURE == "Distiller":
+            raise ValueError(f"The teacher config {config_file} is itself a distiller")
+        tcfg.freeze()
+        model = build_model(tcfg)
+    if weights:
+        load_teacher_weights(model, weights)
+    elif allow_random:
         logger.warning("The teacher keeps its random initialisation (TEACHER.ALLOW_RANDOM True)")
     else:
         raise ValueError(
@@ -54,29 +64,27 @@ def build_teacher(cfg) -> FrozenTeacher:
     return FrozenTeacher(model)
 
 
-@torch.no_grad()
-def candidate_matches(
-    detector: DenseDetector, anchors: List[Boxes], gt_instances: List[Instances]
-) -> List[Tensor]:
+def distiller_arguments(distill_cfg) -> Dict:
     """
-    The one function through which Rank Mimicking asks a dense detector for its positives: per
-    image, ``(R,)`` the index of the GT each anchor (all levels concatenated) is a positive of,
-    -1 for the others. FCOS: its own ``match_anchors``; RetinaNet: its IoU ``anchor_matcher``,
-    keeping the foreground label only (ignored anchors are not candidates).
+    The :class:`Distiller` arguments other than the student and the teacher, from a
+    ``MODEL.DISTILL`` node: what a LazyConfig passes to ``L(Distiller)`` beside its models.
     """
-    if hasattr(detector, "match_anchors"):
-        return detector.match_anchors(anchors, gt_instances)
-    if not hasattr(detector, "anchor_matcher"):
-        raise ValueError(f"{type(detector).__name__} has no anchor assigner to rank-mimic")
-    all_anchors = Boxes.cat(anchors)
-    matches = []
-    for gt in gt_instances:
-        if len(gt) == 0:
-            matches.append(torch.full((len(all_anchors),), -1, device=all_anchors.device))
-            continue
-        matched, labels = detector.anchor_matcher(pairwise_iou(gt.gt_boxes, all_anchors))
-        matches.append(torch.where(labels == 1, matched, torch.full_like(matched, -1)))
-    return matches
+    return {
+        "features": list(distill_cfg.FEATURES),
+        "adapter_kernel": distill_cfg.ADAPTER_KERNEL,
+        "warmup_iters": distill_cfg.WARMUP_ITERS,
+        "weights": {
+            "fgfi": distill_cfg.FGFI.WEIGHT,
+            "defeat_fg": distill_cfg.DEFEAT.FG_WEIGHT,
+            "defeat_bg": distill_cfg.DEFEAT.BG_WEIGHT,
+            "rank": distill_cfg.RANK.WEIGHT,
+            "pfi": distill_cfg.PFI.WEIGHT,
+        },
+        "fgfi_psi": distill_cfg.FGFI.PSI,
+        "fgfi_per_level_threshold": distill_cfg.FGFI.PER_LEVEL_THRESHOLD,
+        "defeat_canonical_box_size": distill_cfg.DEFEAT.CANONICAL_BOX_SIZE,
+        "defeat_canonical_level": distill_cfg.DEFEAT.CANONICAL_LEVEL,
+    }
 
 
 @META_ARCH_REGISTRY.register()
@@ -133,7 +141,7 @@ class Distiller(nn.Module):
         self.fgfi_psi = fgfi_psi
         self.fgfi_per_level_threshold = fgfi_per_level_threshold
         self.defeat_canonical = (defeat_canonical_box_size, defeat_canonical_level)
-        self._check_compatible()
+        self.teacher_dense = self._check_compatible()
         # the head level of each imitated feature, for the terms that read the student's head
         self.head_levels = []
         if self.weights.keys() & {"fgfi", "rank", "pfi"}:
@@ -165,27 +173,20 @@ class Distiller(nn.Module):
         student_cfg.defrost()
         student_cfg.MODEL.META_ARCHITECTURE = dcfg.STUDENT_META_ARCHITECTURE
         student_cfg.freeze()
+        tcfg = dcfg.TEACHER
         return {
             "student": build_model(student_cfg),
-            "teacher": build_teacher(cfg),
-            "features": dcfg.FEATURES,
-            "adapter_kernel": dcfg.ADAPTER_KERNEL,
-            "warmup_iters": dcfg.WARMUP_ITERS,
-            "weights": {
-                "fgfi": dcfg.FGFI.WEIGHT,
-                "defeat_fg": dcfg.DEFEAT.FG_WEIGHT,
-                "defeat_bg": dcfg.DEFEAT.BG_WEIGHT,
-                "rank": dcfg.RANK.WEIGHT,
-                "pfi": dcfg.PFI.WEIGHT,
-            },
-            "fgfi_psi": dcfg.FGFI.PSI,
-            "fgfi_per_level_threshold": dcfg.FGFI.PER_LEVEL_THRESHOLD,
-            "defeat_canonical_box_size": dcfg.DEFEAT.CANONICAL_BOX_SIZE,
-            "defeat_canonical_level": dcfg.DEFEAT.CANONICAL_LEVEL,
+            "teacher": build_teacher(
+                tcfg.CONFIG_FILE, tcfg.WEIGHTS, cfg.MODEL.DEVICE, tcfg.ALLOW_RANDOM
+            ),
+            **distiller_arguments(dcfg),
         }
 
-    def _check_compatible(self):
-        """Clear errors at construction for what would otherwise fail (or mislead) mid-training."""
+    def _check_compatible(self) -> Optional[DenseView]:
+        """
+        Clear errors at construction for what would otherwise fail (or mislead) mid-training.
+        Returns the teacher's dense predictions when a term compares class logits.
+        """
         student, teacher = self.student, self.teacher.model
         for name, model in (("student", student), ("teacher", teacher)):
             missing = set(self.features) - set(model.backbone.output_shape())
@@ -201,19 +202,29 @@ class Distiller(nn.Module):
                     f"MODEL.DISTILL.FEATURES {self.features}, which must be among its head "
                     f"levels {student.head_in_features}"
                 )
-        if self.weights.keys() & {"rank", "pfi"} and not (
-            isinstance(teacher, DenseDetector)
-            and teacher.head_in_features == student.head_in_features
+        if not self.weights.keys() & {"rank", "pfi"}:
+            return None
+        view = dense_view(teacher, student.num_classes)
+        if view.in_features != list(student.head_in_features) or not same_anchors(
+            view.anchor_generator, student.anchor_generator
         ):
             raise ValueError(
-                "Rank Mimicking and PFI compare the teacher's class logits with the student's: "
-                f"the teacher must be a dense detector on the same levels, got "
-                f"{type(teacher).__name__}"
+                "Rank Mimicking and PFI compare the teacher's class logit of each student "
+                f"anchor: the teacher's dense predictions ({type(teacher).__name__} on "
+                f"{view.in_features}) must use the student's levels "
+                f"{list(student.head_in_features)} and the same anchors (ANCHOR_GENERATOR)"
             )
+        return view
 
     @property
     def device(self):
         return self.student.device
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device), .half(), ... reach the teacher too, though it is not a submodule: a
+        # LazyConfig builds it on the CPU and train_net moves the whole model
+        self.teacher.model._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):
         """As the student's ``forward``; in training its losses plus the KD terms."""
@@ -247,8 +258,8 @@ class Distiller(nn.Module):
                 )
             t_features = teacher.backbone(t_images.tensor)
             t_logits = None
-            if self.weights.keys() & {"rank", "pfi"}:
-                t_logits = teacher.head([t_features[f] for f in teacher.head_in_features])[0]
+            if self.teacher_dense is not None:
+                t_logits = self.teacher_dense.class_logits(t_features)
         levels = self.head_levels
         s_logits = predictions[0]
         grids = [tuple(features[f].shape[-2:]) for f in self.features]
@@ -304,7 +315,7 @@ class Distiller(nn.Module):
 
     def _rank_loss(self, anchors, s_logits, t_logits, gt_instances) -> Tensor:
         """Rank Mimicking over the teacher's positives of each GT, at the GT's class."""
-        matches = candidate_matches(self.teacher.model, anchors, gt_instances)
+        matches = candidate_matches(self.teacher_dense.assigner, anchors, gt_instances)
         num_classes = self.student.num_classes
         s_flat = cat([permute_to_N_HWA_K(x, num_classes) for x in s_logits], dim=1)
         t_flat = cat([permute_to_N_HWA_K(x, num_classes) for x in t_logits], dim=1)

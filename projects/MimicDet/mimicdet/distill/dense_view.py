@@ -1,0 +1,106 @@
+"""
+What Rank Mimicking and PFI read from a teacher: a class logit per student anchor, and an
+assigner that picks each GT's candidate anchors. A dense detector (RetinaNet, FCOS) has both in
+its head; a two-stage detector's dense stage is its RPN, whose objectness is the one class logit
+of a single-class problem.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List
+
+import torch
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
+from detectron2.modeling.proposal_generator.rpn import RPN
+from detectron2.structures import Boxes, Instances, pairwise_iou
+from torch import Tensor, nn
+
+__all__ = ["DenseView", "candidate_matches", "dense_view"]
+
+
+@dataclass
+class DenseView:
+    """
+    Attributes:
+        in_features: the pyramid levels the predictions are made on, in the head's order.
+        class_logits: FPN features (by name) -> per level ``(N, A*K, H, W)`` class logits.
+        assigner: a module with FCOS's ``match_anchors`` or an IoU ``anchor_matcher``.
+        anchor_generator: the anchors the logits belong to.
+    """
+
+    in_features: List[str]
+    class_logits: Callable[[Dict[str, Tensor]], List[Tensor]]
+    assigner: nn.Module
+    anchor_generator: nn.Module
+
+
+def dense_view(detector: nn.Module, num_classes: int) -> DenseView:
+    """
+    The dense predictions of ``detector`` for a student with ``num_classes`` classes:
+    a ``DenseDetector``'s head, or a ``GeneralizedRCNN``'s RPN when ``num_classes`` is 1 (ours:
+    the RPN's objectness stands for the one class; with more classes it has no per-class score).
+    """
+    if isinstance(detector, DenseDetector) and isinstance(detector.head, nn.Module):
+        levels = list(detector.head_in_features)
+        return DenseView(
+            levels,
+            lambda features: detector.head([features[f] for f in levels])[0],
+            detector,
+            detector.anchor_generator,
+        )
+    if isinstance(detector, GeneralizedRCNN) and isinstance(detector.proposal_generator, RPN):
+        if num_classes != 1:
+            raise ValueError(
+                "Rank Mimicking and PFI from a two-stage teacher read its RPN's class-agnostic "
+                f"objectness, which stands for a class only when there is one; the student has "
+                f"{num_classes} classes"
+            )
+        rpn = detector.proposal_generator
+        levels = list(rpn.in_features)
+        return DenseView(
+            levels,
+            lambda features: rpn.rpn_head([features[f] for f in levels])[0],
+            rpn,
+            rpn.anchor_generator,
+        )
+    raise ValueError(
+        f"Rank Mimicking and PFI need a teacher with dense class predictions (a detectron2 "
+        f"DenseDetector with one head, or a GeneralizedRCNN with an RPN), got "
+        f"{type(detector).__name__} (MimicDet's S-head reads refined boxes, not fixed anchors)"
+    )
+
+
+def same_anchors(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two anchor generators place the same anchors, in the same order."""
+    cells_a, cells_b = list(a.cell_anchors), list(b.cell_anchors)
+    return (
+        list(a.strides) == list(b.strides)
+        and a.offset == b.offset
+        and len(cells_a) == len(cells_b)
+        and all(x.shape == y.shape and torch.allclose(x, y) for x, y in zip(cells_a, cells_b))
+    )
+
+
+@torch.no_grad()
+def candidate_matches(
+    assigner: nn.Module, anchors: List[Boxes], gt_instances: List[Instances]
+) -> List[Tensor]:
+    """
+    The one function through which Rank Mimicking asks an assigner for its positives: per
+    image, ``(R,)`` the index of the GT each anchor (all levels concatenated) is a positive of,
+    -1 for the others. FCOS: its own ``match_anchors``; RetinaNet and the RPN: their IoU
+    ``anchor_matcher``, keeping the foreground label only (ignored anchors are not candidates).
+    """
+    if hasattr(assigner, "match_anchors"):
+        return assigner.match_anchors(anchors, gt_instances)
+    if not hasattr(assigner, "anchor_matcher"):
+        raise ValueError(f"{type(assigner).__name__} has no anchor assigner to rank-mimic")
+    all_anchors = Boxes.cat(anchors)
+    matches = []
+    for gt in gt_instances:
+        if len(gt) == 0:
+            matches.append(torch.full((len(all_anchors),), -1, device=all_anchors.device))
+            continue
+        matched, labels = assigner.anchor_matcher(pairwise_iou(gt.gt_boxes, all_anchors))
+        matches.append(torch.where(labels == 1, matched, torch.full_like(matched, -1)))
+    return matches
