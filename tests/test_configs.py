@@ -169,3 +169,65 @@ def test_deepforest_mimicdet_sets_the_t_head_keys_as_the_base_config():
     )
     for key in keys + ["MODEL.META_ARCHITECTURE", "MODEL.FPN.IN_FEATURES"]:
         assert deepforest[key] == base[key], key
+
+
+DISTILL_CONFIGS = os.path.join(CONFIGS, "DeepForest", "distill")
+DISTILLED = sorted(
+    f for f in os.listdir(DISTILL_CONFIGS) if "_from_" in f and f != "fcos_from_frcnn.py"
+)
+
+
+def _distill_yaml(name):
+    cfg = get_cfg()
+    add_mimicdet_config(cfg)
+    add_distill_config(cfg)
+    cfg.merge_from_file(os.path.join(DISTILL_CONFIGS, name))
+    return cfg
+
+
+@pytest.mark.parametrize("name", DISTILLED)
+def test_a_distilled_deepforest_student_differs_from_its_baseline_by_distillation_only(name):
+    """Same data, schedule, seed and student as the undistilled baseline; a teacher config that
+    exists; a model that builds (with the teacher's random weights: no checkpoint in CI)."""
+    if name.endswith(".yaml"):
+        cfg, baseline = _distill_yaml(name), _distill_yaml("retinanet_MNV2_FPN_student.yaml")
+        ours, theirs = _flat(cfg), _flat(baseline)
+        changed = {k for k in ours if ours[k] != theirs[k]}
+        assert changed <= {"MODEL.META_ARCHITECTURE", "OUTPUT_DIR"} | {
+            k for k in ours if k.startswith("MODEL.DISTILL.")
+        }, sorted(changed)
+        assert cfg.MODEL.DISTILL.STUDENT_META_ARCHITECTURE == baseline.MODEL.META_ARCHITECTURE
+        teacher = cfg.MODEL.DISTILL.TEACHER
+        assert os.path.isfile(os.path.join(ROOT, teacher.CONFIG_FILE))
+        cfg.MODEL.DISTILL.TEACHER.WEIGHTS, cfg.MODEL.DISTILL.TEACHER.ALLOW_RANDOM = "", True
+        cfg.MODEL.DEVICE = "cpu"
+        cwd = os.getcwd()
+        os.chdir(ROOT)  # teacher paths are relative to the repository, as train_net runs
+        try:
+            model = build_model(cfg)
+        finally:
+            os.chdir(cwd)
+    else:
+        cfg = LazyConfig.load(os.path.join(DISTILL_CONFIGS, name))
+        baseline = LazyConfig.load(os.path.join(DISTILL_CONFIGS, "fcos_MNV2_FPN_student.py"))
+        for key in ["dataloader", "lr_multiplier"]:
+            assert cfg[key] == baseline[key], key
+        # the clipping optimizer is a class made anew on each load: compare it by name
+        optimizer, base_optimizer = dict(cfg.optimizer), dict(baseline.optimizer)
+        assert optimizer.pop("_target_").__name__ == base_optimizer.pop("_target_").__name__
+        assert optimizer == base_optimizer
+        student = instantiate(baseline.model)
+        assert {k: v for k, v in cfg.train.items() if k != "output_dir"} == {
+            k: v for k, v in baseline.train.items() if k != "output_dir"
+        }
+        assert os.path.isfile(os.path.join(ROOT, cfg.model.teacher.config_file))
+        cfg.model.teacher.weights, cfg.model.teacher.allow_random = "", True
+        cwd = os.getcwd()
+        os.chdir(ROOT)
+        try:
+            model = instantiate(cfg.model)
+        finally:
+            os.chdir(cwd)
+        # the distiller's student is the baseline's model, setting for setting
+        assert _settings(model.student) == _settings(student)
+    assert type(model).__name__ == "Distiller" and model.weights
