@@ -144,6 +144,17 @@ def add_mimicdet_config(cfg):
     _C.MODEL.MIMICDET.T_HEAD.NUM_FC = 2
     # paper: 1024-d fcs in both paths (the regression path has one)
     _C.MODEL.MIMICDET.T_HEAD.FC_DIM = 1024
+    # paper: "shared", the T-head pools from the backbone and pyramid the S-head trains. The
+    # paper's "shared versus separated backbone" ablation puts the T-head on a pyramid of its own
+    # (a second MODEL.BACKBONE, `t_backbone.*` in checkpoints, training only):
+    #   "separate_joint": built from the same initialisation as the shared one, trained jointly
+    #     by the T-head's losses (the mimic gradient stops at the T-head, as DETACH_TEACHER says)
+    #   "separate_frozen": the T-head and its pyramid loaded from a trained MimicDet checkpoint
+    #     (FROZEN_WEIGHTS: its backbone.* and roi_heads.*) and frozen; no T-head loss
+    # The deploy model is the same in every mode (the T-head and its pyramid never run there).
+    _C.MODEL.MIMICDET.T_HEAD.BACKBONE = "shared"
+    # "separate_frozen" only: the trained MimicDet checkpoint the frozen T-head comes from
+    _C.MODEL.MIMICDET.T_HEAD.FROZEN_WEIGHTS = ""
 
     _C.MODEL.MIMICDET.MIMIC = CN()
     # paper: mimic loss on; False is the "S-head alone" ablation (no mimic loss)

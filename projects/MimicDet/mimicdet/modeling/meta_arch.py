@@ -46,6 +46,8 @@ class MimicDet(DenseDetector):
         refinement: RefinementModule,
         s_head: SHead,
         t_head: Optional[nn.Module],
+        t_backbone: Optional[Backbone] = None,
+        t_head_frozen: bool = False,
         head_in_features: List[str],
         num_classes: int,
         mimic_paths: Sequence[str],
@@ -65,6 +67,10 @@ class MimicDet(DenseDetector):
                 training), e.g. :class:`StaggeredFPN`.
             refinement, s_head: the dense modules on ``head_in_features``.
             t_head: the T-head (:class:`MimicTHead`), or None to train the S-head alone.
+            t_backbone: None (the paper) pools the T-head from ``backbone``; a second pyramid
+                gives the T-head a backbone of its own (the "separated backbone" ablation).
+            t_head_frozen: ``t_head`` and ``t_backbone`` are a trained, fixed teacher: they get
+                no gradient and no T-head loss, and their batch norms stay in eval mode.
             head_in_features: the dense levels, e.g. ``["p3", ..., "p7"]``.
             num_classes: foreground classes ``C``.
             mimic_paths: subset of ``("cls", "reg")`` to mimic; empty turns mimicking off.
@@ -80,9 +86,15 @@ class MimicDet(DenseDetector):
             backbone, None, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std
         )
         assert t_head is not None or not mimic_paths, "mimicking needs the T-head"
+        assert t_backbone is not None or not t_head_frozen, "only a separate T-head is frozen"
         self.refinement = refinement
         self.s_head = s_head
         self.roi_heads = t_head
+        self.t_backbone = t_backbone
+        self.t_head_frozen = t_head_frozen
+        if t_head_frozen:
+            t_backbone.requires_grad_(False)
+            t_head.requires_grad_(False)
         self.num_classes = num_classes
         self.mimic_paths = list(mimic_paths)
         self.mimic_per_image = mimic_per_image
@@ -93,7 +105,11 @@ class MimicDet(DenseDetector):
         self.test_nms_thresh = test_nms_thresh
         self.max_detections_per_image = max_detections_per_image
         self.register_load_state_dict_post_hook(_explain_absent_training_only_weights)
-        _check_training_levels(backbone, t_head, head_in_features)
+        if t_backbone is None:
+            _check_training_levels(backbone, t_head, head_in_features)
+        else:
+            _check_training_levels(backbone, None, head_in_features)
+            _check_training_levels(t_backbone, t_head, head_in_features)
         if t_head is not None and t_head.level_assigner != refinement.level_assigner:
             # the T-head levels its appended GT boxes as the refinement levels the GTs
             raise ValueError(
@@ -103,16 +119,18 @@ class MimicDet(DenseDetector):
 
     @classmethod
     def from_config(cls, cfg):
-        backbone = build_backbone(cfg)
-        shapes = backbone.output_shape()
         mcfg = cfg.MODEL.MIMICDET
+        backbone, t_backbone, t_head, frozen = _build_backbones_and_t_head(cfg)
+        shapes = backbone.output_shape()
         dense_shapes = [shapes[f] for f in mcfg.REFINE.IN_FEATURES]
         weights = mcfg.LOSS_WEIGHTS
         return {
             "backbone": backbone,
             "refinement": RefinementModule(cfg, dense_shapes),
             "s_head": SHead(cfg, dense_shapes),
-            "t_head": build_roi_heads(cfg, shapes) if mcfg.T_HEAD.ENABLED else None,
+            "t_head": t_head,
+            "t_backbone": t_backbone,
+            "t_head_frozen": frozen,
             "head_in_features": mcfg.REFINE.IN_FEATURES,
             "num_classes": cfg.MODEL.ROI_HEADS.NUM_CLASSES,
             "mimic_paths": mcfg.MIMIC.PATHS if mcfg.MIMIC.ENABLED else [],
@@ -174,22 +192,36 @@ class MimicDet(DenseDetector):
         if self.training:
             raise RuntimeError("teacher_inference runs at inference only: call model.eval() first")
         images = self.preprocess_image(batched_inputs)
-        # the staggered FPN builds the T-head's finer level only in training mode; batch norms
-        # stay in eval mode so that no running statistic moves and no batch statistic is used
-        self.backbone.train()
-        for m in self.backbone.modules():
+        # the T-head's pyramid (the shared one, or its own) builds the T-head's finer level only
+        # in training mode; batch norms stay in eval mode so that no running statistic moves and
+        # no batch statistic is used
+        t_backbone = self.t_backbone if self.t_backbone is not None else self.backbone
+        t_backbone.train()
+        for m in t_backbone.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
         try:
-            features = self.backbone(images.tensor)
+            t_features = t_backbone(images.tensor)
         finally:
-            self.backbone.eval()
+            t_backbone.eval()
+        features = t_features if self.t_backbone is None else self.backbone(images.tensor)
         refined, _, _ = self._top_refined_boxes(features, images.image_sizes)
         results = [
             self.inference_single_image(r, logits, deltas)
-            for r, (logits, deltas) in zip(refined, self.roi_heads.predict(features, refined))
+            for r, (logits, deltas) in zip(refined, self.roi_heads.predict(t_features, refined))
         ]
         return self._postprocess(results, batched_inputs, images.image_sizes)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.t_head_frozen:
+            # a fixed teacher: its batch statistics never move (its pyramid stays in training
+            # mode otherwise, for the staggered level only training computes)
+            for module in (self.t_backbone, self.roi_heads):
+                for m in module.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+        return self
 
     def _postprocess(self, results, batched_inputs, image_sizes):
         processed = []
@@ -254,8 +286,15 @@ class MimicDet(DenseDetector):
         losses.update(self.s_head.losses(refined, s_logits, s_deltas, gt_instances))
 
         if self.roi_heads is not None:
-            sampled, t_losses = self.roi_heads(images, features, refined, gt_instances)
-            losses.update(t_losses)
+            t_features = features
+            if self.t_backbone is not None:
+                with torch.set_grad_enabled(not self.t_head_frozen):
+                    t_features = self.t_backbone(images.tensor)
+            sampled, t_losses = self.roi_heads(images, t_features, refined, gt_instances)
+            if not self.t_head_frozen:
+                if self.t_backbone is not None:
+                    t_losses = _touch_unpooled_levels(t_losses, t_features, self.roi_heads)
+                losses.update(t_losses)
             if self.mimic_paths:
                 # flattened like the other dense outputs, so anchor_index addresses it
                 reg_dim = s_reg_feats[0].shape[1]
@@ -359,6 +398,71 @@ def _level_positions(
     return positions, torch.argsort(cat(grouped)), image
 
 
+def _build_backbones_and_t_head(cfg):
+    """
+    The shared backbone, and by ``MODEL.MIMICDET.T_HEAD.BACKBONE`` the T-head's own pyramid (or
+    None), the T-head (or None) and whether the T-head is frozen.
+    """
+    mcfg = cfg.MODEL.MIMICDET
+    mode = mcfg.T_HEAD.BACKBONE
+    modes = ("shared", "separate_joint", "separate_frozen")
+    if mode not in modes:
+        raise ValueError(f"MODEL.MIMICDET.T_HEAD.BACKBONE is {mode!r}; choose one of {modes}")
+    if mode == "shared" or not mcfg.T_HEAD.ENABLED:
+        backbone = build_backbone(cfg)
+        t_head = build_roi_heads(cfg, backbone.output_shape()) if mcfg.T_HEAD.ENABLED else None
+        return backbone, None, t_head, False
+    # the T-head's pyramid is built as the shared one would be for it (the finest level in
+    # training when staggered); the S-side one as with no T-head (nothing reads its finest level)
+    t_backbone = build_backbone(cfg)
+    s_cfg = cfg.clone()
+    s_cfg.defrost()
+    s_cfg.MODEL.MIMICDET.T_HEAD.ENABLED = False
+    backbone = build_backbone(s_cfg)
+    t_head = build_roi_heads(cfg, t_backbone.output_shape())
+    if mode == "separate_joint":
+        # the same initialisation: only the training that follows tells the two apart
+        t_backbone.load_state_dict(backbone.state_dict())
+        return backbone, t_backbone, t_head, False
+    _load_frozen_t_head(mcfg.T_HEAD.FROZEN_WEIGHTS, t_backbone, t_head)
+    return backbone, t_backbone, t_head, True
+
+
+def _load_frozen_t_head(path: str, t_backbone: Backbone, t_head: nn.Module):
+    """Load a trained MimicDet's ``backbone.*`` and ``roi_heads.*`` strictly, or say why not."""
+    if not path:
+        raise ValueError(
+            'MODEL.MIMICDET.T_HEAD.BACKBONE "separate_frozen" needs T_HEAD.FROZEN_WEIGHTS: the '
+            "checkpoint of a trained MimicDet (a full one, not a deploy one)"
+        )
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("model", checkpoint)
+    for prefix, module in (("backbone.", t_backbone), ("roi_heads.", t_head)):
+        part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        try:
+            module.load_state_dict(part, strict=True)
+        except RuntimeError as e:
+            raise ValueError(
+                f"T_HEAD.FROZEN_WEIGHTS {path}: its {prefix}* tensors do not make the frozen "
+                f"T-head (a deploy checkpoint has no T-head): {e}"
+            ) from e
+    logger.info(f"Frozen T-head and its own pyramid loaded from {path}")
+
+
+def _touch_unpooled_levels(t_losses, t_features, t_head) -> Dict[str, Tensor]:
+    """
+    The T-head's own pyramid computes levels the T-head never pools (P7 when staggered); DDP
+    without ``find_unused_parameters`` would wait forever for their convs' gradients, so they
+    join the T-head's loss with weight 0.
+    """
+    pooled = {f"p{lvl}" for lvl in t_head.pool_levels}
+    unused = [x.sum() for f, x in t_features.items() if f not in pooled]
+    if unused:
+        name = next(iter(t_losses))
+        t_losses = {**t_losses, name: t_losses[name] + 0.0 * sum(unused)}
+    return t_losses
+
+
 def _check_training_levels(backbone: Backbone, t_head: Optional[nn.Module], head_in_features):
     """
     In training, every level the backbone computes must be read (DDP runs without
@@ -390,10 +494,11 @@ def mean_over_workers(x: Tensor) -> Tensor:
 
 def _explain_absent_training_only_weights(model: MimicDet, incompatible_keys):
     """
-    A deployed checkpoint (``tools/convert_to_deploy.py``) has no T-head and no P2 branch; say so
+    A deployed checkpoint (``tools/convert_to_deploy.py``) has no T-head (nor its own pyramid,
+    ``t_backbone.*``) and no P2 branch; say so
     once instead of listing every tensor as missing.
     """
-    prefixes = ["roi_heads."]
+    prefixes = ["roi_heads.", "t_backbone."]
     for name in getattr(model.backbone, "training_only_modules", []):
         prefixes.append(f"backbone.{name}.")
     absent = [k for k in incompatible_keys.missing_keys if k.startswith(tuple(prefixes))]
