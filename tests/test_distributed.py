@@ -21,6 +21,7 @@ YAML = os.path.join(ROOT, "configs", "COCO-Detection", "mimicdet_R_50_FPN_1x.yam
 ABLATIONS = {
     "default": [],
     "not_staggered": ["MODEL.MIMICDET.STAGGERED", "False"],
+    "separate_joint": ["MODEL.MIMICDET.T_HEAD.BACKBONE", "separate_joint"],
     "no_t_head": [
         "MODEL.MIMICDET.T_HEAD.ENABLED",
         "False",
@@ -62,7 +63,7 @@ def _assert_ranks_equal_final(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ablation", ["not_staggered", "no_t_head"])
+@pytest.mark.parametrize("ablation", ["not_staggered", "no_t_head", "separate_joint"])
 def test_two_process_cpu_training_of_the_ablations(tmp_path, tiny_opts, gloo_script, ablation):
     """The paper's ablation rows train under DDP (no unused parameter, no hang)."""
     run, _, _ = gloo_script(f"mimicdet_tiny_ddp_{ablation}", YAML)
