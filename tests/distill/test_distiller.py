@@ -284,3 +284,52 @@ def test_two_process_distillation_keeps_ranks_in_step(tmp_path, teacher_files, g
     with open(os.path.join(out, "metrics.json")) as f:
         logged = set().union(*(json.loads(line) for line in f))
     assert KD_TERMS <= logged
+
+
+@pytest.mark.slow
+def test_a_lazyconfig_fcos_distillation_through_train_net_then_eval_only(tmp_path, tiny_coco):
+    """The DeepForest FCOS + DeFeat LazyConfig through train_net.py on a tiny dataset at batch 2:
+    a checkpoint of the student and adapters, then --eval-only of it with COCOEvaluator."""
+    import os
+    import sys
+
+    from detectron2.engine import default_argument_parser
+
+    root = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)
+    sys.path.insert(0, root)
+    import train_net
+
+    configs = os.path.join(root, "configs", "DeepForest", "distill")
+    config = os.path.join(configs, "fcos_defeat_from_frcnn.py")
+    name = tiny_coco("mimicdet_tiny_lazy_distill")
+    out = str(tmp_path / "out")
+    opts = [
+        f"dataloader.train.dataset.names=['{name}']",
+        f"dataloader.test.dataset.names={name}",
+        "dataloader.train.total_batch_size=2",
+        "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0",
+        "dataloader.train.mapper.augmentations.0.short_edge_length=[96]",
+        "dataloader.test.mapper.augmentations.0.short_edge_length=96",
+        "model.student.num_classes=2",
+        "model.teacher.weights=''",
+        "model.teacher.allow_random=True",
+        f"model.teacher.config_file={configs}/faster_rcnn_MNV2_FPN_teacher.yaml",
+        "train.max_iter=2",
+        f"train.output_dir={out}",
+    ]  # fmt: skip
+    argv = ["--config-file", config, "--num-gpus", "0"]
+    train_net.main(default_argument_parser().parse_args(argv + opts))
+    final = os.path.join(out, "model_final.pth")
+    state = torch.load(final, weights_only=True)["model"]
+    assert any(k.startswith("kd_adapters.") for k in state)
+    assert all(k.startswith(("student.", "kd_adapters.")) for k in state)
+    with open(os.path.join(out, "metrics.json")) as f:
+        logged = set().union(*(json.loads(line) for line in f))
+    assert {"loss_kd_defeat_fg", "loss_kd_defeat_bg", "loss_fcos_cls"} <= logged
+    results = train_net.main(
+        default_argument_parser().parse_args(
+            argv + ["--eval-only"] + opts + [f"train.init_checkpoint={final}"]
+        )
+    )
+    assert {"AP", "AP50"} <= set(results["bbox"])
