@@ -48,8 +48,10 @@ def add_distill_config(cfg):
     _C.MODEL.DISTILL.DEFEAT.CANONICAL_LEVEL = 4
 
     # Rank Mimicking and Prediction-guided Feature Imitation (Li et al., AAAI 2022):
-    # loss_kd_rank, loss_kd_pfi; both need a dense teacher whose class logits have the student's
-    # shapes (same anchors per location and classes)
+    # loss_kd_rank, loss_kd_pfi; both need the teacher's class logit of each student anchor (same
+    # levels and anchors): a dense teacher's head, or (ours, no paper pairs them) a two-stage
+    # teacher's RPN objectness, which stands for the class of a single-class dataset only
+    # (mimicdet/distill/dense_view.py)
     _C.MODEL.DISTILL.RANK = CN()
     # public port: 4
     _C.MODEL.DISTILL.RANK.WEIGHT = 0.0
