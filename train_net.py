@@ -25,15 +25,15 @@ from detectron2.engine import (
     default_argument_parser,
     default_setup,
     default_writers,
-    hooks,
-    launch,
 )
 from detectron2.engine import defaults as engine_defaults
+from detectron2.engine import hooks, launch
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from mimicdet import WeightsOnlyCheckpointer, add_distill_config, add_mimicdet_config
 from mimicdet.data import MimicDetDatasetMapper, check_detection_dataset_dicts
+from mimicdet.distill import Distiller
 from mimicdet.evaluation import HAS_DETECTRON2_OPS
 
 logger = logging.getLogger("detectron2")
@@ -137,10 +137,22 @@ def setup_yaml(args):
     return cfg
 
 
+def build_evaluation_model(cfg):
+    """
+    The model that --eval-only evaluates: a distiller without its teacher (evaluation runs the
+    student alone, so the teacher's checkpoint need not be at hand), any other model as trained.
+    """
+    if cfg.MODEL.META_ARCHITECTURE != "Distiller":
+        return Trainer.build_model(cfg)
+    model = Distiller(cfg, with_teacher=False)
+    model.to(torch.device(cfg.MODEL.DEVICE))
+    return model
+
+
 def main_yaml(args):
     cfg = setup_yaml(args)
     if args.eval_only:
-        model = Trainer.build_model(cfg)
+        model = build_evaluation_model(cfg)
         WeightsOnlyCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )

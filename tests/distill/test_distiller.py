@@ -191,8 +191,38 @@ def test_a_distillation_run_through_train_net_then_eval_only(tmp_path, teacher_f
     with open(os.path.join(out, "metrics.json")) as f:
         logged = set().union(*(json.loads(line) for line in f))
     assert KD_TERMS <= logged  # each KD term reaches the event storage
+    os.remove(teacher_files[1])  # evaluation runs the student alone: no teacher is loaded
     results = run("--eval-only", weights=final)
     assert {"AP", "AP50"} <= set(results["bbox"])
+
+
+def test_a_distiller_without_its_teacher_evaluates_the_trained_student_and_refuses_to_train(
+    teacher_files, make_inputs, tmp_path, caplog
+):
+    import logging
+
+    from mimicdet import WeightsOnlyCheckpointer
+    from mimicdet.distill import Distiller
+
+    cfg = _distiller_cfg(teacher_files)
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+    torch.manual_seed(0)
+    trained = build_model(cfg).eval()
+    WeightsOnlyCheckpointer(trained, save_dir=str(tmp_path)).save("distilled")
+    torch.manual_seed(5)
+    model = Distiller(cfg, with_teacher=False).eval()
+    assert model.teacher is None and not model.kd_adapters
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        WeightsOnlyCheckpointer(model).load(str(tmp_path / "distilled.pth"))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("Skipped the" in r.getMessage() for r in caplog.records)
+    inputs = [{"image": x["image"]} for x in make_inputs(num_images=1)]
+    with torch.no_grad():
+        a, b = trained(inputs)[0]["instances"], model(inputs)[0]["instances"]
+    assert len(a) > 0 and torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+    with pytest.raises(RuntimeError, match="without its teacher"):
+        _train_step(model, make_inputs(num_images=1))
 
 
 def test_the_student_only_deploy_checkpoint_predicts_as_the_distillers_student(

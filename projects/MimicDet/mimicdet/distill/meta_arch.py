@@ -106,7 +106,7 @@ class Distiller(nn.Module):
         self,
         *,
         student: DenseDetector,
-        teacher: FrozenTeacher,
+        teacher: Optional[FrozenTeacher],
         features: List[str],
         adapter_kernel: int,
         warmup_iters: int,
@@ -119,7 +119,9 @@ class Distiller(nn.Module):
         """
         Args:
             student: the detector being trained, built from its own meta-architecture.
-            teacher: the frozen teacher (:func:`build_teacher`).
+            teacher: the frozen teacher (:func:`build_teacher`); None builds the distiller for
+                evaluation only (``train_net.py --eval-only``): inference is the student's, and
+                training is refused.
             features: names of the FPN levels imitated (the student's and the teacher's).
             adapter_kernel: kernel of the per-level adaptation conv (student -> teacher width).
             warmup_iters: iterations before the KD terms count.
@@ -141,6 +143,14 @@ class Distiller(nn.Module):
         self.fgfi_psi = fgfi_psi
         self.fgfi_per_level_threshold = fgfi_per_level_threshold
         self.defeat_canonical = (defeat_canonical_box_size, defeat_canonical_level)
+        self.kd_adapters = nn.ModuleDict()
+        if teacher is None:
+            self.teacher_dense = None
+            self.register_load_state_dict_post_hook(_ignore_adapters)
+            logger.info(
+                f"Distiller without its teacher: evaluation of the {type(student).__name__}"
+            )
+            return
         self.teacher_dense = self._check_compatible()
         # the head level of each imitated feature, for the terms that read the student's head
         self.head_levels = []
@@ -148,7 +158,6 @@ class Distiller(nn.Module):
             self.head_levels = [student.head_in_features.index(f) for f in self.features]
 
         # adapters only when a feature-imitation term is on (an unused one would stall DDP)
-        self.kd_adapters = nn.ModuleDict()
         if self.weights.keys() & {"fgfi", "defeat_fg", "defeat_bg", "pfi"}:
             s_shapes = student.backbone.output_shape()
             t_shapes = teacher.model.backbone.output_shape()
@@ -167,7 +176,8 @@ class Distiller(nn.Module):
         )
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, with_teacher: bool = True):
+        """``with_teacher=False``: for evaluation only, see ``teacher`` in ``__init__``."""
         dcfg = cfg.MODEL.DISTILL
         student_cfg = cfg.clone()
         student_cfg.defrost()
@@ -176,8 +186,10 @@ class Distiller(nn.Module):
         tcfg = dcfg.TEACHER
         return {
             "student": build_model(student_cfg),
-            "teacher": build_teacher(
-                tcfg.CONFIG_FILE, tcfg.WEIGHTS, cfg.MODEL.DEVICE, tcfg.ALLOW_RANDOM
+            "teacher": (
+                build_teacher(tcfg.CONFIG_FILE, tcfg.WEIGHTS, cfg.MODEL.DEVICE, tcfg.ALLOW_RANDOM)
+                if with_teacher
+                else None
             ),
             **distiller_arguments(dcfg),
         }
@@ -223,13 +235,19 @@ class Distiller(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # .to(device), .half(), ... reach the teacher too, though it is not a submodule: a
         # LazyConfig builds it on the CPU and train_net moves the whole model
-        self.teacher.model._apply(fn, *args, **kwargs)
+        if self.teacher is not None:
+            self.teacher.model._apply(fn, *args, **kwargs)
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):
         """As the student's ``forward``; in training its losses plus the KD terms."""
         if not self.training:
             return self.student(batched_inputs)
+        if self.teacher is None:
+            raise RuntimeError(
+                "This Distiller was built without its teacher, for evaluation only "
+                "(Distiller(cfg, with_teacher=False)); build it with its teacher to train"
+            )
         student = self.student
         images = student.preprocess_image(batched_inputs)
         features = student.backbone(images.tensor)
@@ -329,3 +347,13 @@ class Distiller(nn.Module):
         if not student_scores:
             return s_flat.sum() * 0.0
         return rank_mimic_loss(teacher_scores, student_scores)
+
+
+def _ignore_adapters(model: Distiller, incompatible_keys):
+    """A distiller built for evaluation has no adapters (training only): loading a trained
+    checkpoint skips its ``kd_adapters.*`` with one line instead of a list of unexpected keys."""
+    adapters = [k for k in incompatible_keys.unexpected_keys if k.startswith("kd_adapters.")]
+    for k in adapters:
+        incompatible_keys.unexpected_keys.remove(k)
+    if adapters:
+        logger.info(f"Skipped the {len(adapters)} adapter tensors: training only, not evaluated")
