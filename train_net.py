@@ -218,6 +218,8 @@ def main_lazy(args):
     cfg.train.device = cpu_if_no_gpu(cfg.train.device)
     default_setup(cfg, args)
     if args.eval_only:
+        if cfg.model.get("_target_") is Distiller:
+            cfg.model.teacher = None  # evaluation runs the student alone, as in main_yaml
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
         model = create_ddp_model(model)

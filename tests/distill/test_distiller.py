@@ -359,7 +359,11 @@ def test_a_lazyconfig_fcos_distillation_through_train_net_then_eval_only(tmp_pat
     assert {"loss_kd_defeat_fg", "loss_kd_defeat_bg", "loss_fcos_cls"} <= logged
     results = train_net.main(
         default_argument_parser().parse_args(
-            argv + ["--eval-only"] + opts + [f"train.init_checkpoint={final}"]
+            # no teacher is built for evaluation: a teacher config that is not there is not read
+            argv
+            + ["--eval-only"]
+            + opts
+            + [f"train.init_checkpoint={final}", "model.teacher.config_file=absent.yaml"]
         )
     )
     assert {"AP", "AP50"} <= set(results["bbox"])
