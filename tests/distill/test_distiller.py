@@ -367,3 +367,57 @@ def test_a_lazyconfig_fcos_distillation_through_train_net_then_eval_only(tmp_pat
         )
     )
     assert {"AP", "AP50"} <= set(results["bbox"])
+
+
+def _student_cfg(student, teacher_files):
+    """A distiller config around a tiny Faster R-CNN or MimicDet student, FGFI and DeFeat on."""
+    from conftest import tiny_cfg
+
+    if student == "MimicDet":
+        cfg = tiny_cfg()
+        add_distill_config(cfg)
+    else:
+        cfg = get_cfg()
+        add_mimicdet_config(cfg)
+        add_distill_config(cfg)
+        cfg.merge_from_file(
+            model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml")
+        )
+        for key in ["MODEL.DEVICE", "MODEL.WEIGHTS", "MODEL.RESNETS.DEPTH", "MODEL.PIXEL_STD"]:
+            cfg.merge_from_list([key, TINY_RETINANET[key]])
+        cfg.MODEL.RESNETS.RES2_OUT_CHANNELS, cfg.MODEL.FPN.OUT_CHANNELS = 64, 32
+        cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
+    cfg.MODEL.DISTILL.STUDENT_META_ARCHITECTURE = cfg.MODEL.META_ARCHITECTURE
+    cfg.MODEL.META_ARCHITECTURE = "Distiller"
+    cfg.MODEL.DISTILL.TEACHER.CONFIG_FILE, cfg.MODEL.DISTILL.TEACHER.WEIGHTS = teacher_files
+    # the levels both pyramids have: Faster R-CNN's are p2..p6, the RetinaNet teacher's p3..p7
+    cfg.MODEL.DISTILL.FEATURES = ["p3", "p4", "p5", "p6"]
+    cfg.MODEL.DISTILL.FGFI.WEIGHT = 1.0
+    cfg.MODEL.DISTILL.DEFEAT.FG_WEIGHT = cfg.MODEL.DISTILL.DEFEAT.BG_WEIGHT = 1.0
+    return cfg
+
+
+@pytest.mark.parametrize("student", ["GeneralizedRCNN", "MimicDet"])
+def test_faster_rcnn_and_mimicdet_students_train_with_feature_imitation(
+    student, teacher_files, make_inputs
+):
+    """FGFI (on the RPN's or the refinement's anchors) and DeFeat need the student's pyramid
+    only: a Faster R-CNN or MimicDet student keeps its own losses and gets the KD terms."""
+    torch.manual_seed(0)
+    model = build_model(_student_cfg(student, teacher_files))
+    assert type(model.student).__name__ == student
+    alone = set(_train_step(model.student, make_inputs(num_images=2)))
+    model.zero_grad(set_to_none=True)
+    losses = _train_step(model, make_inputs(num_images=2))
+    assert set(losses) == alone | {"loss_kd_fgfi", "loss_kd_defeat_fg", "loss_kd_defeat_bg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert all(losses[k] > 0 for k in ["loss_kd_fgfi", "loss_kd_defeat_fg", "loss_kd_defeat_bg"])
+    assert all(a.weight.grad.abs().sum() > 0 for a in model.kd_adapters.values())
+    assert model.student.backbone.fpn_output3.weight.grad.abs().sum() > 0
+
+
+def test_rank_mimicking_needs_a_dense_student(teacher_files):
+    cfg = _student_cfg("GeneralizedRCNN", teacher_files)
+    cfg.MODEL.DISTILL.RANK.WEIGHT = 1.0
+    with pytest.raises(ValueError, match="the student must be a dense detector"):
+        build_model(cfg)

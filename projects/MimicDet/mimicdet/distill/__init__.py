@@ -4,7 +4,7 @@ against): FGFI, DeFeat, Rank Mimicking and Prediction-guided Feature Imitation. 
 mask builder (which locations) and a loss (how they are compared); :mod:`.teacher` loads and
 freezes the teacher so that it cannot be silently wrong; :class:`Distiller` (the
 ``MODEL.META_ARCHITECTURE "Distiller"``, keys in :func:`add_distill_config`) trains a detectron2
-dense detector with them.
+detector with them.
 
 Depends on detectron2 and :mod:`mimicdet.modeling`; nothing in :mod:`mimicdet.modeling` imports
 this package.

@@ -6,7 +6,7 @@ of a single-class problem.
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
@@ -15,7 +15,7 @@ from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from torch import Tensor, nn
 
-__all__ = ["DenseView", "candidate_matches", "dense_view"]
+__all__ = ["DenseView", "candidate_matches", "dense_view", "student_anchor_generator"]
 
 
 @dataclass
@@ -68,6 +68,24 @@ def dense_view(detector: nn.Module, num_classes: int) -> DenseView:
         f"DenseDetector with one head, or a GeneralizedRCNN with an RPN), got "
         f"{type(detector).__name__} (MimicDet's S-head reads refined boxes, not fixed anchors)"
     )
+
+
+def student_anchor_generator(detector: nn.Module) -> Optional[Tuple[List[str], nn.Module]]:
+    """
+    The levels and anchor generator whose anchors FGFI's mask and Rank Mimicking's candidates
+    are read on: a dense detector's own; a two-stage detector's RPN (FGFI's original setting);
+    MimicDet's refinement (one anchor per location, ``REFINE.ANCHOR_SIZE_PER_STRIDE``). None
+    for a detector without anchors.
+    """
+    if isinstance(detector, DenseDetector) and isinstance(detector.head, nn.Module):
+        return list(detector.head_in_features), detector.anchor_generator
+    if isinstance(detector, GeneralizedRCNN) and isinstance(detector.proposal_generator, RPN):
+        rpn = detector.proposal_generator
+        return list(rpn.in_features), rpn.anchor_generator
+    refinement = getattr(detector, "refinement", None)
+    if refinement is not None and hasattr(refinement, "anchor_generator"):
+        return list(detector.head_in_features), refinement.anchor_generator
+    return None
 
 
 def same_anchors(a: nn.Module, b: nn.Module) -> bool:

@@ -9,13 +9,20 @@ import torch
 from detectron2.config import LazyConfig, configurable, get_cfg, instantiate
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
+from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
 from ..config import add_mimicdet_config
 from .config import add_distill_config
-from .dense_view import DenseView, candidate_matches, dense_view, same_anchors
+from .dense_view import (
+    DenseView,
+    candidate_matches,
+    dense_view,
+    same_anchors,
+    student_anchor_generator,
+)
 from .losses import defeat_losses, fgfi_loss, pfi_loss, rank_mimic_loss
 from .masks import defeat_foreground_masks, fgfi_masks
 from .teacher import FrozenTeacher, load_teacher_weights
@@ -90,10 +97,13 @@ def distiller_arguments(distill_cfg) -> Dict:
 @META_ARCH_REGISTRY.register()
 class Distiller(nn.Module):
     """
-    Trains ``student`` (a detectron2 ``DenseDetector``: RetinaNet, FCOS) with its own losses plus
-    the KD terms whose weights are non-zero: ``loss_kd_fgfi``, ``loss_kd_defeat_fg``,
-    ``loss_kd_defeat_bg``, ``loss_kd_rank``, ``loss_kd_pfi``. The teacher runs once per step
-    under ``no_grad`` on the same augmented batch with its own pixel mean/std.
+    Trains ``student`` (any detectron2 detector with a ``backbone``: RetinaNet, FCOS, Faster
+    R-CNN, MimicDet) with its own losses plus the KD terms whose weights are non-zero:
+    ``loss_kd_fgfi``, ``loss_kd_defeat_fg``, ``loss_kd_defeat_bg`` (feature imitation, any
+    student), ``loss_kd_rank``, ``loss_kd_pfi`` (dense students: they compare class logits). The
+    student's training forward is its own; forward hooks keep its pyramid (and dense logits) for
+    the KD terms. The teacher runs once per step under ``no_grad`` on the same augmented batch
+    with its own pixel mean/std.
 
     The teacher is held outside the module tree: it is not in ``state_dict`` (no checkpoint,
     ``MODEL.WEIGHTS`` included, can overwrite it, and a checkpoint holds the student and the
@@ -105,7 +115,7 @@ class Distiller(nn.Module):
     def __init__(
         self,
         *,
-        student: DenseDetector,
+        student: nn.Module,
         teacher: Optional[FrozenTeacher],
         features: List[str],
         adapter_kernel: int,
@@ -130,10 +140,10 @@ class Distiller(nn.Module):
             defeat_canonical_box_size, defeat_canonical_level: the RoI level rule of DeFeat.
         """
         super().__init__()
-        if not (isinstance(student, DenseDetector) and isinstance(student.head, nn.Module)):
+        if not isinstance(getattr(student, "backbone", None), Backbone):
             raise ValueError(
-                f"The student must be a detectron2 DenseDetector with one dense head (RetinaNet, "
-                f"FCOS), got {type(student).__name__}"
+                f"The student must be a detectron2 detector with a `backbone` (RetinaNet, FCOS, "
+                f"Faster R-CNN, MimicDet), got {type(student).__name__}"
             )
         self.student = student
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the class docstring
@@ -151,11 +161,12 @@ class Distiller(nn.Module):
                 f"Distiller without its teacher: evaluation of the {type(student).__name__}"
             )
             return
+        self.student_anchors = student_anchor_generator(student)
         self.teacher_dense = self._check_compatible()
-        # the head level of each imitated feature, for the terms that read the student's head
-        self.head_levels = []
+        # the anchor level of each imitated feature, for the terms that read anchors or logits
+        self.anchor_levels = []
         if self.weights.keys() & {"fgfi", "rank", "pfi"}:
-            self.head_levels = [student.head_in_features.index(f) for f in self.features]
+            self.anchor_levels = [self.student_anchors[0].index(f) for f in self.features]
 
         # adapters only when a feature-imitation term is on (an unused one would stall DDP)
         if self.weights.keys() & {"fgfi", "defeat_fg", "defeat_bg", "pfi"}:
@@ -208,14 +219,27 @@ class Distiller(nn.Module):
                     f"({type(model).__name__}) has no feature {sorted(missing)}"
                 )
         if self.weights.keys() & {"fgfi", "rank", "pfi"}:
-            if not set(self.features) <= set(student.head_in_features):
+            if self.student_anchors is None:
                 raise ValueError(
-                    f"FGFI, Rank Mimicking and PFI read the student's head at "
-                    f"MODEL.DISTILL.FEATURES {self.features}, which must be among its head "
-                    f"levels {student.head_in_features}"
+                    f"FGFI, Rank Mimicking and PFI read the student's anchors: "
+                    f"{type(student).__name__} has none (RetinaNet, FCOS, Faster R-CNN's RPN and "
+                    "MimicDet's refinement do)"
+                )
+            levels = self.student_anchors[0]
+            if not set(self.features) <= set(levels):
+                raise ValueError(
+                    f"FGFI, Rank Mimicking and PFI read the student's anchors at "
+                    f"MODEL.DISTILL.FEATURES {self.features}, which must be among its anchor "
+                    f"levels {levels}"
                 )
         if not self.weights.keys() & {"rank", "pfi"}:
             return None
+        if not (isinstance(student, DenseDetector) and isinstance(student.head, nn.Module)):
+            raise ValueError(
+                "Rank Mimicking and PFI compare the student's dense class logits with the "
+                f"teacher's: the student must be a dense detector (RetinaNet, FCOS), got "
+                f"{type(student).__name__}"
+            )
         view = dense_view(teacher, student.num_classes)
         if view.in_features != list(student.head_in_features) or not same_anchors(
             view.anchor_generator, student.anchor_generator
@@ -249,42 +273,57 @@ class Distiller(nn.Module):
                 "(Distiller(cfg, with_teacher=False)); build it with its teacher to train"
             )
         student = self.student
-        images = student.preprocess_image(batched_inputs)
-        features = student.backbone(images.tensor)
-        head_features = [features[f] for f in student.head_in_features]
-        predictions = student.head(head_features)
-        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        losses = student.forward_training(images, head_features, predictions, gt_instances)
+        # the student trains exactly as alone; its backbone's input and output (and its dense
+        # head's output, for the terms that compare logits) are kept on the way
+        seen = {}
+        hooks = [student.backbone.register_forward_hook(_keep_once(seen, "backbone"))]
+        if self.teacher_dense is not None:
+            hooks.append(student.head.register_forward_hook(_keep_once(seen, "head")))
+        try:
+            losses = student(batched_inputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
         if self.weights:
+            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+            (images,), features = seen["backbone"]
+            predictions = seen["head"][1] if "head" in seen else None
             losses.update(
-                self.kd_losses(
-                    batched_inputs, images, features, head_features, predictions, gt_instances
-                )
+                self.kd_losses(batched_inputs, images, features, predictions, gt_instances)
             )
         return losses
 
-    def kd_losses(self, batched_inputs, images, features, head_features, predictions, gt_instances):
-        """The enabled KD terms, each times its weight (and 0 during the warm-up)."""
+    def kd_losses(self, batched_inputs, images, features, predictions, gt_instances):
+        """
+        The enabled KD terms, each times its weight (and 0 during the warm-up).
+
+        Args:
+            batched_inputs: the training batch (the teacher preprocesses it its own way).
+            images: ``(N, 3, H, W)`` the student's padded, normalised images.
+            features: the student's pyramid (its backbone's output).
+            predictions: the student's dense head's output, when a term compares logits.
+            gt_instances: per image, the GT ``Instances`` on the model's device.
+        """
         teacher = self.teacher.model
         with torch.no_grad():
             t_images = teacher.preprocess_image(batched_inputs)
-            if t_images.tensor.shape != images.tensor.shape:
+            if t_images.tensor.shape != images.shape:
                 raise ValueError(
                     f"Teacher and student see images of shapes {tuple(t_images.tensor.shape)} "
-                    f"and {tuple(images.tensor.shape)}: give both the same "
-                    "SIZE_DIVISIBILITY / padding"
+                    f"and {tuple(images.shape)}: give both the same SIZE_DIVISIBILITY / padding"
                 )
             t_features = teacher.backbone(t_images.tensor)
             t_logits = None
             if self.teacher_dense is not None:
                 t_logits = self.teacher_dense.class_logits(t_features)
-        levels = self.head_levels
-        s_logits = predictions[0]
+        levels = self.anchor_levels
+        s_logits = predictions[0] if predictions is not None else None
         grids = [tuple(features[f].shape[-2:]) for f in self.features]
-        # the student's anchors on every head level, once for FGFI and Rank Mimicking
+        # the student's anchors on every level of its anchor generator, once for FGFI and RM
         anchors = None
         if self.weights.keys() & {"fgfi", "rank"}:
-            anchors = self.student.anchor_generator(head_features)
+            level_names, generator = self.student_anchors
+            anchors = generator([features[f] for f in level_names])
 
         adapted = [self.kd_adapters[f](features[f]) for f in self.kd_adapters]
         t_feats = [t_features[f] for f in self.kd_adapters]
@@ -357,3 +396,17 @@ def _ignore_adapters(model: Distiller, incompatible_keys):
         incompatible_keys.unexpected_keys.remove(k)
     if adapters:
         logger.info(f"Skipped the {len(adapters)} adapter tensors: training only, not evaluated")
+
+
+def _keep_once(seen: Dict, name: str):
+    """A forward hook that keeps a module's ``(inputs, output)`` in ``seen[name]``, once."""
+
+    def hook(module, inputs, output):
+        if name in seen:
+            raise RuntimeError(
+                f"The student ran its {name} twice in one training step; the distiller reads "
+                "the one run that trains it"
+            )
+        seen[name] = (inputs, output)
+
+    return hook
