@@ -122,3 +122,57 @@ def test_the_deploy_model_is_the_shared_configs(cfg, make_inputs, tmp_path):
         assert len(a) > 0
         assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
         assert torch.equal(a.scores, b.scores)
+
+
+def _imagenet_pkl(model, path):
+    """The shared backbone's bottom-up weights as a name-matched ``.pkl``, as detectron2's
+    tools/convert-torchvision-to-d2.py writes ImageNet weights: keys without the model's
+    prefixes, numpy arrays, ``matching_heuristics``."""
+    import pickle
+
+    prefix = "backbone.bottom_up."
+    weights = {
+        k[len(prefix) :]: v.numpy() + 1.0  # not the model's own values
+        for k, v in model.state_dict().items()
+        if k.startswith(prefix) and v.is_floating_point()
+    }
+    with open(path, "wb") as f:
+        pickle.dump({"model": weights, "__author__": "torchvision", "matching_heuristics": True}, f)
+    return weights
+
+
+def test_pretrained_weights_initialise_both_pyramids_in_joint_mode(cfg, tmp_path):
+    """A name-matched ImageNet .pkl (MODEL.WEIGHTS of the COCO configs) loads into the shared
+    pyramid, not twice; the T-head's own pyramid then starts as its copy."""
+    torch.manual_seed(0)
+    model = build_model(_separate(cfg, "separate_joint"))
+    weights = _imagenet_pkl(model, str(tmp_path / "imagenet.pkl"))
+    WeightsOnlyCheckpointer(model).load(str(tmp_path / "imagenet.pkl"))
+    for key, value in weights.items():
+        assert torch.equal(model.backbone.bottom_up.state_dict()[key], torch.from_numpy(value))
+    shared, own = model.backbone.state_dict(), model.t_backbone.state_dict()
+    assert all(torch.equal(v, own[k]) for k, v in shared.items())
+
+    # a checkpoint of a joint run (resume) loads each pyramid from its own tensors
+    with torch.no_grad():
+        model.t_backbone.fpn_output3.weight.add_(1.0)
+    WeightsOnlyCheckpointer(model, save_dir=str(tmp_path)).save("joint")
+    torch.manual_seed(1)
+    resumed = build_model(cfg)
+    WeightsOnlyCheckpointer(resumed).load(str(tmp_path / "joint.pth"))
+    assert torch.equal(resumed.t_backbone.fpn_output3.weight, model.t_backbone.fpn_output3.weight)
+    assert not torch.equal(
+        resumed.t_backbone.fpn_output3.weight, resumed.backbone.fpn_output3.weight
+    )
+
+
+def test_pretrained_weights_leave_a_frozen_t_head_as_it_was_loaded(cfg, tmp_path):
+    torch.manual_seed(0)
+    trained = build_model(cfg.clone())
+    path = str(tmp_path / "trained.pth")
+    torch.save({"model": trained.state_dict()}, path)
+    model = build_model(_separate(cfg, "separate_frozen", path))
+    _imagenet_pkl(model, str(tmp_path / "imagenet.pkl"))
+    WeightsOnlyCheckpointer(model).load(str(tmp_path / "imagenet.pkl"))
+    for key, value in model.t_backbone.state_dict().items():
+        assert torch.equal(value, trained.state_dict()["backbone." + key]), key

@@ -1,4 +1,4 @@
-"""Checkpoints that load without unpickling arbitrary objects and save without half-written files."""
+"""Checkpoints that load without unpickling arbitrary objects and never save half-written files."""
 
 import os
 import pickle
@@ -71,3 +71,47 @@ class WeightsOnlyCheckpointer(DetectionCheckpointer):
         if "model" not in loaded:
             loaded = {"model": loaded}
         return loaded
+
+    def _load_model(self, checkpoint):
+        """
+        detectron2's loading, plus two rules a model may declare for its submodules (MimicDet's
+        separated T-head pyramid):
+
+        * ``checkpoint_skips``: names of submodules no checkpoint loads, because their weights
+          come from elsewhere (a frozen T-head from ``T_HEAD.FROZEN_WEIGHTS``);
+        * ``checkpoint_copies``: ``{name: source}``, a submodule that the checkpoint has no
+          tensor for starts as a copy of ``source`` once that is loaded (the same
+          initialisation, e.g. from ImageNet weights).
+
+        Both are hidden from the load itself, so that detectron2's name-matching heuristics
+        (``.pkl`` files) do not match one ImageNet tensor to two pyramids.
+        """
+        model, state = self.model, checkpoint["model"]
+        heuristic = checkpoint.get("matching_heuristics", False)
+        copies = {
+            name: source
+            for name, source in getattr(model, "checkpoint_copies", {}).items()
+            if heuristic or not any(k.startswith(name + ".") for k in state)
+        }
+        hidden = {name: getattr(model, name) for name in [*getattr(model, "checkpoint_skips", ())]}
+        hidden.update({name: getattr(model, name) for name in copies})
+        if not hidden:
+            return super()._load_model(checkpoint)
+        prefixes = tuple(f"{name}." for name in hidden)
+        checkpoint["model"] = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+        for name in hidden:
+            setattr(model, name, None)  # out of state_dict() while the checkpoint loads
+        try:
+            incompatible = super()._load_model(checkpoint)
+        finally:
+            for name, module in hidden.items():
+                setattr(model, name, module)
+        for name, source in copies.items():
+            getattr(model, name).load_state_dict(getattr(model, source).state_dict())
+            self.logger.info(
+                f"{name} starts as a copy of the loaded {source} (same initialisation)"
+            )
+        skipped = sorted(set(hidden) - set(copies))
+        if skipped:
+            self.logger.info(f"{skipped} keep their own weights: checkpoints do not load them")
+        return incompatible

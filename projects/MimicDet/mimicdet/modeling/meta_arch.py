@@ -16,6 +16,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
+from ..checkpoint import WeightsOnlyCheckpointer
 from .mimic_loss import dual_path_mimic_losses, sample_mimic_boxes
 from .refinement import RefinementModule
 from .s_head import SHead
@@ -92,6 +93,12 @@ class MimicDet(DenseDetector):
         self.roi_heads = t_head
         self.t_backbone = t_backbone
         self.t_head_frozen = t_head_frozen
+        # how WeightsOnlyCheckpointer treats the separated T-head: a frozen one keeps the
+        # weights it was built with; a joint one's pyramid starts as a copy of the loaded shared
+        # one when the checkpoint has none (ImageNet or MODEL.WEIGHTS: the same initialisation)
+        joint = t_backbone is not None and not t_head_frozen
+        self.checkpoint_skips = ("t_backbone", "roi_heads") if t_head_frozen else ()
+        self.checkpoint_copies = {"t_backbone": "backbone"} if joint else {}
         if t_head_frozen:
             t_backbone.requires_grad_(False)
             t_head.requires_grad_(False)
@@ -408,6 +415,11 @@ def _build_backbones_and_t_head(cfg):
     modes = ("shared", "separate_joint", "separate_frozen")
     if mode not in modes:
         raise ValueError(f"MODEL.MIMICDET.T_HEAD.BACKBONE is {mode!r}; choose one of {modes}")
+    if mode != "shared" and not mcfg.T_HEAD.ENABLED:
+        raise ValueError(
+            f'MODEL.MIMICDET.T_HEAD.BACKBONE "{mode}" puts the T-head on its own pyramid, but '
+            "T_HEAD.ENABLED is False: there is no T-head"
+        )
     if mode == "shared" or not mcfg.T_HEAD.ENABLED:
         backbone = build_backbone(cfg)
         t_head = build_roi_heads(cfg, backbone.output_shape()) if mcfg.T_HEAD.ENABLED else None
@@ -421,7 +433,8 @@ def _build_backbones_and_t_head(cfg):
     backbone = build_backbone(s_cfg)
     t_head = build_roi_heads(cfg, t_backbone.output_shape())
     if mode == "separate_joint":
-        # the same initialisation: only the training that follows tells the two apart
+        # the same initialisation: only the training that follows tells the two apart (a
+        # checkpoint loaded later copies again: MimicDet.checkpoint_copies)
         t_backbone.load_state_dict(backbone.state_dict())
         return backbone, t_backbone, t_head, False
     _load_frozen_t_head(mcfg.T_HEAD.FROZEN_WEIGHTS, t_backbone, t_head)
@@ -429,15 +442,19 @@ def _build_backbones_and_t_head(cfg):
 
 
 def _load_frozen_t_head(path: str, t_backbone: Backbone, t_head: nn.Module):
-    """Load a trained MimicDet's ``backbone.*`` and ``roi_heads.*`` strictly, or say why not."""
+    """
+    Load a trained MimicDet's T-head (``roi_heads.*``) and the pyramid it pooled from
+    (``t_backbone.*`` when it had its own, else ``backbone.*``) strictly, or say why not.
+    """
     if not path:
         raise ValueError(
             'MODEL.MIMICDET.T_HEAD.BACKBONE "separate_frozen" needs T_HEAD.FROZEN_WEIGHTS: the '
             "checkpoint of a trained MimicDet (a full one, not a deploy one)"
         )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("model", checkpoint)
-    for prefix, module in (("backbone.", t_backbone), ("roi_heads.", t_head)):
+    checkpointer = WeightsOnlyCheckpointer(t_head)
+    state = checkpointer._load_file(checkpointer.path_manager.get_local_path(path))["model"]
+    pyramid = "t_backbone." if any(k.startswith("t_backbone.") for k in state) else "backbone."
+    for prefix, module in ((pyramid, t_backbone), ("roi_heads.", t_head)):
         part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         try:
             module.load_state_dict(part, strict=True)
@@ -446,7 +463,7 @@ def _load_frozen_t_head(path: str, t_backbone: Backbone, t_head: nn.Module):
                 f"T_HEAD.FROZEN_WEIGHTS {path}: its {prefix}* tensors do not make the frozen "
                 f"T-head (a deploy checkpoint has no T-head): {e}"
             ) from e
-    logger.info(f"Frozen T-head and its own pyramid loaded from {path}")
+    logger.info(f"Frozen T-head and its pyramid ({pyramid}*) loaded from {path}")
 
 
 def _touch_unpooled_levels(t_losses, t_features, t_head) -> Dict[str, Tensor]:
@@ -494,11 +511,10 @@ def mean_over_workers(x: Tensor) -> Tensor:
 
 def _explain_absent_training_only_weights(model: MimicDet, incompatible_keys):
     """
-    A deployed checkpoint (``tools/convert_to_deploy.py``) has no T-head (nor its own pyramid,
-    ``t_backbone.*``) and no P2 branch; say so
+    A deployed checkpoint (``tools/convert_to_deploy.py``) has no T-head and no P2 branch; say so
     once instead of listing every tensor as missing.
     """
-    prefixes = ["roi_heads.", "t_backbone."]
+    prefixes = ["roi_heads."]
     for name in getattr(model.backbone, "training_only_modules", []):
         prefixes.append(f"backbone.{name}.")
     absent = [k for k in incompatible_keys.missing_keys if k.startswith(tuple(prefixes))]
