@@ -30,6 +30,7 @@ from detectron2.engine import defaults as engine_defaults
 from detectron2.engine import hooks, launch
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.registry import locate
 
 from mimicdet import WeightsOnlyCheckpointer, add_distill_config, add_mimicdet_config
 from mimicdet.data import MimicDetDatasetMapper, check_detection_dataset_dicts
@@ -218,7 +219,8 @@ def main_lazy(args):
     cfg.train.device = cpu_if_no_gpu(cfg.train.device)
     default_setup(cfg, args)
     if args.eval_only:
-        if cfg.model.get("_target_") is Distiller:
+        target = cfg.model.get("_target_")
+        if (locate(target) if isinstance(target, str) else target) is Distiller:
             cfg.model.teacher = None  # evaluation runs the student alone, as in main_yaml
         model = instantiate(cfg.model)
         model.to(cfg.train.device)

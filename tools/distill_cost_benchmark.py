@@ -46,7 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--batches", type=int, default=3, help="training batches timed per repeat")
     parser.add_argument("--repeat", type=int, default=3, help="rotations of the model order")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--json", help="also write the results here (relative to the repository)")
     return parser.parse_args(argv)
 
 
@@ -151,6 +151,7 @@ def markdown(result):
 
 def main(argv=None):
     args = parse_args(argv)
+    os.chdir(REPO)  # the configs name the teacher's files relative to the repository
     result = run(args)
     print(markdown(result))
     if args.json:

@@ -6,9 +6,10 @@ undistilled baseline (same data, schedule and seed), from the runs of docs/disti
     python tools/distill_report.py --json benchmarks/distill_deepforest_cpu.json \\
         --markdown benchmarks/distill_deepforest_cpu.md
 
-Reads each run's ``metrics.json`` under ``output/distill/``: the final evaluation and the mean
-of each KD term over the last 100 iterations (what the student was
-still being taught). A run that has not finished is reported as missing, never as a number.
+Reads each run's ``metrics.json`` under ``output/distill/``: the final evaluation, and the mean
+of each KD term's logged values (each a 20-iteration median) over the last 100 iterations, what
+the student was still being taught. A run that has not finished is reported as missing, never as
+a number.
 """
 
 import argparse
@@ -16,7 +17,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +60,8 @@ def read_run(out_dir):
     kd = sorted({k for r in late for k in r if k.startswith("loss_kd_")})
     return {
         "iteration": last,
-        **{m: final[f"bbox/{m}"] for m in METRICS},
+        # NaN (no object of that size) is not JSON: None
+        **{m: None if math.isnan(final[f"bbox/{m}"]) else final[f"bbox/{m}"] for m in METRICS},
         "late_kd_terms": {k: statistics.mean(r[k] for r in late if k in r) for k in kd},
     }
 
@@ -128,4 +129,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()

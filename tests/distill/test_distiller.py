@@ -421,3 +421,37 @@ def test_rank_mimicking_needs_a_dense_student(teacher_files):
     cfg.MODEL.DISTILL.RANK.WEIGHT = 1.0
     with pytest.raises(ValueError, match="the student must be a dense detector"):
         build_model(cfg)
+
+
+def test_construction_refuses_what_would_mislead_later(teacher_files, tmp_path):
+    """A teacher with other classes for the logit terms, a distiller as its own student, and
+    evaluation of a checkpoint without the student's tensors: clear errors, not wrong numbers."""
+    from mimicdet import WeightsOnlyCheckpointer
+    from mimicdet.distill import Distiller
+
+    other = _retinanet_cfg()
+    other.MODEL.RETINANET.NUM_CLASSES = 3
+    (tmp_path / "three.yaml").write_text(other.dump())
+    cfg = _distiller_cfg((str(tmp_path / "three.yaml"), ""), fgfi=0, defeat_fg=0, defeat_bg=0)
+    cfg.MODEL.DISTILL.TEACHER.ALLOW_RANDOM = True
+    with pytest.raises(ValueError, match="teacher has 3 classes, the student 2"):
+        build_model(cfg)
+
+    cfg = _distiller_cfg(teacher_files)
+    cfg.MODEL.DISTILL.STUDENT_META_ARCHITECTURE = "Distiller"
+    with pytest.raises(ValueError, match='not "Distiller"'):
+        build_model(cfg)
+
+    cfg = _distiller_cfg(teacher_files)
+    student_only = build_model(_retinanet_cfg())  # a deploy checkpoint's keys
+    WeightsOnlyCheckpointer(student_only, save_dir=str(tmp_path)).save("deploy")
+    with pytest.raises(ValueError, match="evaluate a student-only"):
+        WeightsOnlyCheckpointer(Distiller(cfg, with_teacher=False)).load(
+            str(tmp_path / "deploy.pth")
+        )
+
+
+def test_the_teacher_moves_and_converts_with_the_distiller(teacher_files):
+    model = build_model(_distiller_cfg(teacher_files)).double()
+    assert all(p.dtype == torch.float64 for p in model.teacher.parameters())
+    assert all(p.dtype == torch.float64 for p in model.parameters())

@@ -7,11 +7,9 @@ none on P3; with the per-level threshold it marks 42 P3, 12 P4 and 4 P5..P7 cell
 mimicdet.distill.fgfi_masks on FCOS's anchors of a 448 px image), so FCOS uses that reading.
 """
 
-from .fcos_from_frcnn import dataloader, distiller, kd, lr_multiplier, optimizer, train
+from .fcos_from_frcnn import dataloader, distiller, lr_multiplier, optimizer, train
 
-kd.FGFI.WEIGHT = 0.01
-kd.FGFI.PER_LEVEL_THRESHOLD = True
-model = distiller(kd)
+model = distiller("FGFI.WEIGHT", 0.01, "FGFI.PER_LEVEL_THRESHOLD", True)
 train.output_dir = "output/distill/fcos_fgfi_from_frcnn"
 
 __all__ = ["dataloader", "lr_multiplier", "model", "optimizer", "train"]

@@ -1,9 +1,9 @@
 """
 The FCOS student (fcos_MNV2_FPN_student.py: same data, schedule and seed as the undistilled
 baseline) distilled from the Faster R-CNN teacher (faster_rcnn_MNV2_FPN_teacher.yaml, trained
-first), as a LazyConfig. ``kd`` holds MODEL.DISTILL's keys with their defaults (commented in
-mimicdet/distill/config.py); the method files beside this one set its terms. Rank Mimicking and
-PFI do not apply here: FCOS predicts once per location, the teacher's RPN nine times.
+first), as a LazyConfig; the method files beside this one call ``distiller`` with their terms.
+Rank Mimicking and PFI do not apply here: FCOS predicts once per location, the teacher's RPN
+nine times.
 """
 
 from detectron2.config import LazyCall as L
@@ -15,14 +15,17 @@ from .fcos_MNV2_FPN_student import dataloader, lr_multiplier
 from .fcos_MNV2_FPN_student import model as student
 from .fcos_MNV2_FPN_student import optimizer, train
 
-_defaults = get_cfg()
-add_distill_config(_defaults)
-kd = _defaults.MODEL.DISTILL
-kd.FEATURES = ["p3", "p4", "p5", "p6", "p7"]
 
-
-def distiller(kd):
-    """The distiller of ``student`` with the terms ``kd`` switches on."""
+def distiller(*overrides):
+    """
+    The distiller of ``student`` with MODEL.DISTILL's defaults (mimicdet/distill/config.py)
+    changed by ``overrides``, a yacs merge list without the prefix, e.g. ``"FGFI.WEIGHT", 0.01``.
+    Its values end up in the model node (``model.weights.fgfi=...`` overrides them).
+    """
+    defaults = get_cfg()
+    add_distill_config(defaults)
+    kd = defaults.MODEL.DISTILL
+    kd.merge_from_list(list(overrides))
     return L(Distiller)(
         student=student,
         # built on the CPU; train_net moves the whole distiller, teacher included, to train.device
@@ -35,4 +38,4 @@ def distiller(kd):
     )
 
 
-__all__ = ["dataloader", "distiller", "kd", "lr_multiplier", "optimizer", "train"]
+__all__ = ["dataloader", "distiller", "lr_multiplier", "optimizer", "train"]

@@ -22,7 +22,8 @@ def add_distill_config(cfg):
     _C.MODEL.DISTILL.ADAPTER_KERNEL = 3
 
     _C.MODEL.DISTILL.TEACHER = CN()
-    # the teacher's own config file (yacs); it is built and loaded as a separate model
+    # the teacher's own config file (yacs .yaml or LazyConfig .py); it is built and loaded as a
+    # separate model
     _C.MODEL.DISTILL.TEACHER.CONFIG_FILE = ""
     # the teacher's checkpoint; every tensor must match (mimicdet.distill.load_teacher_weights)
     _C.MODEL.DISTILL.TEACHER.WEIGHTS = ""

@@ -41,6 +41,11 @@ def dense_view(detector: nn.Module, num_classes: int) -> DenseView:
     the RPN's objectness stands for the one class; with more classes it has no per-class score).
     """
     if isinstance(detector, DenseDetector) and isinstance(detector.head, nn.Module):
+        if detector.num_classes != num_classes:
+            raise ValueError(
+                f"Rank Mimicking and PFI compare class logits: the {type(detector).__name__} "
+                f"teacher has {detector.num_classes} classes, the student {num_classes}"
+            )
         levels = list(detector.head_in_features)
         return DenseView(
             levels,

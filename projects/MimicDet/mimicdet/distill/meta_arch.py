@@ -190,6 +190,11 @@ class Distiller(nn.Module):
     def from_config(cls, cfg, with_teacher: bool = True):
         """``with_teacher=False``: for evaluation only, see ``teacher`` in ``__init__``."""
         dcfg = cfg.MODEL.DISTILL
+        if dcfg.STUDENT_META_ARCHITECTURE == "Distiller":
+            raise ValueError(
+                "MODEL.DISTILL.STUDENT_META_ARCHITECTURE is the student's own meta-architecture "
+                '(e.g. "RetinaNet"), not "Distiller"'
+            )
         student_cfg = cfg.clone()
         student_cfg.defrost()
         student_cfg.MODEL.META_ARCHITECTURE = dcfg.STUDENT_META_ARCHITECTURE
@@ -389,8 +394,18 @@ class Distiller(nn.Module):
 
 
 def _ignore_adapters(model: Distiller, incompatible_keys):
-    """A distiller built for evaluation has no adapters (training only): loading a trained
-    checkpoint skips its ``kd_adapters.*`` with one line instead of a list of unexpected keys."""
+    """
+    A distiller built for evaluation has no adapters (training only): loading a trained
+    checkpoint skips its ``kd_adapters.*`` with one line instead of a list of unexpected keys.
+    A checkpoint without the student's tensors would evaluate a random student: refused.
+    """
+    missing = [k for k in incompatible_keys.missing_keys if k.startswith("student.")]
+    if missing:
+        raise ValueError(
+            f"The checkpoint has no {missing[0]} (and {len(missing) - 1} more student.* tensors): "
+            "a distiller evaluates a distiller's checkpoint; evaluate a student-only (deploy) "
+            "checkpoint with the student's own config"
+        )
     adapters = [k for k in incompatible_keys.unexpected_keys if k.startswith("kd_adapters.")]
     for k in adapters:
         incompatible_keys.unexpected_keys.remove(k)
