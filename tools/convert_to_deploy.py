@@ -34,12 +34,9 @@ _FPN_BRANCH = re.compile(r"^backbone\.fpn_(lateral|output)(\d+)\.")
 
 def training_only_keys(state_dict, deployed=False):
     """
-    Keys of MimicDet's T-head and of its finest FPN level's lateral and output convs; with
-    ``deployed`` (the state dict already went through :func:`convert`) the T-head's only. Other
-    detectors' state dicts have none.
+    Keys of a MimicDet state dict's T-head and of its finest FPN level's lateral and output convs;
+    with ``deployed`` (the state dict already went through :func:`convert`) the T-head's only.
     """
-    if not any(map(_MIMICDET_KEY.match, state_dict)):
-        return []
     stages = [] if deployed else [int(m.group(2)) for m in map(_FPN_BRANCH.match, state_dict) if m]
     finest = min(stages) if stages else None
     return [
@@ -76,7 +73,10 @@ def convert(in_path: str, out_path: str) -> dict:
     checkpoint = torch.load(in_path, map_location="cpu", weights_only=True)
     state_dict = checkpoint.get("model", checkpoint)
     student = student_state_dict(state_dict)
-    dropped = set(training_only_keys(student, deployed=checkpoint.get("deploy", False)))
+    # only MimicDet has training-only modules; other detectors' students are kept whole
+    dropped = set()
+    if any(map(_MIMICDET_KEY.match, student)):
+        dropped = set(training_only_keys(student, deployed=checkpoint.get("deploy", False)))
     dropped_names = sorted(dropped) + sorted(k for k in state_dict if k.startswith(ADAPTERS_PREFIX))
     deploy = {k: v for k, v in student.items() if k not in dropped}
     # an interrupted conversion must not leave a truncated checkpoint behind
