@@ -17,7 +17,13 @@ from mimicdet import add_mimicdet_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "DeepForest"
-YAMLS = ["mimicdet_MNV2_FPN.yaml", "mimicdet_MNV2_FPN_nomimic.yaml", "retinanet_MNV2_FPN.yaml"]
+YAMLS = [
+    "mimicdet_MNV2_FPN.yaml",
+    "mimicdet_MNV2_FPN_nomimic.yaml",
+    "retinanet_MNV2_FPN.yaml",
+    "mimicdet_MNV2_FPN_separate.yaml",
+    "faster_rcnn_MNV2_FPN.yaml",
+]
 # no ImageNet file reads: the tests check structure, not weights
 NO_WEIGHTS = ["MODEL.MOBILENET.IMAGENET_WEIGHTS", ""]
 sys.path.insert(0, str(REPO / "tools"))
@@ -91,6 +97,13 @@ def test_detectors_share_test_time_nms_and_detections_per_image():
         for other in (retinanet, fcos):
             assert mimicdet.test_nms_thresh == other.test_nms_thresh, (name, type(other))
             assert mimicdet.max_detections_per_image == other.max_detections_per_image
+    # the two-stage reference (and distillation teacher) too
+    frcnn = build_model(yaml_cfg("faster_rcnn_MNV2_FPN.yaml")).roi_heads.box_predictor
+    assert (frcnn.test_score_thresh, frcnn.test_nms_thresh, frcnn.test_topk_per_image) == (
+        retinanet.test_score_thresh,
+        retinanet.test_nms_thresh,
+        retinanet.max_detections_per_image,
+    )
 
 
 def test_inference_backbones_are_identical():
@@ -162,9 +175,7 @@ def test_benchmark_results_shape(tmp_path):
     measured = read_training_metrics(metrics, warmup_iters=50)
     assert measured == {"AP": 40.0, "AP50": 70.0, "train_s_per_iter": 3.0}
     results = {
-        "models": {
-            n: dict(measured, infer_ms=10.0, params=1_000_000, gflops=2.0) for n in MODELS
-        },
+        "models": {n: dict(measured, infer_ms=10.0, params=1_000_000, gflops=2.0) for n in MODELS},
         "command": "python tools/benchmark.py",
         "machine": "test",
         "date": "today",
