@@ -22,11 +22,17 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = "configs/DeepForest/distill"
 # (row, config, output dir under output/distill/ if not the config's name, baseline row): each
-# config's own OUTPUT_DIR
+# config's own OUTPUT_DIR; the second baseline seed is the run-to-run spread of a row
 RUNS = [
     ("Faster R-CNN (teacher)", "faster_rcnn_MNV2_FPN_teacher.yaml", "faster_rcnn_teacher", None),
     ("MimicDet (teacher)", "mimicdet_MNV2_FPN_teacher.yaml", "mimicdet_teacher", None),
     ("RetinaNet", "retinanet_MNV2_FPN_student.yaml", "retinanet_student", None),
+    (
+        "RetinaNet, seed 2",
+        "retinanet_MNV2_FPN_student.yaml",
+        "retinanet_student_seed2",
+        "RetinaNet",
+    ),
     ("RetinaNet + FGFI", "retinanet_fgfi_from_frcnn.yaml", None, "RetinaNet"),
     ("RetinaNet + DeFeat", "retinanet_defeat_from_frcnn.yaml", None, "RetinaNet"),
     ("RetinaNet + RM+PFI", "retinanet_rm_pfi_from_frcnn.yaml", None, "RetinaNet"),
@@ -103,7 +109,8 @@ def main(argv=None):
         {
             "row": row,
             "config": f"{CONFIGS}/{config}",
-            "command": f"python train_net.py --config-file {CONFIGS}/{config}",
+            "command": f"python train_net.py --config-file {CONFIGS}/{config}"
+            + (f" SEED 2 OUTPUT_DIR output/distill/{out}" if out.endswith("_seed2") else ""),
             "baseline": baseline,
             "result": read_run(os.path.join(args.output_root, out)),
         }
