@@ -69,6 +69,17 @@ def _make_inputs(num_images=2, size=96, boxes_per_image=((8, 8, 60, 50), (40, 30
     return inputs
 
 
+def assert_same_detections(expected, got):
+    """Two models' outputs (lists of ``{"instances": ...}``): per image at least one detection,
+    and the same boxes, scores and classes, bit for bit."""
+    assert len(expected) == len(got)
+    for a, b in zip(expected, got):
+        a, b = a["instances"], b["instances"]
+        assert len(a) > 0
+        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+        assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_classes, b.pred_classes)
+
+
 def _write_coco(root, num_images=4, size=96, seed=0):
     """
     Noise images with one or two solid rectangles (red = class 0, green = class 1) and their

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import torch
+from conftest import assert_same_detections
 from detectron2.modeling import build_model
 
 from mimicdet import WeightsOnlyCheckpointer
@@ -42,11 +43,7 @@ def test_deploy_checkpoint_is_smaller_and_predicts_identically(cfg, make_inputs,
     expected = _predict(cfg, full, inputs)
     with caplog.at_level(logging.INFO):
         got = _predict(cfg, deploy, inputs)
-    for a, b in zip(expected, got):
-        a, b = a["instances"], b["instances"]
-        assert len(a) > 0
-        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
-        assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_classes, b.pred_classes)
+    assert_same_detections(expected, got)
 
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert not any("roi_heads" in w or "fpn_lateral2" in w for w in warnings), warnings

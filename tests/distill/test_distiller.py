@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_same_detections
 from detectron2 import model_zoo
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
@@ -60,6 +61,30 @@ def _distiller_cfg(teacher_files, **weights):
     cfg.MODEL.DISTILL.RANK.WEIGHT = weights.get("rank", 1.0)
     cfg.MODEL.DISTILL.PFI.WEIGHT = weights.get("pfi", 1.0)
     return cfg
+
+
+def _tiny_train_opts(name, out, size):
+    """train_net options: a few clipped iterations at batch 2 on the tiny dataset ``name``."""
+    return [
+        "DATASETS.TRAIN", f"('{name}',)",
+        "DATASETS.TEST", f"('{name}',)",
+        "DATALOADER.NUM_WORKERS", "0",
+        "SOLVER.IMS_PER_BATCH", "2",
+        # random weights: a small, clipped step keeps the few iterations finite
+        "SOLVER.BASE_LR", "0.001",
+        "SOLVER.CLIP_GRADIENTS.ENABLED", "True",
+        "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm",
+        "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1.0",
+        "SOLVER.WARMUP_ITERS", "0",
+        "SOLVER.MAX_ITER", "3",
+        "SOLVER.CHECKPOINT_PERIOD", "100",
+        "INPUT.MIN_SIZE_TRAIN", f"({size},)",
+        "INPUT.MAX_SIZE_TRAIN", str(size),
+        "INPUT.MIN_SIZE_TEST", str(size),
+        "INPUT.MAX_SIZE_TEST", str(size),
+        "TEST.EVAL_PERIOD", "0",
+        "OUTPUT_DIR", out,
+    ]  # fmt: skip
 
 
 def _train_step(model, inputs, iteration=0):
@@ -158,26 +183,7 @@ def test_a_distillation_run_through_train_net_then_eval_only(tmp_path, teacher_f
     config_file.write_text(_distiller_cfg(teacher_files).dump())
     name = tiny_coco("mimicdet_tiny_distill")
     out = str(tmp_path / "out")
-    opts = [
-        "DATASETS.TRAIN", f"('{name}',)",
-        "DATASETS.TEST", f"('{name}',)",
-        "DATALOADER.NUM_WORKERS", "0",
-        "SOLVER.IMS_PER_BATCH", "2",
-        # random weights: a small, clipped step keeps the few iterations finite
-        "SOLVER.BASE_LR", "0.001",
-        "SOLVER.CLIP_GRADIENTS.ENABLED", "True",
-        "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm",
-        "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1.0",
-        "SOLVER.WARMUP_ITERS", "0",
-        "SOLVER.MAX_ITER", "3",
-        "SOLVER.CHECKPOINT_PERIOD", "100",
-        "INPUT.MIN_SIZE_TRAIN", "(96,)",
-        "INPUT.MAX_SIZE_TRAIN", "96",
-        "INPUT.MIN_SIZE_TEST", "96",
-        "INPUT.MAX_SIZE_TEST", "96",
-        "TEST.EVAL_PERIOD", "0",
-        "OUTPUT_DIR", out,
-    ]  # fmt: skip
+    opts = _tiny_train_opts(name, out, size=96)
 
     def run(*flags, weights=""):
         argv = ["--config-file", str(config_file), "--num-gpus", "0", *flags]
@@ -260,11 +266,7 @@ def test_the_student_only_deploy_checkpoint_predicts_as_the_distillers_student(
     inputs = [{"image": x["image"]} for x in make_inputs(num_images=2)]
     with torch.no_grad():
         expected, got = distiller(inputs), student(inputs)
-    for a, b in zip(expected, got):
-        a, b = a["instances"], b["instances"]
-        assert len(a) > 0
-        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
-        assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_classes, b.pred_classes)
+    assert_same_detections(expected, got)
 
 
 @pytest.mark.slow
@@ -276,29 +278,7 @@ def test_two_process_distillation_keeps_ranks_in_step(tmp_path, teacher_files, g
     name = "mimicdet_tiny_distill_ddp"
     run, _, _ = gloo_script(name, config_file)
     out = str(tmp_path / "out")
-    run(
-        [
-            "DATASETS.TRAIN", f"('{name}',)",
-            "DATASETS.TEST", f"('{name}',)",
-            "DATALOADER.NUM_WORKERS", "0",
-            "SOLVER.IMS_PER_BATCH", "2",  # one image per process
-            # random weights: a small, clipped step keeps the few iterations finite
-            "SOLVER.BASE_LR", "0.001",
-            "SOLVER.CLIP_GRADIENTS.ENABLED", "True",
-            "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm",
-            "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1.0",
-            "SOLVER.WARMUP_ITERS", "0",
-            "SOLVER.MAX_ITER", "3",
-            "SOLVER.CHECKPOINT_PERIOD", "100",
-            "INPUT.MIN_SIZE_TRAIN", "(64,)",
-            "INPUT.MAX_SIZE_TRAIN", "64",
-            "INPUT.MIN_SIZE_TEST", "64",
-            "INPUT.MAX_SIZE_TEST", "64",
-            "TEST.EVAL_PERIOD", "0",
-            "OUTPUT_DIR", out,
-        ],
-        out,
-    )  # fmt: skip
+    run(_tiny_train_opts(name, out, size=64), out)  # one image per process
     import os
 
     final = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["model"]

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_same_detections
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
@@ -117,11 +118,7 @@ def test_the_deploy_model_is_the_shared_configs(cfg, make_inputs, tmp_path):
     inputs = [{"image": x["image"]} for x in make_inputs(num_images=2)]
     with torch.no_grad():
         expected, got = model(inputs), shared(inputs)
-    for a, b in zip(expected, got):
-        a, b = a["instances"], b["instances"]
-        assert len(a) > 0
-        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
-        assert torch.equal(a.scores, b.scores)
+    assert_same_detections(expected, got)
 
 
 def _imagenet_pkl(model, path):
