@@ -43,6 +43,7 @@ RUNS = [
         "RetinaNet",
     ),
     ("FCOS", "fcos_MNV2_FPN_student.py", "fcos_student", None),
+    ("FCOS, seed 2", "fcos_MNV2_FPN_student.py", "fcos_student_seed2", "FCOS"),
     ("FCOS + FGFI", "fcos_fgfi_from_frcnn.py", None, "FCOS"),
     ("FCOS + DeFeat", "fcos_defeat_from_frcnn.py", None, "FCOS"),
 ]
@@ -70,6 +71,12 @@ def read_run(out_dir):
         **{m: None if math.isnan(final[f"bbox/{m}"]) else final[f"bbox/{m}"] for m in METRICS},
         "late_kd_terms": {k: statistics.mean(r[k] for r in late if k in r) for k in kd},
     }
+
+
+def _seed2_opts(config, out):
+    if config.endswith(".py"):
+        return f" train.seed=2 train.output_dir=output/distill/{out}"
+    return f" SEED 2 OUTPUT_DIR output/distill/{out}"
 
 
 def _fmt(x):
@@ -110,7 +117,7 @@ def main(argv=None):
             "row": row,
             "config": f"{CONFIGS}/{config}",
             "command": f"python train_net.py --config-file {CONFIGS}/{config}"
-            + (f" SEED 2 OUTPUT_DIR output/distill/{out}" if out.endswith("_seed2") else ""),
+            + (_seed2_opts(config, out) if out.endswith("_seed2") else ""),
             "baseline": baseline,
             "result": read_run(os.path.join(args.output_root, out)),
         }
