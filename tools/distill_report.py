@@ -22,7 +22,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = "configs/DeepForest/distill"
 # (row, config, output dir under output/distill/ if not the config's name, baseline row): each
-# config's own OUTPUT_DIR; the second baseline seed is the run-to-run spread of a row
+# config's own OUTPUT_DIR; a "seed 2" row is compared with its baseline's seed 2 (the spread
+# between a baseline's two seeds is what one run cannot tell from a method's effect)
 RUNS = [
     ("Faster R-CNN (teacher)", "faster_rcnn_MNV2_FPN_teacher.yaml", "faster_rcnn_teacher", None),
     ("MimicDet (teacher)", "mimicdet_MNV2_FPN_teacher.yaml", "mimicdet_teacher", None),
@@ -36,6 +37,12 @@ RUNS = [
     ("RetinaNet + FGFI", "retinanet_fgfi_from_frcnn.yaml", None, "RetinaNet"),
     ("RetinaNet + DeFeat", "retinanet_defeat_from_frcnn.yaml", None, "RetinaNet"),
     ("RetinaNet + RM+PFI", "retinanet_rm_pfi_from_frcnn.yaml", None, "RetinaNet"),
+    (
+        "RetinaNet + RM+PFI, seed 2",
+        "retinanet_rm_pfi_from_frcnn.yaml",
+        "retinanet_rm_pfi_from_frcnn_seed2",
+        "RetinaNet, seed 2",
+    ),
     (
         "RetinaNet + DeFeat (MimicDet teacher)",
         "retinanet_defeat_from_mimicdet.yaml",
