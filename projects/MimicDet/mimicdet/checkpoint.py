@@ -93,7 +93,7 @@ class WeightsOnlyCheckpointer(DetectionCheckpointer):
             for name, source in getattr(model, "checkpoint_copies", {}).items()
             if heuristic or not any(k.startswith(name + ".") for k in state)
         }
-        hidden = {name: getattr(model, name) for name in [*getattr(model, "checkpoint_skips", ())]}
+        hidden = {name: getattr(model, name) for name in getattr(model, "checkpoint_skips", ())}
         hidden.update({name: getattr(model, name) for name in copies})
         if not hidden:
             return super()._load_model(checkpoint)

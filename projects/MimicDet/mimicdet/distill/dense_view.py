@@ -15,7 +15,7 @@ from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from torch import Tensor, nn
 
-__all__ = ["DenseView", "candidate_matches", "dense_view", "student_anchor_generator"]
+__all__ = ["DenseView", "candidate_matches", "dense_view", "anchor_generator_of"]
 
 
 @dataclass
@@ -46,40 +46,37 @@ def dense_view(detector: nn.Module, num_classes: int) -> DenseView:
                 f"Rank Mimicking and PFI compare class logits: the {type(detector).__name__} "
                 f"teacher has {detector.num_classes} classes, the student {num_classes}"
             )
-        levels = list(detector.head_in_features)
-        return DenseView(
-            levels,
-            lambda features: detector.head([features[f] for f in levels])[0],
-            detector,
-            detector.anchor_generator,
-        )
-    if isinstance(detector, GeneralizedRCNN) and isinstance(detector.proposal_generator, RPN):
+        head, assigner = detector.head, detector
+    elif isinstance(detector, GeneralizedRCNN) and isinstance(detector.proposal_generator, RPN):
         if num_classes != 1:
             raise ValueError(
                 "Rank Mimicking and PFI from a two-stage teacher read its RPN's class-agnostic "
                 f"objectness, which stands for a class only when there is one; the student has "
                 f"{num_classes} classes"
             )
-        rpn = detector.proposal_generator
-        levels = list(rpn.in_features)
-        return DenseView(
-            levels,
-            lambda features: rpn.rpn_head([features[f] for f in levels])[0],
-            rpn,
-            rpn.anchor_generator,
+        head, assigner = detector.proposal_generator.rpn_head, detector.proposal_generator
+    else:
+        raise ValueError(
+            f"Rank Mimicking and PFI need a teacher with dense class predictions (a detectron2 "
+            f"DenseDetector with one head, or a GeneralizedRCNN with an RPN), got "
+            f"{type(detector).__name__} (MimicDet's S-head reads refined boxes, not fixed anchors)"
         )
-    raise ValueError(
-        f"Rank Mimicking and PFI need a teacher with dense class predictions (a detectron2 "
-        f"DenseDetector with one head, or a GeneralizedRCNN with an RPN), got "
-        f"{type(detector).__name__} (MimicDet's S-head reads refined boxes, not fixed anchors)"
+    # the levels and anchors the logits belong to
+    levels, anchor_generator = anchor_generator_of(detector)
+    return DenseView(
+        levels,
+        lambda features: head([features[f] for f in levels])[0],
+        assigner,
+        anchor_generator,
     )
 
 
-def student_anchor_generator(detector: nn.Module) -> Optional[Tuple[List[str], nn.Module]]:
+def anchor_generator_of(detector: nn.Module) -> Optional[Tuple[List[str], nn.Module]]:
     """
-    The levels and anchor generator whose anchors FGFI's mask and Rank Mimicking's candidates
-    are read on: a dense detector's own; a two-stage detector's RPN (FGFI's original setting);
-    MimicDet's refinement (one anchor per location, ``REFINE.ANCHOR_SIZE_PER_STRIDE``). None
+    The levels and anchor generator of a detector's anchors (what FGFI's mask and Rank
+    Mimicking's candidates are read on for a student, what a teacher's logits belong to): a
+    dense detector's own; a two-stage detector's RPN (FGFI's original setting); MimicDet's
+    refinement (one anchor per location, ``REFINE.ANCHOR_SIZE_PER_STRIDE``). None
     for a detector without anchors.
     """
     if isinstance(detector, DenseDetector) and isinstance(detector.head, nn.Module):

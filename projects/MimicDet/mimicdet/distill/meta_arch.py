@@ -16,13 +16,7 @@ from torch import Tensor, nn
 
 from ..config import add_mimicdet_config
 from .config import add_distill_config
-from .dense_view import (
-    DenseView,
-    candidate_matches,
-    dense_view,
-    same_anchors,
-    student_anchor_generator,
-)
+from .dense_view import DenseView, anchor_generator_of, candidate_matches, dense_view, same_anchors
 from .losses import defeat_losses, fgfi_loss, pfi_loss, rank_mimic_loss
 from .masks import defeat_foreground_masks, fgfi_masks
 from .teacher import FrozenTeacher, load_teacher_weights
@@ -161,7 +155,7 @@ class Distiller(nn.Module):
                 f"Distiller without its teacher: evaluation of the {type(student).__name__}"
             )
             return
-        self.student_anchors = student_anchor_generator(student)
+        self.student_anchors = anchor_generator_of(student)
         self.teacher_dense = self._check_compatible()
         # the anchor level of each imitated feature, for the terms that read anchors or logits
         self.anchor_levels = []
