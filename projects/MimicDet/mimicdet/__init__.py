@@ -5,15 +5,18 @@ from . import distill as _  # noqa: F401,F811 registers the Distiller
 from . import modeling as _  # noqa: F401,F811 registers MimicDet and its T-head
 from .checkpoint import WeightsOnlyCheckpointer
 from .config import add_mimicdet_config
-from .data import register_deepforest
+from .data import register_deepforest, register_fashion_scenes
 from .distill import add_distill_config
 
 # deepforest_train / deepforest_val; the files are read only when a split is used
 register_deepforest()
+# fashion_scenes_train / fashion_scenes_val (tools/prepare_fashion_scenes.py)
+register_fashion_scenes()
 
 __all__ = [
     "WeightsOnlyCheckpointer",
     "add_distill_config",
     "add_mimicdet_config",
     "register_deepforest",
+    "register_fashion_scenes",
 ]

@@ -6,7 +6,7 @@ from pathlib import Path
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-__all__ = ["default_datasets_root", "register_deepforest"]
+__all__ = ["default_datasets_root", "register_coco_split", "register_deepforest"]
 
 _PREPARE_HINT = "run `python tools/prepare_deepforest.py` (or `make data`) from the repository root"
 
@@ -28,14 +28,33 @@ def default_datasets_root():
     return Path("datasets")
 
 
-def _load_split(json_file, image_root, name):
+def _load_split(json_file, image_root, name, hint):
     # Checked here rather than at registration so that importing mimicdet never needs the data.
     for path in (json_file, image_root):
         if not path.exists():
-            raise FileNotFoundError(
-                f"Dataset '{name}' needs {path}, which is missing: {_PREPARE_HINT}"
-            )
+            raise FileNotFoundError(f"Dataset '{name}' needs {path}, which is missing: {hint}")
     return load_coco_json(str(json_file), str(image_root), name)
+
+
+def register_coco_split(name, json_file, image_root, thing_classes, hint):
+    """
+    detectron2's ``register_coco_instances`` with a loader whose error for missing files says how
+    to make them (``hint``). Registering a name again replaces it, so the call is idempotent.
+    """
+    json_file, image_root = Path(json_file), Path(image_root)
+    # detectron2 refuses to register a name twice; replacing keeps the call idempotent.
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(
+        name, lambda j=json_file, i=image_root, n=name: _load_split(j, i, n, hint)
+    )
+    MetadataCatalog.get(name).set(
+        json_file=str(json_file),
+        image_root=str(image_root),
+        evaluator_type="coco",
+        thing_classes=list(thing_classes),
+    )
 
 
 def register_deepforest(root=None):
@@ -50,19 +69,10 @@ def register_deepforest(root=None):
     """
     root = Path(root) if root is not None else default_datasets_root() / "deepforest"
     for split in ("train", "val"):
-        name = f"deepforest_{split}"
-        json_file, image_root = root / "annotations" / f"{split}.json", root / split
-        # detectron2 refuses to register a name twice; replacing keeps the call idempotent.
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        # Same as detectron2's register_coco_instances, with a loader that explains missing files.
-        DatasetCatalog.register(
-            name, lambda j=json_file, i=image_root, n=name: _load_split(j, i, n)
-        )
-        MetadataCatalog.get(name).set(
-            json_file=str(json_file),
-            image_root=str(image_root),
-            evaluator_type="coco",
-            thing_classes=["Tree"],
+        register_coco_split(
+            f"deepforest_{split}",
+            root / "annotations" / f"{split}.json",
+            root / split,
+            ["Tree"],
+            _PREPARE_HINT,
         )

@@ -1,0 +1,126 @@
+"""tools/prepare_fashion_scenes.py, the scene composer and the registration of its output."""
+
+import gzip
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from pycocotools.coco import COCO
+
+from mimicdet.data.fashion_scenes import (
+    FASHION_CLASSES,
+    compose_scene,
+    read_idx,
+    register_fashion_scenes,
+)
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "prepare_fashion_scenes.py"
+
+
+def write_idx(path, array):
+    """An IDX file as Fashion-MNIST ships them (gzipped, big-endian header)."""
+    magic = 2051 if array.ndim == 3 else 2049
+    header = struct.pack(f">i{array.ndim}i", magic, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def fake_source(root, train_labels=range(5), test_labels=range(5, 10), count=20):
+    """Fashion-MNIST's four files with ``count`` blob photos each; train and test photos carry
+    disjoint labels, so a scene's categories tell which source split its objects came from."""
+    rng = np.random.RandomState(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, labels in (("train", train_labels), ("t10k", test_labels)):
+        photos = np.zeros((count, 28, 28), np.uint8)
+        for photo in photos:
+            y0, x0 = rng.randint(0, 8, size=2)
+            photo[y0 : y0 + 14 + rng.randint(6), x0 : x0 + 14 + rng.randint(6)] = 200
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", photos)
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", rng.choice(list(labels), size=count))
+    return root
+
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True)
+
+
+def test_prepared_scenes_are_valid_coco_with_split_disjoint_photos(tmp_path):
+    source, output = fake_source(tmp_path / "src"), tmp_path / "scenes"
+    opts = ["--source", str(source), "--output", str(output), "--image-size", "256",
+            "--train-images", "6", "--val-images", "4"]  # fmt: skip
+    first = run_tool(*opts)
+    assert first.returncode == 0, first.stderr
+    assert "train: 6 scenes" in first.stdout and "val: 4 scenes" in first.stdout
+    for split, labels in (("train", range(1, 6)), ("val", range(6, 11))):
+        coco = COCO(str(output / "annotations" / f"{split}.json"))
+        assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(FASHION_CLASSES)
+        anns = coco.loadAnns(coco.getAnnIds())
+        assert anns and {a["category_id"] for a in anns} <= set(labels)
+        for ann in anns:
+            x, y, w, h = ann["bbox"]
+            assert 0 <= x and 0 <= y and x + w <= 256 and y + h <= 256 and w >= 2 and h >= 2
+            assert ann["area"] == w * h
+        for image in coco.loadImgs(coco.getImgIds()):
+            assert (output / split / image["file_name"]).is_file()
+    # the same parameters and sources: nothing is written again
+    again = run_tool(*opts)
+    assert again.returncode == 0 and "is up to date" in again.stdout
+
+    register_fashion_scenes(output)
+    try:
+        records = DatasetCatalog.get("fashion_scenes_val")
+        assert len(records) == 4
+        assert MetadataCatalog.get("fashion_scenes_val").thing_classes == list(FASHION_CLASSES)
+    finally:
+        register_fashion_scenes()  # back to the default root for other tests
+
+
+def test_missing_source_says_how_to_install_it_and_writes_nothing(tmp_path):
+    result = run_tool("--source", str(tmp_path / "absent"), "--output", str(tmp_path / "out"))
+    assert result.returncode != 0
+    assert "train-images-idx3-ubyte.gz is missing" in result.stderr
+    assert "apt-get install dataset-fashion-mnist" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupt_idx_file_is_named(tmp_path):
+    bad = tmp_path / "bad-images-idx3-ubyte.gz"
+    with gzip.open(bad, "wb") as f:
+        f.write(struct.pack(">iiii", 2051, 3, 28, 28) + bytes(100))
+    with pytest.raises(ValueError, match="bad-images-idx3-ubyte.gz: header says shape"):
+        read_idx(bad)
+
+
+def test_a_pasted_box_is_the_object_it_labels():
+    """A white-square photo fills its box with the object's tint (no background shows inside);
+    the pixels around the box are the background's."""
+    photos = np.full((1, 28, 28), 255, np.uint8)
+    rng = np.random.RandomState(3)
+    for _ in range(10):
+        image, objects = compose_scene(rng, photos, np.array([7]), (128, 128), objects=(1, 1))
+        (obj,) = objects
+        x0, y0, x1, y1 = obj["bbox"]
+        inside = image[y0:y1, x0:x1].reshape(-1, 3).astype(float)
+        assert obj["label"] == 7
+        assert inside.std(axis=0).max() < 1.0  # one flat tint: the object, edge to edge
+        # the background's pixel noise (sigma 8) shows right above or below the box
+        strip = image[y0 - 2] if y0 >= 2 else image[y1 + 1]
+        assert strip[x0:x1].astype(float).std(axis=0).max() > 3.0
+
+
+def test_object_sizes_follow_coco_small_medium_large_mix():
+    photos = np.full((1, 28, 28), 255, np.uint8)
+    rng = np.random.RandomState(0)
+    areas = []
+    for _ in range(60):
+        _, objects = compose_scene(rng, photos, np.array([0]), (512, 512))
+        areas += [(o["bbox"][2] - o["bbox"][0]) * (o["bbox"][3] - o["bbox"][1]) for o in objects]
+    areas = np.array(areas)
+    shares = [(areas < 32**2).mean(), ((areas >= 32**2) & (areas < 96**2)).mean()]
+    # COCO: 41% small, 34% medium, 25% large; placement drops some large ones (overlap rule)
+    assert len(areas) > 200
+    assert 0.33 < shares[0] < 0.55 and 0.27 < shares[1] < 0.45 and 1 - sum(shares) > 0.1
