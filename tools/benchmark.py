@@ -1,20 +1,28 @@
 #!/usr/bin/env python
 """
-Train and evaluate MimicDet, MimicDet without mimicking, detectron2's RetinaNet and FCOS on
-DeepForest in one run, with the same backbone, data and schedule, and measure each:
+The benchmark: MimicDet, its ablations, detectron2's RetinaNet, FCOS and Faster R-CNN, and RetinaNet
+distilled from that Faster R-CNN (FGFI, DeFeat, RM+PFI), on DeepForest and on Fashion scenes, with
+the same backbone, data, schedule and tuning budget (tools/benchmark_rows.py says which).
 
-    AP, AP50          COCOEvaluator on deepforest_val at the end of training (train_net.py)
-    train_s_per_iter  median of detectron2's "time" in metrics.json, after the warm-up iterations
-    infer_ms          batch 1, warm, median over the val tiles (MimicDet: the deploy checkpoint)
-    params, gflops    of the model inference runs (fvcore's FlopCountAnalysis on the eval-mode
-                      model, one val tile; a fused multiply-add counts as one flop, as in fvcore)
+    python tools/benchmark.py                              # everything missing, both datasets
+    python tools/benchmark.py --dataset deepforest --rows retinanet fcos   # a part
+    python tools/benchmark.py --report                     # tables and plots from committed runs
+    python tools/benchmark.py --rows retinanet --max-iter 2 --output /tmp/b   # a smoke run
 
-    python tools/benchmark.py                      # the full run (about 4x `make demo`)
-    python tools/benchmark.py --quick              # a few iterations, for a fast look
-    python tools/benchmark.py --seeds 3            # 3 trainings per model (SEED 0, 1, 2): AP and
-                                                   # AP50 are their means, each run is listed too
+Each training is one *run* (dataset, row, variant, seed). When it finishes, its result (final
+COCOEvaluator metrics, the AP-vs-iteration curve from periodic evaluation, seconds per iteration,
+inference ms per image at batch 1 on the deploy model, params, GFLOPs, config, overrides, command,
+seed, date) is written to ``<results>/runs/<dataset>/<row>/<variant>-seed<k>.json`` (commit it).
+A run whose result exists is never trained again; an interrupted training resumes from its last
+checkpoint in ``<output>``. So the benchmark runs in parts, over as many sittings as it needs.
 
-Writes <output>/results.json and <output>/results.md (default output/benchmark).
+Order: each tuned detector's learning-rate sweep (seed 0), then its own key at the best rate, then
+its chosen variant's other seeds; then the ablations and distilled students on their parent's
+choice (distilled students read the Faster R-CNN run of the same seed as teacher).
+
+Outputs of --report (also written after every run): ``<results>/results.json``,
+``<results>/<dataset>.md`` and the plots ``<results>/<dataset>_ap_curves.png``,
+``<results>/<dataset>_speed_accuracy.png``.
 """
 
 import argparse
@@ -32,87 +40,145 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
-from convert_to_deploy import convert, training_only_keys  # noqa: E402
-from demo import Predictor  # noqa: E402
+from benchmark_rows import DATASETS, LEARNING_RATES, ROWS  # noqa: E402
 
-MODELS = {
-    "mimicdet": "configs/DeepForest/mimicdet_MNV2_FPN.yaml",
-    "mimicdet_nomimic": "configs/DeepForest/mimicdet_MNV2_FPN_nomimic.yaml",
-    "retinanet": "configs/DeepForest/retinanet_MNV2_FPN.yaml",
-    "fcos": "configs/DeepForest/fcos_MNV2_FPN.py",
-}
-METRICS = ("AP", "AP50", "train_s_per_iter", "infer_ms", "params", "gflops")
-QUICK_ITERS = 4
+DEFAULT_RESULTS = REPO / "benchmarks"
+DEFAULT_OUTPUT = REPO / "output" / "benchmark"
+# AP below this at the end of training: the run did not learn (flagged, never averaged in)
+LEARNED_MIN_AP = 1.0
+FINAL_KEYS = {
+    "AP": "bbox/AP", "AP50": "bbox/AP50", "AP75": "bbox/AP75",
+    "APs": "bbox/APs", "APm": "bbox/APm", "APl": "bbox/APl",
+}  # fmt: skip
 
 
-def overrides(config, output_dir, max_iter, seed=None):
+# ---------------------------------------------------------------------------- runs and variants
+def is_lazy(row):
+    return row.config.endswith(".py")
+
+
+def config_path(dataset, row):
+    return f"{DATASETS[dataset].configs}/{row.config}"
+
+
+def variant_name(lr, key=None, value=None):
+    """``lr0.005`` or ``lr0.005-anchor16``: the folder and file stem of a run."""
+    name = f"lr{lr:g}"
+    return name if key is None else f"{name}-{key.label}{value:g}"
+
+
+def result_path(results, dataset, row_name, variant, seed):
+    return Path(results) / "runs" / dataset / row_name / f"{variant}-seed{seed}.json"
+
+
+def load_result(results, dataset, row_name, variant, seed):
+    path = result_path(results, dataset, row_name, variant, seed)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def config_value(dataset, row):
+    """The value of ``row.key`` in the row's config, as one of the key's candidates."""
+    path = str(REPO / config_path(dataset, row))
+    if is_lazy(row):
+        from detectron2.config import LazyConfig
+
+        node = LazyConfig.load(path)
+        for part in row.key.name.split("."):
+            node = node[part]
+        return row.key.read(node)
+    from detectron2.config import get_cfg
+
+    from mimicdet import add_distill_config, add_mimicdet_config
+
+    cfg = get_cfg()
+    add_mimicdet_config(cfg)
+    add_distill_config(cfg)
+    cfg.merge_from_file(path)
+    node = cfg
+    for part in row.key.name.split("."):
+        node = node[part]
+    return row.key.read(node)
+
+
+def schedule_opts(dataset, row, max_iter, eval_period, device):
     """
-    train_net.py options: the output folder, the random seed if ``seed`` is given (else
-    detectron2 draws one) and, if ``max_iter`` is given, a schedule shortened in proportion
-    (warm-up and LR steps scale with it; the LazyConfig scheduler is already expressed in
-    fractions of ``train.max_iter``), the same for every model.
+    Overrides giving every row the dataset's schedule: ``max_iter`` with the config's warm-up and
+    LR steps scaled in proportion (the LazyConfig scheduler is in fractions of train.max_iter
+    already), periodic evaluation and checkpoints (for resuming), and the device.
     """
-    if config.endswith(".py"):
-        opts = [f"train.output_dir={output_dir}"]
-        opts += [f"train.seed={seed}"] if seed is not None else []
-        return opts + ([f"train.max_iter={max_iter}"] if max_iter else [])
-    opts = ["OUTPUT_DIR", str(output_dir)]
-    opts += ["SEED", str(seed)] if seed is not None else []
-    if max_iter:
-        from detectron2.config import get_cfg
+    checkpoint_period = eval_period * max(1, 200 // eval_period)
+    if is_lazy(row):
+        return [
+            f"train.max_iter={max_iter}",
+            f"train.eval_period={eval_period}",
+            f"train.checkpointer.period={checkpoint_period}",
+            f"train.device={device}",
+        ]
+    from detectron2.config import get_cfg
 
-        from mimicdet import add_mimicdet_config
+    from mimicdet import add_mimicdet_config
 
-        cfg = get_cfg()
-        add_mimicdet_config(cfg)
-        cfg.merge_from_file(str(REPO / config))
-        scale = max_iter / cfg.SOLVER.MAX_ITER
-        steps = {round(s * scale) for s in cfg.SOLVER.STEPS} & set(range(1, max_iter))
-        steps = tuple(sorted(steps))
-        warmup = max(1, round(cfg.SOLVER.WARMUP_ITERS * scale))
-        opts += ["SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", str(steps)]
-        opts += ["SOLVER.WARMUP_ITERS", str(warmup)]
-    return opts
+    cfg = get_cfg()
+    add_mimicdet_config(cfg)
+    cfg.merge_from_file(str(REPO / config_path(dataset, row)))
+    scale = max_iter / cfg.SOLVER.MAX_ITER
+    steps = tuple(sorted({round(s * scale) for s in cfg.SOLVER.STEPS} & set(range(1, max_iter))))
+    warmup = max(1, round(cfg.SOLVER.WARMUP_ITERS * scale))
+    return [
+        "SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", str(steps),
+        "SOLVER.WARMUP_ITERS", str(warmup), "TEST.EVAL_PERIOD", str(eval_period),
+        "SOLVER.CHECKPOINT_PERIOD", str(checkpoint_period), "MODEL.DEVICE", device,
+    ]  # fmt: skip
 
 
-def read_training_metrics(metrics_file, warmup_iters):
-    """AP, AP50 (last bbox/* values) and the median seconds per iteration after ``warmup_iters``
-    from detectron2's metrics.json (one JSON record per line)."""
+def lr_opts(row, lr):
+    if is_lazy(row):
+        # detectron2's get_default_optimizer_params gives every group base_lr itself
+        return [f"optimizer.lr={lr}", f"optimizer.params.base_lr={lr}"]
+    return ["SOLVER.BASE_LR", str(lr)]
+
+
+def seed_opts(row, seed, output_dir):
+    if is_lazy(row):
+        return [f"train.seed={seed}", f"train.output_dir={output_dir}"]
+    return ["SEED", str(seed), "OUTPUT_DIR", str(output_dir)]
+
+
+# ---------------------------------------------------------------------------- reading a training
+def read_metrics(metrics_file, warmup_iters):
+    """
+    From detectron2's metrics.json (a JSON record per line): the final evaluation, the curve of
+    every periodic one ``[[iteration, AP, AP50], ...]``, the loss curve and the median seconds
+    per iteration after ``warmup_iters``.
+    """
     records = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line]
-    times = [r["time"] for r in records if "time" in r and r.get("iteration", 0) >= warmup_iters]
+    curve, losses, times, final = [], [], [], {}
+    for r in records:
+        if "bbox/AP" in r:
+            curve.append([r["iteration"] + 1, r["bbox/AP"], r.get("bbox/AP50")])
+            final = {k: r.get(v) for k, v in FINAL_KEYS.items()}
+        if "total_loss" in r:
+            losses.append([r["iteration"] + 1, r["total_loss"]])
+        if "time" in r and r.get("iteration", 0) >= warmup_iters:
+            times.append(r["time"])
     if not times:  # a run shorter than the warm-up
         times = [r["time"] for r in records if "time" in r]
-    ap = {k: v for r in records for k, v in r.items() if k.startswith("bbox/")}
+    # a resumed training re-evaluates nothing twice, but keep one point per iteration anyway
+    curve = sorted({c[0]: c for c in curve}.values())
     return {
-        "AP": ap.get("bbox/AP"),
-        "AP50": ap.get("bbox/AP50"),
+        "final": final,
+        "curve": curve,
+        "loss_curve": losses,
         "train_s_per_iter": statistics.median(times) if times else None,
     }
 
 
-def combine_runs(runs):
-    """
-    One model's row from the training metrics of its runs (one per seed): the mean AP and AP50,
-    each run's in ``AP_runs`` / ``AP50_runs``, and the median of the runs' step times.
-    """
-    if len(runs) == 1:
-        return runs[0]
-    row = {}
-    for key in ("AP", "AP50"):
-        values = [r[key] for r in runs]
-        row[f"{key}_runs"] = values
-        known = [v for v in values if v is not None and v == v]  # COCOeval's nan: no detections
-        row[key] = statistics.mean(known) if known else None
-    times = [r["train_s_per_iter"] for r in runs if r["train_s_per_iter"] is not None]
-    row["train_s_per_iter"] = statistics.median(times) if times else None
-    return row
+def learned(result):
+    ap = result["final"].get("AP")
+    return ap is not None and ap == ap and ap >= LEARNED_MIN_AP
 
 
-def run_dir(output, name, seed):
-    """A training's folder: ``<output>/<model>``, or ``<output>/<model>/seed<k>`` with seeds."""
-    return output / name if seed is None else output / name / f"seed{seed}"
-
-
+# ---------------------------------------------------------------------------- inference cost
 def _deform_conv_flop_jit(weight_index):
     """fvcore handle for a deformable conv whose weight is input ``weight_index``: a dense conv's
     multiply-adds (the bilinear sampling is not counted)."""
@@ -162,25 +228,43 @@ def inference_cost(model, image, skip_params=()):
     return params, gflops
 
 
-def measure_inference(config, weights, images, warmup=2):
-    """Median ms per image (batch 1, after ``warmup`` untimed images), params and GFLOPs."""
-    predictor = Predictor(REPO / config, ["MODEL.WEIGHTS", str(weights)])
+def measure_inference(config, opts, weights, images, device="cpu", deploy=False, warmup=2):
+    """Median ms per image (batch 1, after ``warmup`` untimed images), params and GFLOPs of the
+    model ``config`` + ``opts`` builds with ``weights`` (MimicDet: without its training-only
+    T-head, which deploy checkpoints lack)."""
+    from convert_to_deploy import training_only_keys
+    from demo import Predictor
+
+    if is_lazy_path(config):
+        # the weights pair first: demo's Predictor reads it as a pair, the rest as key=value
+        model_opts = [o for o in opts if o.startswith("model.")]
+        predictor = Predictor(REPO / config, ["MODEL.WEIGHTS", str(weights), *model_opts], device)
+    else:
+        predictor = Predictor(REPO / config, [*opts, "MODEL.WEIGHTS", str(weights)], device)
     for image in images[:warmup]:
         predictor(image)
     times = []
     for image in images:
         start = time.perf_counter()
         predictor(image)
+        if device == "cuda":
+            torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1000)
     model = predictor.model
-    skip = training_only_keys(dict(model.named_parameters())) if "mimicdet" in config else ()
+    skip = training_only_keys(dict(model.named_parameters())) if deploy else ()
     resized = predictor.aug.get_transform(images[0]).apply_image(images[0])
     image = resized[:, :, ::-1] if predictor.input_format == "RGB" else resized
-    params, gflops = inference_cost(model, image.copy(), skip)
+    params, gflops = inference_cost(model.cpu(), image.copy(), skip)
     return statistics.median(times), params, gflops
 
 
-def machine():
+def is_lazy_path(config):
+    return str(config).endswith(".py")
+
+
+def machine(device="cpu"):
+    if device == "cuda" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA"
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -192,133 +276,233 @@ def machine():
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU"
 
 
-def write_results(results, output_dir):
-    """Writes results.json and results.md (a table, ratios against RetinaNet) into output_dir."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    # COCOeval gives nan for a model with no detections; JSON has no nan, so it becomes null
-    results = json.loads(json.dumps(results), parse_constant=lambda constant: None)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (output_dir / "results.md").write_text(markdown_table(results))
+def now():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _fmt(value, digits):
-    return "n/a" if value is None else f"{value:.{digits}f}"
+# ---------------------------------------------------------------------------- the pipeline
+class Benchmark:
+    """Trains what is missing, in dependency order, and writes each run's result at once."""
 
+    def __init__(self, results, output, device="cpu", max_iter=None, eval_period=None, seeds=None):
+        self.results, self.output = Path(results).resolve(), Path(output).resolve()
+        self.device, self.seeds_override = device, seeds
+        self._max_iter, self._eval_period = max_iter, eval_period
 
-def _fmt_runs(values):
-    return ", ".join(_fmt(v, 1) for v in values)
+    def max_iter(self, dataset):
+        return self._max_iter or DATASETS[dataset].max_iter
 
+    def eval_period(self, dataset):
+        return min(self._eval_period or DATASETS[dataset].eval_period, self.max_iter(dataset))
 
-def markdown_table(results):
-    models = results["models"]
-    base = models.get("retinanet", {})
+    def seeds(self, row_name):
+        return list(range(self.seeds_override or ROWS[row_name].seeds))
 
-    def ratio(name, key):
-        a, b = models[name].get(key), base.get(key)
-        return "n/a" if a is None or not b else f"{a / b:.2f}x"
+    def result(self, dataset, row_name, variant, seed):
+        return load_result(self.results, dataset, row_name, variant, seed)
 
-    lines = [
-        f"Command: `{results['command']}`  ",
-        f"Date: {results['date']}  ",
-        f"Machine: {results['machine']}",
-        "",
-        "| model | AP | AP50 | train s/iter | infer ms/img | params (M) | GFLOPs "
-        "| train vs RetinaNet | infer vs RetinaNet |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, m in models.items():
-        params = None if m.get("params") is None else m["params"] / 1e6
-        lines.append(
-            f"| {name} | {_fmt(m.get('AP'), 1)} | {_fmt(m.get('AP50'), 1)} "
-            f"| {_fmt(m.get('train_s_per_iter'), 2)} | {_fmt(m.get('infer_ms'), 0)} "
-            f"| {_fmt(params, 2)} | {_fmt(m.get('gflops'), 1)} "
-            f"| {ratio(name, 'train_s_per_iter')} | {ratio(name, 'infer_ms')} |"
+    # -- tuning
+    def sweep(self, dataset, row_name):
+        """
+        A tuned detector's seed-0 runs as far as they are known: ``[(variant, opts)]``, the LR
+        sweep, then, once its results all exist, the key's other values at the best LR.
+        """
+        row = ROWS[row_name]
+        runs = [(variant_name(lr), lr_opts(row, lr)) for lr in LEARNING_RATES]
+        if row.key is None or any(self.result(dataset, row_name, v, 0) is None for v, _ in runs):
+            return runs
+        lr = float(self.best(dataset, row_name, runs)[0][2:])
+        current = config_value(dataset, row)
+        for value in row.key.candidates:
+            if value != current:
+                opts = lr_opts(row, lr) + row.key.opts(value, is_lazy(row))
+                runs.append((variant_name(lr, row.key, value), opts))
+        return runs
+
+    def best(self, dataset, row_name, runs):
+        """The (variant, opts) of ``runs`` with the highest seed-0 final AP (nan counts as -1)."""
+
+        def ap(run):
+            value = self.result(dataset, row_name, run[0], 0)["final"].get("AP")
+            return value if value is not None and value == value else -1.0
+
+        return max(runs, key=ap)
+
+    def chosen(self, dataset, row_name):
+        """A tuned detector's best (variant, opts) once its whole sweep has results, else None;
+        an ablation's or distilled row's is its parent's."""
+        row = ROWS[row_name]
+        if row.parent is not None:
+            return self.chosen(dataset, row.parent)
+        runs = self.sweep(dataset, row_name)
+        if any(self.result(dataset, row_name, v, 0) is None for v, _ in runs):
+            return None
+        return self.best(dataset, row_name, runs)
+
+    def ensure_chosen(self, dataset, row_name):
+        """Runs the sweep of the row's tuned detector as far as needed; returns its choice."""
+        root = row_name
+        while ROWS[root].parent is not None:
+            root = ROWS[root].parent
+        while self.chosen(dataset, root) is None:
+            for variant, opts in self.sweep(dataset, root):
+                self.run(dataset, root, variant, opts, 0)
+        return self.chosen(dataset, root)
+
+    # -- one run
+    def run_dir(self, dataset, row_name, variant, seed):
+        return self.output / dataset / row_name / f"{variant}-seed{seed}"
+
+    def run(self, dataset, row_name, variant, opts, seed, retrain=False):
+        """Trains one run unless its result exists (or ``retrain``); returns the result."""
+        existing = self.result(dataset, row_name, variant, seed)
+        if existing is not None and not retrain:
+            return existing
+        row = ROWS[row_name]
+        out = self.run_dir(dataset, row_name, variant, seed)
+        config = config_path(dataset, row)
+        max_iter, eval_period = self.max_iter(dataset), self.eval_period(dataset)
+        train_opts = list(row.opts) + list(opts)
+        if row.teacher is not None:
+            train_opts += self.teacher_opts(dataset, row, variant, seed)
+        train_opts += schedule_opts(dataset, row, max_iter, eval_period, self.device)
+        command = [sys.executable, "train_net.py", "--config-file", config]
+        command += train_opts + seed_opts(row, seed, out)
+        start = time.time()
+        if (out / "model_final.pth").is_file() and not retrain:
+            print(f"[benchmark] {out} finished training earlier: reading it", flush=True)
+        else:
+            if (out / "last_checkpoint").is_file():
+                command.insert(2, "--resume")
+            print(f"[benchmark] training {dataset} {row_name} {variant} seed {seed}", flush=True)
+            print("[benchmark] " + " ".join(command[1:]), flush=True)
+            subprocess.run(command, cwd=REPO, check=True)
+        result = {
+            "dataset": dataset,
+            "row": row_name,
+            "variant": variant,
+            "seed": seed,
+            "config": config,
+            "opts": train_opts,
+            # the output folder is this machine's; results are portable without it
+            "command": "python " + " ".join(command[1:]).replace(str(self.output), "<output>"),
+            "max_iter": max_iter,
+            "eval_period": eval_period,
+            "date": now(),
+            "machine": machine(self.device),
+            "wall_s": round(time.time() - start),
+            **read_metrics(out / "metrics.json", warmup_iters=min(50, max_iter // 4)),
+            **self.time_inference(dataset, row, opts, out),
+        }
+        result["teacher"] = (
+            dict(zip(train_opts[::2], train_opts[1::2]))
+            .get("MODEL.DISTILL.TEACHER.WEIGHTS", "")
+            .replace(str(self.output), "<output>")
+            or None
         )
-    with_runs = [name for name, m in models.items() if "AP_runs" in m]
-    if with_runs:
-        lines += ["", "AP and AP50 above are means over seeds; each run:", ""]
-        lines += ["| model | AP per run | AP50 per run |", "|---|---|---|"]
-        for name in with_runs:
-            ap, ap50 = (_fmt_runs(models[name][k]) for k in ("AP_runs", "AP50_runs"))
-            lines.append(f"| {name} | {ap} | {ap50} |")
-    return "\n".join(lines) + "\n"
+        result["learned"] = learned(result)
+        path = result_path(self.results, dataset, row_name, variant, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        # COCOeval's nan (no detections) is not JSON: it becomes null
+        result = json.loads(json.dumps(result), parse_constant=lambda constant: None)
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(path)  # a result is whole or absent
+        print(f"[benchmark] {path.relative_to(self.results)}: AP {result['final'].get('AP')}")
+        return result
+
+    def teacher_opts(self, dataset, row, variant, seed):
+        """
+        The teacher: its detector's chosen variant, trained with the same seed. RM+PFI read the
+        teacher's RPN per student anchor, so there the teacher is the variant at its best LR with
+        the student's anchors (both detectors sweep the same anchor key).
+        """
+        t_variant, t_opts = self.ensure_chosen(dataset, row.teacher)
+        student_anchor = variant.partition("-")[2]
+        if (
+            "MODEL.DISTILL.RANK.WEIGHT" in row.opts
+            and t_variant.partition("-")[2] != student_anchor
+        ):
+            lr = t_variant.partition("-")[0]
+            wanted = lr + ("-" + student_anchor if student_anchor else "")
+            t_opts = dict(self.sweep(dataset, row.teacher))[wanted]
+            t_variant = wanted
+        t_out = self.run_dir(dataset, row.teacher, t_variant, seed)
+        if not (t_out / "model_final.pth").is_file():
+            # its result may be committed while its checkpoint stayed on another machine: the
+            # teacher is trained again, and its result replaced, so the result is the teacher's
+            known = self.result(dataset, row.teacher, t_variant, seed) is not None
+            self.run(dataset, row.teacher, t_variant, t_opts, seed, retrain=known)
+        return [
+            "MODEL.DISTILL.TEACHER.CONFIG_FILE", config_path(dataset, ROWS[row.teacher]),
+            "MODEL.DISTILL.TEACHER.WEIGHTS", str(t_out / "model_final.pth"),
+            "MODEL.DISTILL.TEACHER.OPTS", str(list(t_opts)),
+        ]  # fmt: skip
+
+    def time_inference(self, dataset, row, opts, out):
+        """Inference cost of the run's deploy model: the student of a distiller, MimicDet without
+        its T-head, else the model itself."""
+        from convert_to_deploy import convert
+        from detectron2.data import DatasetCatalog
+        from detectron2.data.detection_utils import read_image
+
+        weights = out / "model_final.pth"
+        if row.deploy or row.teacher is not None:
+            deploy = out / "model_deploy.pth"
+            convert(str(weights), str(deploy))
+            weights = deploy
+        records = DatasetCatalog.get(DATASETS[dataset].val)[: DATASETS[dataset].timing_images]
+        images = [read_image(r["file_name"], format="BGR") for r in records]
+        # the row's own change only matters to the model when it is not a training-only one
+        model_opts = list(opts) + ([] if row.teacher is not None else list(row.opts))
+        infer_ms, params, gflops = measure_inference(
+            config_path(dataset, row), model_opts, weights, images, self.device, row.deploy
+        )
+        return {"infer_ms": infer_ms, "params": params, "gflops": gflops}
+
+    def run_row(self, dataset, row_name):
+        variant, opts = self.ensure_chosen(dataset, row_name)
+        for seed in self.seeds(row_name):
+            self.run(dataset, row_name, variant, opts, seed)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="seeds per row (default: the row's)"
+    )
+    parser.add_argument("--results", default=str(DEFAULT_RESULTS), help="run results (committed)")
+    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="training folders")
+    parser.add_argument("--max-iter", type=int, default=None, help="override every schedule")
+    parser.add_argument("--eval-period", type=int, default=None, help="override every period")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--report", action="store_true", help="only assemble tables and plots")
+    args = parser.parse_args(argv)
+    if args.seeds is not None and args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    return args
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default="output/benchmark", help="output folder")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_ITERS} iterations per model")
-    parser.add_argument("--max-iter", type=int, default=None, help="override the iteration count")
-    parser.add_argument(
-        "--reuse", action="store_true", help="keep trainings already finished in --output"
-    )
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument(
-        "--seeds", type=int, default=1, help="trainings per model; above 1, seeded 0..N-1"
-    )
-    parser.add_argument(
-        "--warmup-iters", type=int, default=50, help="iterations left out of train_s_per_iter"
-    )
-    args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.error(f"--seeds must be at least 1, got {args.seeds}")
-    max_iter = args.max_iter or (QUICK_ITERS if args.quick else None)
-    # a shortened schedule shortens the warm-up left out of the timing as well
-    warmup = args.warmup_iters if not max_iter else min(args.warmup_iters, max_iter // 4)
-    output = Path(args.output).resolve()
+    args = parse_args(argv)
+    from benchmark_report import write_report
+
     command = "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if not args.report:
+        import mimicdet  # noqa: F401 registers the datasets
 
-    import mimicdet  # noqa: F401 registers the datasets
-    from detectron2.data import DatasetCatalog
-    from detectron2.data.detection_utils import read_image
-
-    subprocess.run([sys.executable, "tools/prepare_deepforest.py"], cwd=REPO, check=True)
-    results = {"models": {}}
-
-    def context():
-        return {
-            "command": command,
-            "machine": machine(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        }
-
-    # one run keeps detectron2's random seed and the output layout of earlier runs
-    seeds = [None] if args.seeds == 1 else list(range(args.seeds))
-    for name in args.models:
-        config, runs = MODELS[name], []
-        for seed in seeds:
-            out = run_dir(output, name, seed)
-            if args.reuse and (out / "model_final.pth").is_file():
-                print(f"[benchmark] reusing the finished training in {out}", flush=True)
-            else:
-                print(f"[benchmark] training {name} ({config}) -> {out}", flush=True)
-                train = [sys.executable, "train_net.py", "--config-file", config]
-                subprocess.run(train + overrides(config, out, max_iter, seed), cwd=REPO, check=True)
-            runs.append(read_training_metrics(out / "metrics.json", warmup))
-            results["models"][name] = combine_runs(runs)
-            write_results(dict(results, **context()), output)  # partial results survive a stop
-
-    records = DatasetCatalog.get("deepforest_val")
-    images = [read_image(r["file_name"], format="BGR") for r in records]
-    if args.quick:
-        images = images[:4]
-    for name in args.models:
-        # the first seed's checkpoint is timed: speed does not depend on the seed
-        config, out = MODELS[name], run_dir(output, name, seeds[0])
-        weights = out / "model_final.pth"
-        if "mimicdet" in name:
-            weights = out / "model_deploy.pth"
-            convert(str(out / "model_final.pth"), str(weights))
-        print(f"[benchmark] timing {name} on {len(images)} val tiles ({weights})", flush=True)
-        infer_ms, params, gflops = measure_inference(config, weights, images)
-        results["models"][name].update(infer_ms=infer_ms, params=params, gflops=gflops)
-        write_results(dict(results, **context()), output)
-
-    results.update(context())
-    write_results(results, output)
-    print(markdown_table(results), flush=True)
-    print(f"[benchmark] wrote {output / 'results.json'} and {output / 'results.md'}")
+        bench = Benchmark(
+            args.results, args.output, args.device, args.max_iter, args.eval_period, args.seeds
+        )
+        for dataset in args.dataset:
+            for step in DATASETS[dataset].prepare:
+                subprocess.run([sys.executable, step], cwd=REPO, check=True)
+            for row_name in args.rows:
+                bench.run_row(dataset, row_name)
+                write_report(args.results, command)  # the tables follow every finished row
+    write_report(args.results, command)
 
 
 if __name__ == "__main__":

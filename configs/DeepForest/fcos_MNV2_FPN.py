@@ -75,6 +75,8 @@ model = L(FCOS)(
     ),
     num_classes=base.MODEL.RETINANET.NUM_CLASSES,
     head_in_features=["p3", "p4", "p5", "p6", "p7"],
+    # detectron2's default, written out: tools/benchmark.py sweeps it as FCOS's own key
+    center_sampling_radius=1.5,
     focal_loss_alpha=0.25,
     focal_loss_gamma=2.0,
     test_score_thresh=base.MODEL.RETINANET.SCORE_THRESH_TEST,

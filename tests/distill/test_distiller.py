@@ -435,3 +435,22 @@ def test_the_teacher_moves_and_converts_with_the_distiller(teacher_files):
     model = build_model(_distiller_cfg(teacher_files)).double()
     assert all(p.dtype == torch.float64 for p in model.teacher.parameters())
     assert all(p.dtype == torch.float64 for p in model.parameters())
+
+
+def test_teacher_opts_reach_the_teachers_config(teacher_files):
+    """Anchor sizes are no parameter, so a strict load cannot tell a teacher trained with other
+    anchors: TEACHER.OPTS must bring them, and the teacher must then use them (and RM+PFI, which
+    read the teacher per student anchor, then refuse the mismatch)."""
+    small = "[[x, x * 2**(1.0/3), x * 2**(2.0/3)] for x in [16, 32, 64, 128, 256]]"
+    cfg = _distiller_cfg(teacher_files, rank=0.0, pfi=0.0)
+
+    def smallest_anchor(model):
+        anchors = model.teacher.model.anchor_generator.cell_anchors._buffers["0"]
+        return (anchors[:, 2] - anchors[:, 0]).min().item()
+
+    default = smallest_anchor(build_model(cfg))
+    cfg.MODEL.DISTILL.TEACHER.OPTS = ["MODEL.ANCHOR_GENERATOR.SIZES", str(eval(small))]
+    assert smallest_anchor(build_model(cfg)) == pytest.approx(default / 2)
+    cfg.MODEL.DISTILL.RANK.WEIGHT = 1.0
+    with pytest.raises(ValueError, match="the same anchors"):
+        build_model(cfg)

@@ -29,6 +29,10 @@ def add_distill_config(cfg):
     _C.MODEL.DISTILL.TEACHER.WEIGHTS = ""
     # default (ours): False refuses a teacher without weights; True only for tests and smoke runs
     _C.MODEL.DISTILL.TEACHER.ALLOW_RANDOM = False
+    # overrides of the teacher's config, as train_net's command line takes them: KEY VALUE pairs
+    # for a .yaml, "key=value" items for a .py. Keys that no parameter shows, such as anchor sizes,
+    # must reach the teacher's config this way or its strict load would not notice them (ours)
+    _C.MODEL.DISTILL.TEACHER.OPTS = []
 
     # FGFI (Wang et al., CVPR 2019): loss_kd_fgfi
     _C.MODEL.DISTILL.FGFI = CN()

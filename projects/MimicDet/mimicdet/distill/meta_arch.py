@@ -3,7 +3,7 @@ terms from a separate, frozen teacher detector."""
 
 import logging
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from detectron2.config import LazyConfig, configurable, get_cfg, instantiate
@@ -27,19 +27,25 @@ logger = logging.getLogger(__name__)
 
 
 def build_teacher(
-    config_file: str, weights: str, device: str, allow_random: bool = False
+    config_file: str,
+    weights: str,
+    device: str,
+    allow_random: bool = False,
+    opts: Sequence[str] = (),
 ) -> FrozenTeacher:
     """
-    The teacher: built from its own config file (yacs ``.yaml`` or LazyConfig ``.py``) on the
-    student's device, loaded strictly from its checkpoint, frozen. Without a checkpoint it is
-    refused unless ``allow_random`` (``MODEL.DISTILL.TEACHER.ALLOW_RANDOM``: tests, smoke runs).
+    The teacher: built from its own config file (yacs ``.yaml`` or LazyConfig ``.py``) with
+    ``opts`` applied (``MODEL.DISTILL.TEACHER.OPTS``) on the student's device, loaded strictly
+    from its checkpoint, frozen. Without a checkpoint it is refused unless ``allow_random``
+    (``MODEL.DISTILL.TEACHER.ALLOW_RANDOM``: tests, smoke runs).
     """
     if not config_file:
         raise ValueError("MODEL.DISTILL.TEACHER.CONFIG_FILE is empty: the teacher needs a config")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"MODEL.DISTILL.TEACHER.CONFIG_FILE {config_file} does not exist")
     if config_file.endswith(".py"):
-        model = instantiate(LazyConfig.load(config_file).model)
+        lazy = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
+        model = instantiate(lazy.model)
         if isinstance(model, Distiller):
             raise ValueError(f"The teacher config {config_file} is itself a distiller")
         model.to(device)
@@ -48,6 +54,7 @@ def build_teacher(
         add_mimicdet_config(tcfg)
         add_distill_config(tcfg)
         tcfg.merge_from_file(config_file)
+        tcfg.merge_from_list(list(opts))
         tcfg.MODEL.DEVICE = device
         if tcfg.MODEL.META_ARCHITECTURE == "Distiller":
             raise ValueError(f"The teacher config {config_file} is itself a distiller")
@@ -197,7 +204,13 @@ class Distiller(nn.Module):
         return {
             "student": build_model(student_cfg),
             "teacher": (
-                build_teacher(tcfg.CONFIG_FILE, tcfg.WEIGHTS, cfg.MODEL.DEVICE, tcfg.ALLOW_RANDOM)
+                build_teacher(
+                    tcfg.CONFIG_FILE,
+                    tcfg.WEIGHTS,
+                    cfg.MODEL.DEVICE,
+                    tcfg.ALLOW_RANDOM,
+                    tcfg.OPTS,
+                )
                 if with_teacher
                 else None
             ),

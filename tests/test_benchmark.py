@@ -1,0 +1,169 @@
+"""tools/benchmark.py: the tuning order, what a run records, and the report built from results."""
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+import benchmark  # noqa: E402
+import benchmark_report  # noqa: E402
+from benchmark_rows import DATASETS, LEARNING_RATES, ROWS, anchor_sizes  # noqa: E402
+
+
+def fake_result(results, dataset, row, variant, seed, ap, curve=None, max_iter=1200):
+    """A committed run result as benchmark.Benchmark.run writes it."""
+    path = benchmark.result_path(results, dataset, row, variant, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    final = {
+        k: (None if ap is None else ap * (1 + i / 10)) for i, k in enumerate(benchmark.FINAL_KEYS)
+    }
+    result = {
+        "dataset": dataset, "row": row, "variant": variant, "seed": seed, "final": final,
+        "curve": curve or [[600, ap and ap / 2, None], [1200, ap, None]], "loss_curve": [],
+        "train_s_per_iter": 1.0 + seed, "infer_ms": 100.0, "params": 5e6, "gflops": 4.0,
+        "max_iter": max_iter, "learned": ap is not None and ap >= benchmark.LEARNED_MIN_AP,
+    }  # fmt: skip
+    path.write_text(json.dumps(result))
+    return result
+
+
+def test_read_metrics_keeps_the_curve_the_final_evaluation_and_the_step_time(tmp_path):
+    metrics = tmp_path / "metrics.json"
+    records = [
+        {"iteration": 19, "time": 9.0, "total_loss": 3.0},
+        {"iteration": 59, "time": 2.0, "total_loss": 2.0},
+        {"iteration": 99, "bbox/AP": 10.0, "bbox/AP50": 30.0},
+        {"iteration": 99, "time": 4.0, "total_loss": 1.0},
+        {"iteration": 199, "time": 3.0},
+        {"iteration": 199, "bbox/AP": 12.0, "bbox/AP50": 33.0, "bbox/AP75": 8.0, "bbox/APs": 1.0},
+    ]
+    metrics.write_text("\n".join(json.dumps(r) for r in records))
+    got = benchmark.read_metrics(metrics, warmup_iters=50)
+    assert got["curve"] == [[100, 10.0, 30.0], [200, 12.0, 33.0]]
+    assert (
+        got["final"]["AP"] == 12.0 and got["final"]["AP75"] == 8.0 and got["final"]["APl"] is None
+    )
+    assert got["train_s_per_iter"] == 3.0  # the 9 s warm-up step is left out
+    assert got["loss_curve"] == [[20, 3.0], [60, 2.0], [100, 1.0]]
+
+
+def test_every_row_gets_the_same_schedule_scaled_from_its_config():
+    deepforest = DATASETS["deepforest"]
+    yaml_opts = benchmark.schedule_opts("deepforest", ROWS["retinanet"], 1200, 100, "cpu")
+    pairs = dict(zip(yaml_opts[::2], yaml_opts[1::2]))
+    # Base-DeepForest-MNV2.yaml: 200 iterations, steps (150, 185), 50 warm-up
+    assert pairs["SOLVER.MAX_ITER"] == "1200" and pairs["SOLVER.STEPS"] == "(900, 1110)"
+    assert pairs["SOLVER.WARMUP_ITERS"] == "300" and pairs["TEST.EVAL_PERIOD"] == "100"
+    lazy = benchmark.schedule_opts("deepforest", ROWS["fcos"], 1200, 100, "cuda")
+    assert "train.max_iter=1200" in lazy and "train.device=cuda" in lazy
+    assert deepforest.configs == "configs/DeepForest"
+    for row in ROWS.values():  # every row's config exists for both datasets
+        for dataset in DATASETS.values():
+            assert (REPO / dataset.configs / row.config).is_file(), (dataset.name, row.name)
+
+
+def test_the_sweep_tries_every_learning_rate_then_the_key_at_the_best(tmp_path):
+    bench = benchmark.Benchmark(tmp_path, tmp_path / "out")
+    first = bench.sweep("deepforest", "retinanet")
+    assert [v for v, _ in first] == [f"lr{lr:g}" for lr in LEARNING_RATES]
+    assert bench.chosen("deepforest", "retinanet") is None
+    for lr, ap in zip(LEARNING_RATES, (3.0, 9.0, None)):  # the highest rate found nothing
+        fake_result(tmp_path, "deepforest", "retinanet", f"lr{lr:g}", 0, ap)
+    runs = dict(bench.sweep("deepforest", "retinanet"))
+    assert set(runs) == {"lr0.0025", "lr0.005", "lr0.01", "lr0.005-anchor16"}
+    key_opts = runs["lr0.005-anchor16"]
+    assert key_opts[:2] == ["SOLVER.BASE_LR", "0.005"]
+    assert key_opts[2:] == ["MODEL.ANCHOR_GENERATOR.SIZES", anchor_sizes(16.0)]
+    assert bench.chosen("deepforest", "retinanet") is None  # the key's run is missing
+    fake_result(tmp_path, "deepforest", "retinanet", "lr0.005-anchor16", 0, 11.0)
+    assert bench.chosen("deepforest", "retinanet")[0] == "lr0.005-anchor16"
+    # a distilled student is its parent's choice with one change, not tuned again
+    assert bench.chosen("deepforest", "retinanet_fgfi")[0] == "lr0.005-anchor16"
+
+    # the LazyConfig FCOS: both the optimizer's and every group's rate, its own key
+    for lr, ap in zip(LEARNING_RATES, (5.0, 4.0, 1.0)):
+        fake_result(tmp_path, "deepforest", "fcos", f"lr{lr:g}", 0, ap)
+    runs = dict(bench.sweep("deepforest", "fcos"))
+    assert runs["lr0.0025-radius2.5"] == [
+        "optimizer.lr=0.0025", "optimizer.params.base_lr=0.0025",
+        "model.center_sampling_radius=2.5",
+    ]  # fmt: skip
+
+
+def test_rm_pfi_gets_a_teacher_with_the_students_anchors(tmp_path):
+    bench = benchmark.Benchmark(tmp_path, tmp_path / "out")
+    for row, aps in (("retinanet", (3.0, 9.0, 1.0, 11.0)), ("faster_rcnn", (8.0, 12.0, 2.0, 10.0))):
+        for variant, ap in zip(("lr0.0025", "lr0.005", "lr0.01", "lr0.005-anchor16"), aps):
+            fake_result(tmp_path, "deepforest", row, variant, 0, ap)
+            (bench.run_dir("deepforest", row, variant, 0)).mkdir(parents=True)
+            (bench.run_dir("deepforest", row, variant, 0) / "model_final.pth").touch()
+    # FGFI and DeFeat: the chosen Faster R-CNN (32 px anchors); RM+PFI: its 16 px variant
+    fgfi = bench.teacher_opts("deepforest", ROWS["retinanet_fgfi"], "lr0.005-anchor16", 0)
+    rm = bench.teacher_opts("deepforest", ROWS["retinanet_rm_pfi"], "lr0.005-anchor16", 0)
+    fgfi, rm = (dict(zip(o[::2], o[1::2])) for o in (fgfi, rm))
+    assert fgfi["MODEL.DISTILL.TEACHER.WEIGHTS"].endswith(
+        "faster_rcnn/lr0.005-seed0/model_final.pth"
+    )
+    assert rm["MODEL.DISTILL.TEACHER.WEIGHTS"].endswith(
+        "faster_rcnn/lr0.005-anchor16-seed0/model_final.pth"
+    )
+    assert anchor_sizes(16.0) in rm["MODEL.DISTILL.TEACHER.OPTS"]
+    assert rm["MODEL.DISTILL.TEACHER.CONFIG_FILE"] == "configs/DeepForest/faster_rcnn_MNV2_FPN.yaml"
+
+
+def test_the_report_averages_the_seeds_that_learned_and_names_the_others(tmp_path):
+    for lr, ap in zip(LEARNING_RATES, (6.0, 8.0, 7.0)):
+        fake_result(tmp_path, "deepforest", "fcos", f"lr{lr:g}", 0, ap)
+    fake_result(tmp_path, "deepforest", "fcos", "lr0.005-radius2.5", 0, 7.5)
+    fake_result(tmp_path, "deepforest", "fcos", "lr0.005", 1, 0.0)  # a seed that did not learn
+    fake_result(tmp_path, "deepforest", "fcos", "lr0.005", 2, 10.0)
+    summary = benchmark_report.write_report(tmp_path, "python tools/benchmark.py", "today")
+    row = summary["datasets"]["deepforest"]["rows"]["fcos"]
+    assert row["variant"] == "lr0.005" and row["sweep_complete"]
+    assert row["AP"] == pytest.approx(9.0) and row["did_not_learn"] == [1]
+    assert row["AP_per_seed"] == [8.0, 0.0, 10.0]
+    table = (tmp_path / "deepforest.md").read_text()
+    assert "| FCOS | 9.0 |" in table and "(seed 1 did not learn)" in table
+    assert "lr0.0025: 6.0" in table and "lr0.005-radius2.5: 7.5" in table
+    for plot in ("deepforest_ap_curves.png", "deepforest_speed_accuracy.png"):
+        assert (tmp_path / plot).stat().st_size > 10_000
+    assert json.loads((tmp_path / "results.json").read_text())["datasets"]["deepforest"]
+
+
+@pytest.mark.slow
+def test_a_distilled_row_trains_its_teacher_and_student_first_then_reports(tmp_path, monkeypatch):
+    """The pipeline end to end on 1 iteration each, one learning rate and no key: Faster R-CNN
+    (the teacher), RetinaNet (the student's choice), then RetinaNet + FGFI reading that teacher."""
+    monkeypatch.setattr(benchmark, "LEARNING_RATES", (0.005,))
+    for name in ("retinanet", "faster_rcnn"):
+        row = ROWS[name]
+        monkeypatch.setitem(ROWS, name, dataclasses.replace(row, key=None))
+    spec = dataclasses.replace(DATASETS["deepforest"], timing_images=1)
+    monkeypatch.setitem(DATASETS, "deepforest", spec)
+    results = tmp_path / "results"
+    out = tmp_path / "out"
+    argv = [
+        "--dataset",
+        "deepforest",
+        "--rows",
+        "retinanet_fgfi",
+        "--seeds",
+        "1",
+        "--max-iter",
+        "1",
+    ]
+    benchmark.main(argv + ["--results", str(results), "--output", str(out)])
+    student = json.loads(
+        (results / "runs/deepforest/retinanet_fgfi/lr0.005-seed0.json").read_text()
+    )
+    assert student["teacher"] == "<output>/deepforest/faster_rcnn/lr0.005-seed0/model_final.pth"
+    assert "MODEL.DISTILL.FGFI.WEIGHT" in student["opts"] and student["max_iter"] == 1
+    assert student["params"] > 0 and student["infer_ms"] > 0
+    assert (results / "runs/deepforest/faster_rcnn/lr0.005-seed0.json").is_file()
+    assert (results / "runs/deepforest/retinanet/lr0.005-seed0.json").is_file()
+    assert "RetinaNet + FGFI" in (results / "deepforest.md").read_text()

@@ -1,0 +1,198 @@
+"""
+Tables and plots of tools/benchmark.py, assembled from the committed run results alone
+(``<results>/runs/<dataset>/<row>/<variant>-seed<k>.json``), so that a benchmark run in parts, on
+several machines, reports as one.
+
+    python tools/benchmark.py --report
+
+Writes ``<results>/results.json``, ``<results>/<dataset>.md``, ``<results>/<dataset>_ap_curves.png``
+and ``<results>/<dataset>_speed_accuracy.png`` for every dataset with results.
+"""
+
+import json
+import statistics
+from pathlib import Path
+
+from benchmark_rows import DATASETS, LEARNING_RATES, ROWS
+
+COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def load_runs(results):
+    """{dataset: {row: {variant: {seed: result}}}} of every committed run."""
+    runs = {}
+    for path in sorted(Path(results).glob("runs/*/*/*-seed*.json")):
+        result = json.loads(path.read_text())
+        by_variant = runs.setdefault(result["dataset"], {}).setdefault(result["row"], {})
+        by_variant.setdefault(result["variant"], {})[result["seed"]] = result
+    return runs
+
+
+def _ap(result):
+    value = result["final"].get("AP")
+    return value if value is not None and value == value else -1.0
+
+
+def chosen_variant(runs, row_name):
+    """The tuned detector's variant with the best seed-0 AP among those run (a parent's for an
+    ablation or a distilled row); ``complete`` says whether its whole sweep has run."""
+    root = row_name
+    while ROWS[root].parent is not None:
+        root = ROWS[root].parent
+    seed0 = {v: seeds[0] for v, seeds in runs.get(root, {}).items() if 0 in seeds}
+    if not seed0:
+        return None, False
+    best = max(seed0, key=lambda v: _ap(seed0[v]))
+    lr_done = all(f"lr{lr:g}" in seed0 for lr in LEARNING_RATES)
+    key_done = ROWS[root].key is None or len(seed0) > len(LEARNING_RATES)
+    return best, lr_done and key_done
+
+
+def _mean(values):
+    values = [v for v in values if v is not None and v == v]
+    return statistics.mean(values) if values else None
+
+
+def summarize(runs, row_name):
+    """One table row: the chosen variant's seeds, means over the seeds that learned."""
+    variant, complete = chosen_variant(runs, row_name)
+    seeds = runs.get(row_name, {}).get(variant, {}) if variant else {}
+    if not seeds:
+        return None
+    learned = [r for _, r in sorted(seeds.items()) if r["learned"]]
+    first = seeds[min(seeds)]
+    row = {
+        "title": ROWS[row_name].title,
+        "variant": variant,
+        "sweep_complete": complete,
+        "seeds": sorted(seeds),
+        "AP_per_seed": [seeds[s]["final"].get("AP") for s in sorted(seeds)],
+        "did_not_learn": [s for s in sorted(seeds) if not seeds[s]["learned"]],
+        "train_s_per_iter": _mean([r["train_s_per_iter"] for r in seeds.values()]),
+        # timing does not depend on the seed: the first seed's, measured after its training
+        "infer_ms": first.get("infer_ms"),
+        "params": first.get("params"),
+        "gflops": first.get("gflops"),
+        "max_iter": first["max_iter"],
+    }
+    for key in COLUMNS:
+        row[key] = _mean([r["final"].get(key) for r in learned])
+    return row
+
+
+def sweep_table(runs):
+    """{tuned row: {variant: seed-0 AP}}."""
+    return {
+        name: {
+            v: seeds[0]["final"].get("AP") for v, seeds in sorted(variants.items()) if 0 in seeds
+        }
+        for name, variants in runs.items()
+        if ROWS[name].parent is None
+    }
+
+
+def _fmt(value, digits=1):
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(dataset, rows, sweeps, command, date):
+    spec = DATASETS[dataset]
+    lines = [
+        f"# {spec.title}",
+        "",
+        f"Command: `{command}`, assembled {date} from `benchmarks/runs/{dataset}/`. Every row: "
+        f"the same MobileNetV2 FPN, data, batch 2 and {spec.max_iter} iterations, val AP by "
+        "detectron2's COCOEvaluator; means over the seeds that learned.",
+        "",
+        "| row | AP | AP50 | AP75 | AP_s | AP_m | AP_l | AP per seed | train s/iter "
+        "| infer ms/img | params (M) | GFLOPs | variant |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        per_seed = ", ".join(_fmt(a) for a in r["AP_per_seed"])
+        if r["did_not_learn"]:
+            per_seed += f" (seed {', '.join(map(str, r['did_not_learn']))} did not learn)"
+        params = None if r["params"] is None else r["params"] / 1e6
+        variant = r["variant"] + ("" if r["sweep_complete"] else " (sweep incomplete)")
+        lines.append(
+            f"| {r['title']} | "
+            + " | ".join(_fmt(r[k]) for k in COLUMNS)
+            + f" | {per_seed} | {_fmt(r['train_s_per_iter'], 2)} | {_fmt(r['infer_ms'], 0)} "
+            f"| {_fmt(params, 2)} | {_fmt(r['gflops'])} | {variant} |"
+        )
+    if sweeps:
+        lines += ["", "Tuning (seed 0, final val AP of each variant):", ""]
+        lines += ["| detector | " + " | ".join(["variant: AP"]) + " |", "|---|---|"]
+        for name, variants in sweeps.items():
+            cells = ", ".join(f"{v}: {_fmt(ap)}" for v, ap in variants.items())
+            lines.append(f"| {ROWS[name].title} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(path, dataset, runs, rows):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for index, (name, r) in enumerate(rows.items()):
+        colour = plt.cm.tab20(index % 20)
+        for seed_index, seed in enumerate(r["seeds"]):
+            curve = runs[name][r["variant"]][seed]["curve"]
+            if not curve:
+                continue
+            iters, aps = zip(*[(c[0], c[1]) for c in curve])
+            label = r["title"] if seed_index == 0 else None
+            ax.plot(iters, aps, color=colour, label=label, alpha=1.0 if seed_index == 0 else 0.5,
+                    linestyle="-" if seed_index == 0 else "--")  # fmt: skip
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("val AP (COCOEvaluator)")
+    ax.set_title(f"{DATASETS[dataset].title}: AP vs iteration (dashed: further seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_speed_accuracy(path, dataset, rows):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, r in rows.items():
+        if r["infer_ms"] is None or r["AP"] is None:
+            continue
+        ax.scatter(r["infer_ms"], r["AP"])
+        ax.annotate(r["title"], (r["infer_ms"], r["AP"]), fontsize=7,
+                    xytext=(4, 2), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("inference ms per image (deploy model, batch 1)")
+    ax.set_ylabel("val AP")
+    ax.set_title(f"{DATASETS[dataset].title}: speed vs accuracy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(results, command, date=None):
+    """Writes the report files for every dataset with committed runs; returns the summary."""
+    import datetime
+
+    results = Path(results)
+    date = date or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    all_runs = load_runs(results)
+    summary = {"command": command, "date": date, "datasets": {}}
+    for dataset, runs in all_runs.items():
+        rows = {n: s for n in ROWS if n in runs and (s := summarize(runs, n)) is not None}
+        sweeps = sweep_table(runs)
+        summary["datasets"][dataset] = {"rows": rows, "sweeps": sweeps}
+        (results / f"{dataset}.md").write_text(markdown(dataset, rows, sweeps, command, date))
+        plot_curves(results / f"{dataset}_ap_curves.png", dataset, runs, rows)
+        plot_speed_accuracy(results / f"{dataset}_speed_accuracy.png", dataset, rows)
+    text = json.dumps(summary, indent=1, default=lambda v: None)
+    (results / "results.json").write_text(text.replace("NaN", "null") + "\n")
+    return summary

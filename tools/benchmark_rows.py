@@ -1,0 +1,190 @@
+"""
+What ``tools/benchmark.py`` trains: the datasets, the rows (detectors and ablations), the shared
+tuning sweep and each detector's own key. Only data lives here; the pipeline is in benchmark.py.
+
+Fairness rules, enforced by construction:
+- every row of a dataset starts from that dataset's config folder, whose files share one base
+  (backbone, FPN width, input sizes, batch, augmentation, solver): only the detector differs;
+- every *tuned* row (a detector of its own: MimicDet, RetinaNet, FCOS, Faster R-CNN) gets the same
+  budget: the three learning rates of ``LEARNING_RATES`` at seed 0, then the other values of one
+  key of its own at the best of them, all at the full schedule, chosen by final val AP;
+- an ablation or a distilled student is its parent's chosen variant with one change, as in the
+  papers: it inherits the parent's learning rate and key and is not tuned again.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Tuple
+
+# the shared sweep: half, once and twice the base configs' 0.005 (batch 2)
+LEARNING_RATES = (0.0025, 0.005, 0.01)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    title: str
+    configs: str  # folder of the detector configs
+    prepare: Tuple[str, ...]  # the command that writes the data (a no-op when it is there)
+    val: str  # registered val split: periodic and final COCOEvaluator
+    max_iter: int  # the schedule of every row; LR steps and warm-up scale with it
+    eval_period: int  # AP-vs-iteration resolution
+    timing_images: int = 20  # val images timed at batch 1
+
+
+DATASETS = {
+    "deepforest": Dataset(
+        name="deepforest",
+        title="DeepForest (real aerial tree crowns, 1 class)",
+        configs="configs/DeepForest",
+        prepare=("tools/prepare_deepforest.py",),
+        val="deepforest_val",
+        # 33 epochs of the 72 train tiles, 6x the demo's 200 iterations
+        max_iter=1200,
+        # 20 val tiles: ~5 s an evaluation
+        eval_period=100,
+    ),
+    "fashion_scenes": Dataset(
+        name="fashion_scenes",
+        title="Fashion scenes (real product photos in synthetic scenes, 10 classes)",
+        configs="configs/FashionScenes",
+        prepare=("tools/prepare_fashion_scenes.py",),
+        val="fashion_scenes_val",
+        # 3 epochs of the 800 train scenes
+        max_iter=1200,
+        # 100 val scenes: ~20 s an evaluation
+        eval_period=200,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Key:
+    """
+    A detector's own swept key. The LR sweep runs with the config's value; afterwards every other
+    value of ``candidates`` is tried at the best learning rate. ``read`` maps the config's raw
+    value to a candidate, ``write`` a candidate to the override's value.
+    """
+
+    label: str  # short name in variant names and tables
+    name: str  # yacs key or LazyConfig path
+    candidates: Tuple
+    read: Callable = float
+    write: Callable = str
+
+    def opts(self, value, lazy):
+        if lazy:
+            return [f"{self.name}={self.write(value)}"]
+        return [self.name, self.write(value)]
+
+
+def anchor_sizes(base):
+    """detectron2's 3 scales per octave on P3..P7 from a P3 base size (32: its default)."""
+    sizes = [base * 2**level for level in range(5)]
+    return str([[s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)] for s in sizes])
+
+
+# RetinaNet's and the RPN's anchors: detectron2's 32 px on P3, or one octave smaller for small
+# objects (the issue's example); both keys use this one, so a teacher's RPN can match a student
+ANCHOR_KEY = Key(
+    label="anchor",
+    name="MODEL.ANCHOR_GENERATOR.SIZES",
+    candidates=(32.0, 16.0),
+    read=lambda sizes: float(sizes[0][0]),
+    write=lambda base: anchor_sizes(float(base)),
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    title: str
+    config: str  # file name inside the dataset's config folder
+    parent: Optional[str] = None  # None: a tuned detector; else whose choice it takes
+    opts: Tuple[str, ...] = ()  # the row's one change (yacs pairs)
+    key: Optional[Key] = None  # tuned detectors only
+    teacher: Optional[str] = None  # distilled rows: the row whose checkpoint teaches
+    seeds: int = 1  # default number of seeds (0..seeds-1)
+    paper: str = ""  # what the row stands for, for the tables
+    deploy: bool = False  # MimicDet: time and count the deploy model (no T-head)
+    tags: Tuple[str, ...] = field(default=())
+
+
+def distill_opts(method_opts):
+    """A RetinaNet student (the dataset's retinanet config) wrapped by the Distiller."""
+    return (
+        "MODEL.META_ARCHITECTURE", "Distiller",
+        "MODEL.DISTILL.STUDENT_META_ARCHITECTURE", "RetinaNet",
+        "MODEL.DISTILL.FEATURES", "['p3', 'p4', 'p5', 'p6', 'p7']",
+        *method_opts,
+    )  # fmt: skip
+
+
+ROWS = {
+    r.name: r
+    for r in (
+        Row(
+            "mimicdet", "MimicDet", "mimicdet_MNV2_FPN.yaml",
+            # the paper's 4 x stride, or DeepForest's one 8 x stride anchor (a 64 px P3 anchor)
+            key=Key("anchor_scale", "MODEL.MIMICDET.REFINE.ANCHOR_SIZE_PER_STRIDE", (4.0, 8.0)),
+            seeds=2, deploy=True, paper="MimicDet",
+        ),
+        Row(
+            "mimicdet_nomimic", "MimicDet, no mimicking", "mimicdet_MNV2_FPN.yaml",
+            parent="mimicdet", opts=("MODEL.MIMICDET.MIMIC.ENABLED", "False"),
+            seeds=2, deploy=True, paper="ablation: mimicking off",
+        ),
+        Row(
+            "mimicdet_cls_only", "MimicDet, cls mimic only", "mimicdet_MNV2_FPN.yaml",
+            parent="mimicdet", opts=("MODEL.MIMICDET.MIMIC.PATHS", "['cls']"),
+            deploy=True, paper="ablation: single path",
+        ),
+        Row(
+            "mimicdet_reg_only", "MimicDet, reg mimic only", "mimicdet_MNV2_FPN.yaml",
+            parent="mimicdet", opts=("MODEL.MIMICDET.MIMIC.PATHS", "['reg']"),
+            deploy=True, paper="ablation: single path",
+        ),
+        Row(
+            "mimicdet_same_level", "MimicDet, T-head on the S-head's level",
+            "mimicdet_MNV2_FPN.yaml",
+            parent="mimicdet", opts=("MODEL.MIMICDET.STAGGERED", "False"),
+            deploy=True, paper="ablation: staggered off",
+        ),
+        Row(
+            "mimicdet_separate", "MimicDet, separate T-head backbone", "mimicdet_MNV2_FPN.yaml",
+            parent="mimicdet", opts=("MODEL.MIMICDET.T_HEAD.BACKBONE", "separate_joint"),
+            deploy=True, paper="ablation: shared vs separate backbone",
+        ),
+        Row("retinanet", "RetinaNet", "retinanet_MNV2_FPN.yaml", key=ANCHOR_KEY,
+            paper="one-stage"),
+        Row(
+            "fcos", "FCOS", "fcos_MNV2_FPN.py",
+            # FCOS's centre sampling radius (strides): its default, or wider for small objects
+            key=Key("radius", "model.center_sampling_radius", (1.5, 2.5)),
+            seeds=2, paper="one-stage",
+        ),
+        Row("faster_rcnn", "Faster R-CNN", "faster_rcnn_MNV2_FPN.yaml", key=ANCHOR_KEY,
+            seeds=2, paper="two-stage reference, teacher"),
+        Row(
+            "retinanet_fgfi", "RetinaNet + FGFI", "retinanet_MNV2_FPN.yaml",
+            parent="retinanet", teacher="faster_rcnn",
+            opts=distill_opts(("MODEL.DISTILL.FGFI.WEIGHT", "0.01")),
+            paper="distillation from Faster R-CNN",
+        ),
+        Row(
+            "retinanet_defeat", "RetinaNet + DeFeat", "retinanet_MNV2_FPN.yaml",
+            parent="retinanet", teacher="faster_rcnn",
+            opts=distill_opts(
+                ("MODEL.DISTILL.DEFEAT.FG_WEIGHT", "4.0", "MODEL.DISTILL.DEFEAT.BG_WEIGHT", "16.0")
+            ),
+            paper="distillation from Faster R-CNN",
+        ),
+        Row(
+            "retinanet_rm_pfi", "RetinaNet + RM + PFI", "retinanet_MNV2_FPN.yaml",
+            parent="retinanet", teacher="faster_rcnn",
+            opts=distill_opts(
+                ("MODEL.DISTILL.RANK.WEIGHT", "4.0", "MODEL.DISTILL.PFI.WEIGHT", "1.5")
+            ),
+            paper="distillation from Faster R-CNN",
+        ),
+    )  # fmt: skip
+}
