@@ -40,10 +40,11 @@ def test_read_metrics_keeps_the_curve_the_final_evaluation_and_the_step_time(tmp
         {"iteration": 99, "bbox/AP": 10.0, "bbox/AP50": 30.0},
         {"iteration": 99, "time": 4.0, "total_loss": 1.0},
         {"iteration": 199, "time": 3.0},
-        {"iteration": 199, "bbox/AP": 12.0, "bbox/AP50": 33.0, "bbox/AP75": 8.0, "bbox/APs": 1.0},
+        # the evaluation after training: logged at iteration max_iter, one past the last step
+        {"iteration": 200, "bbox/AP": 12.0, "bbox/AP50": 33.0, "bbox/AP75": 8.0, "bbox/APs": 1.0},
     ]
     metrics.write_text("\n".join(json.dumps(r) for r in records))
-    got = benchmark.read_metrics(metrics, warmup_iters=50)
+    got = benchmark.read_metrics(metrics, warmup_iters=50, max_iter=200)
     assert got["curve"] == [[100, 10.0, 30.0], [200, 12.0, 33.0]]
     assert (
         got["final"]["AP"] == 12.0 and got["final"]["AP75"] == 8.0 and got["final"]["APl"] is None
@@ -122,7 +123,7 @@ def test_the_report_averages_the_seeds_that_learned_and_names_the_others(tmp_pat
     fake_result(tmp_path, "deepforest", "fcos", "lr0.005-radius2.5", 0, 7.5)
     fake_result(tmp_path, "deepforest", "fcos", "lr0.005", 1, 0.0)  # a seed that did not learn
     fake_result(tmp_path, "deepforest", "fcos", "lr0.005", 2, 10.0)
-    summary = benchmark_report.write_report(tmp_path, "python tools/benchmark.py", "today")
+    summary = benchmark_report.write_report(tmp_path, "today")
     row = summary["datasets"]["deepforest"]["rows"]["fcos"]
     assert row["variant"] == "lr0.005" and row["sweep_complete"]
     assert row["AP"] == pytest.approx(9.0) and row["did_not_learn"] == [1]
@@ -167,3 +168,10 @@ def test_a_distilled_row_trains_its_teacher_and_student_first_then_reports(tmp_p
     assert (results / "runs/deepforest/faster_rcnn/lr0.005-seed0.json").is_file()
     assert (results / "runs/deepforest/retinanet/lr0.005-seed0.json").is_file()
     assert "RetinaNet + FGFI" in (results / "deepforest.md").read_text()
+
+    # re-timing reads the checkpoints left in --output, every row in one interleaved pass
+    benchmark.main(argv[:4] + ["--retime", "--results", str(results), "--output", str(out)])
+    timing = json.loads((results / "runs/deepforest/timing.json").read_text())
+    assert set(timing["rows"]) == {"retinanet", "faster_rcnn", "retinanet_fgfi"}
+    assert all(t["infer_ms"] > 0 for t in timing["rows"].values())
+    assert "re-timed interleaved" in (results / "deepforest.md").read_text()

@@ -40,6 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
+from benchmark_report import write_report  # noqa: E402
 from benchmark_rows import DATASETS, LEARNING_RATES, ROWS  # noqa: E402
 
 DEFAULT_RESULTS = REPO / "benchmarks"
@@ -145,7 +146,7 @@ def seed_opts(row, seed, output_dir):
 
 
 # ---------------------------------------------------------------------------- reading a training
-def read_metrics(metrics_file, warmup_iters):
+def read_metrics(metrics_file, warmup_iters, max_iter=None):
     """
     From detectron2's metrics.json (a JSON record per line): the final evaluation, the curve of
     every periodic one ``[[iteration, AP, AP50], ...]``, the loss curve and the median seconds
@@ -155,7 +156,9 @@ def read_metrics(metrics_file, warmup_iters):
     curve, losses, times, final = [], [], [], {}
     for r in records:
         if "bbox/AP" in r:
-            curve.append([r["iteration"] + 1, r["bbox/AP"], r.get("bbox/AP50")])
+            # iterations done; the evaluation after training is logged one past the last step
+            done = r["iteration"] + 1 if max_iter is None else min(r["iteration"] + 1, max_iter)
+            curve.append([done, r["bbox/AP"], r.get("bbox/AP50")])
             final = {k: r.get(v) for k, v in FINAL_KEYS.items()}
         if "total_loss" in r:
             losses.append([r["iteration"] + 1, r["total_loss"]])
@@ -228,21 +231,19 @@ def inference_cost(model, image, skip_params=()):
     return params, gflops
 
 
-def measure_inference(config, opts, weights, images, device="cpu", deploy=False, warmup=2):
-    """Median ms per image (batch 1, after ``warmup`` untimed images), params and GFLOPs of the
-    model ``config`` + ``opts`` builds with ``weights`` (MimicDet: without its training-only
-    T-head, which deploy checkpoints lack)."""
-    from convert_to_deploy import training_only_keys
+def build_predictor(config, opts, weights, device="cpu"):
+    """demo.py's Predictor for ``config`` + ``opts`` with ``weights`` (batch 1, eval mode)."""
     from demo import Predictor
 
     if is_lazy_path(config):
         # the weights pair first: demo's Predictor reads it as a pair, the rest as key=value
         model_opts = [o for o in opts if o.startswith("model.")]
-        predictor = Predictor(REPO / config, ["MODEL.WEIGHTS", str(weights), *model_opts], device)
-    else:
-        predictor = Predictor(REPO / config, [*opts, "MODEL.WEIGHTS", str(weights)], device)
-    for image in images[:warmup]:
-        predictor(image)
+        return Predictor(REPO / config, ["MODEL.WEIGHTS", str(weights), *model_opts], device)
+    return Predictor(REPO / config, [*opts, "MODEL.WEIGHTS", str(weights)], device)
+
+
+def time_images(predictor, images, device="cpu"):
+    """Milliseconds of each image through ``predictor``, one at a time."""
     times = []
     for image in images:
         start = time.perf_counter()
@@ -250,6 +251,18 @@ def measure_inference(config, opts, weights, images, device="cpu", deploy=False,
         if device == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def measure_inference(config, opts, weights, images, device="cpu", deploy=False, warmup=2):
+    """Median ms per image (batch 1, after ``warmup`` untimed images), params and GFLOPs of the
+    model ``config`` + ``opts`` builds with ``weights`` (MimicDet: without its training-only
+    T-head, which deploy checkpoints lack)."""
+    from convert_to_deploy import training_only_keys
+
+    predictor = build_predictor(config, opts, weights, device)
+    time_images(predictor, images[:warmup], device)
+    times = time_images(predictor, images, device)
     model = predictor.model
     skip = training_only_keys(dict(model.named_parameters())) if deploy else ()
     resized = predictor.aug.get_transform(images[0]).apply_image(images[0])
@@ -278,6 +291,36 @@ def machine(device="cpu"):
 
 def now():
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def deploy_opts(row, opts):
+    """The overrides that build a run's deploy model: the variant's, plus the row's own change
+    unless it is training-only (a distiller's student is the plain detector)."""
+    return list(opts) + ([] if row.teacher is not None else list(row.opts))
+
+
+def deploy_weights(row, out):
+    """The run's deploy checkpoint: MimicDet without its T-head, a distiller's student alone,
+    else ``model_final.pth`` itself (converted once, next to it)."""
+    from convert_to_deploy import convert
+
+    weights = out / "model_final.pth"
+    if not (row.deploy or row.teacher is not None):
+        return weights
+    deploy = out / "model_deploy.pth"
+    if not deploy.is_file() or deploy.stat().st_mtime < weights.stat().st_mtime:
+        convert(str(weights), str(deploy))
+    return deploy
+
+
+def val_images(dataset):
+    """The first ``timing_images`` val images (BGR), the same for every row of a dataset."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import read_image
+
+    spec = DATASETS[dataset]
+    records = DatasetCatalog.get(spec.val)[: spec.timing_images]
+    return [read_image(r["file_name"], format="BGR") for r in records]
 
 
 # ---------------------------------------------------------------------------- the pipeline
@@ -391,7 +434,7 @@ class Benchmark:
             "date": now(),
             "machine": machine(self.device),
             "wall_s": round(time.time() - start),
-            **read_metrics(out / "metrics.json", warmup_iters=min(50, max_iter // 4)),
+            **read_metrics(out / "metrics.json", min(50, max_iter // 4), max_iter),
             **self.time_inference(dataset, row, opts, out),
         }
         result["teacher"] = (
@@ -409,6 +452,7 @@ class Benchmark:
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         tmp.replace(path)  # a result is whole or absent
         print(f"[benchmark] {path.relative_to(self.results)}: AP {result['final'].get('AP')}")
+        write_report(self.results)  # the tables follow every finished run
         return result
 
     def teacher_opts(self, dataset, row, variant, seed):
@@ -442,23 +486,56 @@ class Benchmark:
     def time_inference(self, dataset, row, opts, out):
         """Inference cost of the run's deploy model: the student of a distiller, MimicDet without
         its T-head, else the model itself."""
-        from convert_to_deploy import convert
-        from detectron2.data import DatasetCatalog
-        from detectron2.data.detection_utils import read_image
-
-        weights = out / "model_final.pth"
-        if row.deploy or row.teacher is not None:
-            deploy = out / "model_deploy.pth"
-            convert(str(weights), str(deploy))
-            weights = deploy
-        records = DatasetCatalog.get(DATASETS[dataset].val)[: DATASETS[dataset].timing_images]
-        images = [read_image(r["file_name"], format="BGR") for r in records]
-        # the row's own change only matters to the model when it is not a training-only one
-        model_opts = list(opts) + ([] if row.teacher is not None else list(row.opts))
         infer_ms, params, gflops = measure_inference(
-            config_path(dataset, row), model_opts, weights, images, self.device, row.deploy
+            config_path(dataset, row),
+            deploy_opts(row, opts),
+            deploy_weights(row, out),
+            val_images(dataset),
+            self.device,
+            row.deploy,
         )
         return {"infer_ms": infer_ms, "params": params, "gflops": gflops}
+
+    def retime(self, dataset, rounds=3):
+        """
+        Times the chosen seed-0 deploy model of every row whose checkpoint is on this machine,
+        interleaved (round-robin over the rows, ``rounds`` times) in one process, so that every
+        row sees the same machine load; writes ``runs/<dataset>/timing.json``, which the report
+        prefers to the per-run timings taken after each training.
+        """
+        predictors = {}
+        for row_name, row in ROWS.items():
+            chosen = self.chosen(dataset, row_name)
+            out = chosen and self.run_dir(dataset, row_name, chosen[0], 0)
+            if chosen is None or not (out / "model_final.pth").is_file():
+                continue
+            weights = deploy_weights(row, out)
+            predictor = build_predictor(
+                config_path(dataset, row), deploy_opts(row, chosen[1]), weights, self.device
+            )
+            predictors[row_name] = (chosen[0], predictor)
+        images = val_images(dataset)
+        times = {name: [] for name in predictors}
+        for _, predictor in predictors.values():
+            time_images(predictor, images[:2], self.device)  # warm-up
+        for _ in range(rounds):
+            for name, (_, predictor) in predictors.items():
+                times[name] += time_images(predictor, images, self.device)
+        timing = {
+            "date": now(),
+            "machine": machine(self.device),
+            "images": len(images),
+            "rounds": rounds,
+            "rows": {
+                name: {"variant": predictors[name][0], "infer_ms": statistics.median(ms)}
+                for name, ms in times.items()
+            },
+        }
+        path = self.results / "runs" / dataset / "timing.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(timing, indent=1) + "\n")
+        print(f"[benchmark] wrote {path}", flush=True)
+        return timing
 
     def run_row(self, dataset, row_name):
         variant, opts = self.ensure_chosen(dataset, row_name)
@@ -479,6 +556,11 @@ def parse_args(argv=None):
     parser.add_argument("--eval-period", type=int, default=None, help="override every period")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--report", action="store_true", help="only assemble tables and plots")
+    parser.add_argument(
+        "--retime",
+        action="store_true",
+        help="time the chosen deploy models interleaved (checkpoints in --output), then report",
+    )
     args = parser.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
@@ -487,22 +569,21 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from benchmark_report import write_report
+    import mimicdet  # noqa: F401 registers the datasets
 
-    command = "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    if not args.report:
-        import mimicdet  # noqa: F401 registers the datasets
-
-        bench = Benchmark(
-            args.results, args.output, args.device, args.max_iter, args.eval_period, args.seeds
-        )
+    bench = Benchmark(
+        args.results, args.output, args.device, args.max_iter, args.eval_period, args.seeds
+    )
+    if args.retime:
+        for dataset in args.dataset:
+            bench.retime(dataset)
+    elif not args.report:
         for dataset in args.dataset:
             for step in DATASETS[dataset].prepare:
                 subprocess.run([sys.executable, step], cwd=REPO, check=True)
             for row_name in args.rows:
                 bench.run_row(dataset, row_name)
-                write_report(args.results, command)  # the tables follow every finished row
-    write_report(args.results, command)
+    write_report(args.results)
 
 
 if __name__ == "__main__":

@@ -95,14 +95,22 @@ def _fmt(value, digits=1):
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(dataset, rows, sweeps, command, date):
+def markdown(dataset, rows, sweeps, date, timing):
     spec = DATASETS[dataset]
+    timed = (
+        f"inference re-timed interleaved on {timing['machine']}, {timing['date']} "
+        "(`python tools/benchmark.py --retime`)"
+        if timing
+        else "inference timed after each training"
+    )
     lines = [
         f"# {spec.title}",
         "",
-        f"Command: `{command}`, assembled {date} from `benchmarks/runs/{dataset}/`. Every row: "
-        f"the same MobileNetV2 FPN, data, batch 2 and {spec.max_iter} iterations, val AP by "
-        "detectron2's COCOEvaluator; means over the seeds that learned.",
+        f"Runs: `python tools/benchmark.py --dataset {dataset}` (each run's train_net command, "
+        f"machine and date are in its JSON under `benchmarks/runs/{dataset}/`); this table: "
+        f"`python tools/benchmark.py --report`, {date}. Every row: the same MobileNetV2 FPN, "
+        f"data, batch 2 and {spec.max_iter} iterations; val AP by detectron2's COCOEvaluator, "
+        f"means over the seeds that learned; {timed}.",
         "",
         "| row | AP | AP50 | AP75 | AP_s | AP_m | AP_l | AP per seed | train s/iter "
         "| infer ms/img | params (M) | GFLOPs | variant |",
@@ -142,7 +150,9 @@ def plot_curves(path, dataset, runs, rows):
             curve = runs[name][r["variant"]][seed]["curve"]
             if not curve:
                 continue
-            iters, aps = zip(*[(c[0], c[1]) for c in curve])
+            result = runs[name][r["variant"]][seed]
+            # results written before the fix logged the final evaluation one iteration late
+            iters, aps = zip(*[(min(c[0], result["max_iter"]), c[1]) for c in curve])
             label = r["title"] if seed_index == 0 else None
             ax.plot(iters, aps, color=colour, label=label, alpha=1.0 if seed_index == 0 else 0.5,
                     linestyle="-" if seed_index == 0 else "--")  # fmt: skip
@@ -178,19 +188,25 @@ def plot_speed_accuracy(path, dataset, rows):
     plt.close(fig)
 
 
-def write_report(results, command, date=None):
+def write_report(results, date=None):
     """Writes the report files for every dataset with committed runs; returns the summary."""
     import datetime
 
     results = Path(results)
     date = date or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     all_runs = load_runs(results)
-    summary = {"command": command, "date": date, "datasets": {}}
+    summary = {"command": "python tools/benchmark.py --report", "date": date, "datasets": {}}
     for dataset, runs in all_runs.items():
         rows = {n: s for n in ROWS if n in runs and (s := summarize(runs, n)) is not None}
+        timing_file = results / "runs" / dataset / "timing.json"
+        timing = json.loads(timing_file.read_text()) if timing_file.is_file() else None
+        for name, row in rows.items():
+            retimed = (timing or {}).get("rows", {}).get(name)
+            if retimed and retimed["variant"] == row["variant"]:
+                row["infer_ms"], row["infer_retimed"] = retimed["infer_ms"], True
         sweeps = sweep_table(runs)
-        summary["datasets"][dataset] = {"rows": rows, "sweeps": sweeps}
-        (results / f"{dataset}.md").write_text(markdown(dataset, rows, sweeps, command, date))
+        summary["datasets"][dataset] = {"rows": rows, "sweeps": sweeps, "timing": timing}
+        (results / f"{dataset}.md").write_text(markdown(dataset, rows, sweeps, date, timing))
         plot_curves(results / f"{dataset}_ap_curves.png", dataset, runs, rows)
         plot_speed_accuracy(results / f"{dataset}_speed_accuracy.png", dataset, rows)
     text = json.dumps(summary, indent=1, default=lambda v: None)
