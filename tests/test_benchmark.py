@@ -71,65 +71,90 @@ def test_every_row_gets_the_same_schedule_scaled_from_its_config():
 def test_the_sweep_tries_every_learning_rate_then_the_key_at_the_best(tmp_path):
     bench = benchmark.Benchmark(tmp_path, tmp_path / "out")
     first = bench.sweep("deepforest", "retinanet")
-    assert [v for v, _ in first] == [f"lr{lr:g}" for lr in LEARNING_RATES]
+    assert [v.name for v in first] == [f"lr{lr:g}" for lr in LEARNING_RATES]
     assert bench.chosen("deepforest", "retinanet") is None
     for lr, ap in zip(LEARNING_RATES, (3.0, 9.0, None)):  # the highest rate found nothing
         fake_result(tmp_path, "deepforest", "retinanet", f"lr{lr:g}", 0, ap)
-    runs = dict(bench.sweep("deepforest", "retinanet"))
+    runs = {v.name: v for v in bench.sweep("deepforest", "retinanet")}
     assert set(runs) == {"lr0.0025", "lr0.005", "lr0.01", "lr0.005-anchor16"}
-    key_opts = runs["lr0.005-anchor16"]
-    assert key_opts[:2] == ["SOLVER.BASE_LR", "0.005"]
-    assert key_opts[2:] == ["MODEL.ANCHOR_GENERATOR.SIZES", anchor_sizes(16.0)]
+    key_opts = runs["lr0.005-anchor16"].opts
+    assert key_opts[:2] == ("SOLVER.BASE_LR", "0.005")
+    assert key_opts[2:] == ("MODEL.ANCHOR_GENERATOR.SIZES", anchor_sizes(16.0))
+    assert runs["lr0.005"].key_value == 32.0 and runs["lr0.005-anchor16"].key_value == 16.0
     assert bench.chosen("deepforest", "retinanet") is None  # the key's run is missing
     fake_result(tmp_path, "deepforest", "retinanet", "lr0.005-anchor16", 0, 11.0)
-    assert bench.chosen("deepforest", "retinanet")[0] == "lr0.005-anchor16"
+    assert bench.chosen("deepforest", "retinanet").name == "lr0.005-anchor16"
     # a distilled student is its parent's choice with one change, not tuned again
-    assert bench.chosen("deepforest", "retinanet_fgfi")[0] == "lr0.005-anchor16"
+    assert bench.chosen("deepforest", "retinanet_fgfi").name == "lr0.005-anchor16"
+    # seed 0 chose the variant on val: the reported seeds start at 1
+    assert bench.seeds("retinanet_fgfi") == [1] and bench.seeds("mimicdet") == [1, 2]
+    # a result of another schedule does not count as done
+    fake_result(tmp_path, "deepforest", "retinanet", "lr0.005-anchor16", 0, 11.0, max_iter=2)
+    assert bench.chosen("deepforest", "retinanet") is None
 
     # the LazyConfig FCOS: both the optimizer's and every group's rate, its own key
     for lr, ap in zip(LEARNING_RATES, (5.0, 4.0, 1.0)):
         fake_result(tmp_path, "deepforest", "fcos", f"lr{lr:g}", 0, ap)
-    runs = dict(bench.sweep("deepforest", "fcos"))
-    assert runs["lr0.0025-radius2.5"] == [
+    runs = {v.name: v.opts for v in bench.sweep("deepforest", "fcos")}
+    assert runs["lr0.0025-radius2.5"] == (
         "optimizer.lr=0.0025", "optimizer.params.base_lr=0.0025",
         "model.center_sampling_radius=2.5",
-    ]  # fmt: skip
+    )  # fmt: skip
 
 
 def test_rm_pfi_gets_a_teacher_with_the_students_anchors(tmp_path):
     bench = benchmark.Benchmark(tmp_path, tmp_path / "out")
     for row, aps in (("retinanet", (3.0, 9.0, 1.0, 11.0)), ("faster_rcnn", (8.0, 12.0, 2.0, 10.0))):
-        for variant, ap in zip(("lr0.0025", "lr0.005", "lr0.01", "lr0.005-anchor16"), aps):
-            fake_result(tmp_path, "deepforest", row, variant, 0, ap)
-            (bench.run_dir("deepforest", row, variant, 0)).mkdir(parents=True)
-            (bench.run_dir("deepforest", row, variant, 0) / "model_final.pth").touch()
+        for seed in (0, 1):
+            for variant, ap in zip(("lr0.0025", "lr0.005", "lr0.01", "lr0.005-anchor16"), aps):
+                fake_result(tmp_path, "deepforest", row, variant, seed, ap)
+                out = bench.run_dir("deepforest", row, variant, seed)
+                out.mkdir(parents=True)
+                (out / "model_final.pth").touch()
+                (out / "metrics.json").write_text(
+                    json.dumps({"iteration": 1200, "bbox/AP": ap + seed}) + "\n"
+                )
+    student = bench.chosen("deepforest", "retinanet")
+    assert student.name == "lr0.005-anchor16"
     # FGFI and DeFeat: the chosen Faster R-CNN (32 px anchors); RM+PFI: its 16 px variant
-    fgfi = bench.teacher_opts("deepforest", ROWS["retinanet_fgfi"], "lr0.005-anchor16", 0)
-    rm = bench.teacher_opts("deepforest", ROWS["retinanet_rm_pfi"], "lr0.005-anchor16", 0)
+    fgfi, fgfi_teacher = bench.teacher("deepforest", ROWS["retinanet_fgfi"], student, 1)
+    rm, rm_teacher = bench.teacher("deepforest", ROWS["retinanet_rm_pfi"], student, 1)
     fgfi, rm = (dict(zip(o[::2], o[1::2])) for o in (fgfi, rm))
     assert fgfi["MODEL.DISTILL.TEACHER.WEIGHTS"].endswith(
-        "faster_rcnn/lr0.005-seed0/model_final.pth"
+        "faster_rcnn/lr0.005-seed1/model_final.pth"
     )
     assert rm["MODEL.DISTILL.TEACHER.WEIGHTS"].endswith(
-        "faster_rcnn/lr0.005-anchor16-seed0/model_final.pth"
+        "faster_rcnn/lr0.005-anchor16-seed1/model_final.pth"
     )
     assert anchor_sizes(16.0) in rm["MODEL.DISTILL.TEACHER.OPTS"]
+    assert "anchor" not in fgfi["MODEL.DISTILL.TEACHER.OPTS"].lower()
     assert rm["MODEL.DISTILL.TEACHER.CONFIG_FILE"] == "configs/DeepForest/faster_rcnn_MNV2_FPN.yaml"
+    # the student's result records which teacher taught it, and how good it was
+    assert fgfi_teacher == {"row": "faster_rcnn", "variant": "lr0.005", "seed": 1, "AP": 13.0}
+    assert rm_teacher["variant"] == "lr0.005-anchor16" and rm_teacher["AP"] == 11.0
+    # RM+PFI cannot read a multi-class RPN teacher: it is not a Fashion scenes row
+    assert "fashion_scenes" not in ROWS["retinanet_rm_pfi"].datasets
 
 
-def test_the_report_averages_the_seeds_that_learned_and_names_the_others(tmp_path):
+def test_the_report_averages_the_reported_seeds_that_learned_and_names_the_others(tmp_path):
     for lr, ap in zip(LEARNING_RATES, (6.0, 8.0, 7.0)):
         fake_result(tmp_path, "deepforest", "fcos", f"lr{lr:g}", 0, ap)
     fake_result(tmp_path, "deepforest", "fcos", "lr0.005-radius2.5", 0, 7.5)
+    summary = benchmark_report.write_report(tmp_path, "today")
+    row = summary["datasets"]["deepforest"]["rows"]["fcos"]
+    assert row["tuning_run_only"] and row["AP"] == 8.0  # until a reported seed exists
+    assert "8.0 (tuning run only)" in (tmp_path / "deepforest.md").read_text()
+
     fake_result(tmp_path, "deepforest", "fcos", "lr0.005", 1, 0.0)  # a seed that did not learn
     fake_result(tmp_path, "deepforest", "fcos", "lr0.005", 2, 10.0)
     summary = benchmark_report.write_report(tmp_path, "today")
     row = summary["datasets"]["deepforest"]["rows"]["fcos"]
     assert row["variant"] == "lr0.005" and row["sweep_complete"]
-    assert row["AP"] == pytest.approx(9.0) and row["did_not_learn"] == [1]
-    assert row["AP_per_seed"] == [8.0, 0.0, 10.0]
+    # seed 0 (8.0) chose the variant and is left out; seed 1 did not learn
+    assert row["AP"] == pytest.approx(10.0) and row["did_not_learn"] == [1]
+    assert row["AP_per_seed"] == [0.0, 10.0]
     table = (tmp_path / "deepforest.md").read_text()
-    assert "| FCOS | 9.0 |" in table and "(seed 1 did not learn)" in table
+    assert "| FCOS | 10.0 |" in table and "(seed 1 did not learn)" in table
     assert "lr0.0025: 6.0" in table and "lr0.005-radius2.5: 7.5" in table
     for plot in ("deepforest_ap_curves.png", "deepforest_speed_accuracy.png"):
         assert (tmp_path / plot).stat().st_size > 10_000
@@ -146,6 +171,13 @@ def test_a_distilled_row_trains_its_teacher_and_student_first_then_reports(tmp_p
         monkeypatch.setitem(ROWS, name, dataclasses.replace(row, key=None))
     spec = dataclasses.replace(DATASETS["deepforest"], timing_images=1)
     monkeypatch.setitem(DATASETS, "deepforest", spec)
+    schedule_opts = benchmark.schedule_opts
+
+    def small_inputs(*args):  # every row is yacs here: 160 px images keep the trainings short
+        small = ["INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160"]
+        return schedule_opts(*args) + small
+
+    monkeypatch.setattr(benchmark, "schedule_opts", small_inputs)
     results = tmp_path / "results"
     out = tmp_path / "out"
     argv = [
@@ -160,18 +192,21 @@ def test_a_distilled_row_trains_its_teacher_and_student_first_then_reports(tmp_p
     ]
     benchmark.main(argv + ["--results", str(results), "--output", str(out)])
     student = json.loads(
-        (results / "runs/deepforest/retinanet_fgfi/lr0.005-seed0.json").read_text()
+        (results / "runs/deepforest/retinanet_fgfi/lr0.005-seed1.json").read_text()
     )
-    assert student["teacher"] == "<output>/deepforest/faster_rcnn/lr0.005-seed0/model_final.pth"
+    assert student["teacher"]["variant"] == "lr0.005" and student["teacher"]["seed"] == 1
+    assert "<output>/deepforest/faster_rcnn/lr0.005-seed1/model_final.pth" in student["opts"]
     assert "MODEL.DISTILL.FGFI.WEIGHT" in student["opts"] and student["max_iter"] == 1
     assert student["params"] > 0 and student["infer_ms"] > 0
-    assert (results / "runs/deepforest/faster_rcnn/lr0.005-seed0.json").is_file()
+    for seed in (0, 1):  # the tuning run, and the teacher of the student's seed
+        assert (results / f"runs/deepforest/faster_rcnn/lr0.005-seed{seed}.json").is_file()
     assert (results / "runs/deepforest/retinanet/lr0.005-seed0.json").is_file()
     assert "RetinaNet + FGFI" in (results / "deepforest.md").read_text()
 
-    # re-timing reads the checkpoints left in --output, every row in one interleaved pass
-    benchmark.main(argv[:4] + ["--retime", "--results", str(results), "--output", str(out)])
+    # re-timing reads the reported seed's checkpoints left in --output, in one interleaved pass
+    # (RetinaNet itself ran its tuning seed only)
+    benchmark.main(argv + ["--retime", "--results", str(results), "--output", str(out)])
     timing = json.loads((results / "runs/deepforest/timing.json").read_text())
-    assert set(timing["rows"]) == {"retinanet", "faster_rcnn", "retinanet_fgfi"}
+    assert set(timing["rows"]) == {"faster_rcnn", "retinanet_fgfi"}
     assert all(t["infer_ms"] > 0 for t in timing["rows"].values())
     assert "re-timed interleaved" in (results / "deepforest.md").read_text()

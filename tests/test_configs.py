@@ -231,3 +231,59 @@ def test_a_distilled_deepforest_student_differs_from_its_baseline_by_distillatio
         # the distiller's student is the baseline's model, setting for setting
         assert _settings(model.student) == _settings(student)
     assert type(model).__name__ == "Distiller" and model.weights
+
+
+FASHION_CONFIGS = os.path.join(CONFIGS, "FashionScenes")
+# what a Fashion scenes config may change in its DeepForest detector: the dataset, its 10
+# classes, its input sizes and the output folder (and MimicDet's refinement anchors, which
+# DeepForest set for crowns that all sit on P3)
+FASHION_KEYS = {
+    "DATASETS.TRAIN", "DATASETS.TEST", "MODEL.RETINANET.NUM_CLASSES", "MODEL.ROI_HEADS.NUM_CLASSES",
+    "INPUT.MIN_SIZE_TRAIN", "INPUT.MIN_SIZE_TEST", "OUTPUT_DIR",
+}  # fmt: skip
+
+
+def _deepforest_and_fashion_yaml(name):
+    loaded = []
+    for folder in ("DeepForest", "FashionScenes"):
+        cfg = get_cfg()
+        add_mimicdet_config(cfg)
+        cfg.merge_from_file(os.path.join(CONFIGS, folder, name))
+        loaded.append(_flat(cfg))
+    return loaded
+
+
+@pytest.mark.parametrize(
+    "name", ["retinanet_MNV2_FPN.yaml", "faster_rcnn_MNV2_FPN.yaml", "mimicdet_MNV2_FPN.yaml"]
+)
+def test_a_fashion_scenes_config_is_its_deepforest_detector_on_the_scenes(name):
+    deepforest, fashion = _deepforest_and_fashion_yaml(name)
+    changed = {k for k in fashion if fashion[k] != deepforest[k]}
+    allowed = FASHION_KEYS | (
+        {"MODEL.MIMICDET.REFINE.ANCHOR_SIZE_PER_STRIDE"} if "mimic" in name else set()
+    )
+    assert changed <= allowed, sorted(changed - allowed)
+    assert fashion["DATASETS.TRAIN"] == ("fashion_scenes_train",)
+    assert fashion["DATASETS.TEST"] == ("fashion_scenes_val",)
+    assert fashion["MODEL.RETINANET.NUM_CLASSES"] == fashion["MODEL.ROI_HEADS.NUM_CLASSES"] == 10
+    assert fashion["INPUT.MIN_SIZE_TEST"] == 512
+
+
+def test_the_fashion_scenes_fcos_is_the_deepforest_fcos_on_the_scenes():
+    deepforest = LazyConfig.load(os.path.join(CONFIGS, "DeepForest", "fcos_MNV2_FPN.py"))
+    fashion = LazyConfig.load(os.path.join(FASHION_CONFIGS, "fcos_MNV2_FPN.py"))
+    assert fashion.model.num_classes == 10
+    assert instantiate(fashion.model).head.cls_score.out_channels == 10
+    assert list(fashion.dataloader.train.dataset.names) == ["fashion_scenes_train"]
+    assert fashion.dataloader.test.dataset.names == "fashion_scenes_val"
+    assert fashion.dataloader.test.mapper.augmentations[0].short_edge_length == 512
+    for cfg in (deepforest, fashion):  # the dataset-specific parts set aside
+        cfg.model.num_classes = 0
+        cfg.dataloader.train.dataset.names = cfg.dataloader.test.dataset.names = ""
+        for loader in (cfg.dataloader.train, cfg.dataloader.test):
+            loader.mapper.augmentations[0].short_edge_length = 0
+        cfg.train.output_dir = ""
+        cfg.model.head.norm = cfg.model.head.norm.__name__  # a new function on every load
+    assert fashion.model == deepforest.model and fashion.train == deepforest.train
+    assert fashion.dataloader == deepforest.dataloader
+    assert fashion.lr_multiplier == deepforest.lr_multiplier

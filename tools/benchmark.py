@@ -7,7 +7,7 @@ the same backbone, data, schedule and tuning budget (tools/benchmark_rows.py say
     python tools/benchmark.py                              # everything missing, both datasets
     python tools/benchmark.py --dataset deepforest --rows retinanet fcos   # a part
     python tools/benchmark.py --report                     # tables and plots from committed runs
-    python tools/benchmark.py --rows retinanet --max-iter 2 --output /tmp/b   # a smoke run
+    python tools/benchmark.py --rows fcos --max-iter 2 --results /tmp/r --output /tmp/o  # smoke
 
 Each training is one *run* (dataset, row, variant, seed). When it finishes, its result (final
 COCOEvaluator metrics, the AP-vs-iteration curve from periodic evaluation, seconds per iteration,
@@ -16,9 +16,10 @@ seed, date) is written to ``<results>/runs/<dataset>/<row>/<variant>-seed<k>.jso
 A run whose result exists is never trained again; an interrupted training resumes from its last
 checkpoint in ``<output>``. So the benchmark runs in parts, over as many sittings as it needs.
 
-Order: each tuned detector's learning-rate sweep (seed 0), then its own key at the best rate, then
-its chosen variant's other seeds; then the ablations and distilled students on their parent's
-choice (distilled students read the Faster R-CNN run of the same seed as teacher).
+Order: each tuned detector's learning-rate sweep (seed 0), then its own key at the best rate; then
+the chosen variant's reported seeds (1..n: seed 0 chose the variant on val, so it is not reported),
+for tuned rows, ablations and distilled students alike (a student reads the Faster R-CNN run of
+the same seed as teacher).
 
 Outputs of --report (also written after every run): ``<results>/results.json``,
 ``<results>/<dataset>.md`` and the plots ``<results>/<dataset>_ap_curves.png``,
@@ -29,11 +30,15 @@ import argparse
 import datetime
 import json
 import platform
+import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Tuple
 
 import torch
 
@@ -174,6 +179,31 @@ def read_metrics(metrics_file, warmup_iters, max_iter=None):
         "loss_curve": losses,
         "train_s_per_iter": statistics.median(times) if times else None,
     }
+
+
+def finished(metrics_file, max_iter):
+    """True if the training's metrics end with the evaluation after its last step."""
+    if not Path(metrics_file).is_file():
+        return False
+    curve = read_metrics(metrics_file, 0, max_iter)["curve"]
+    return bool(curve) and curve[-1][0] == max_iter
+
+
+def code_version():
+    """The commit the run's code came from, "+dirty" if the work tree had changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return None
+    return (commit + ("+dirty" if dirty else "")) or None
 
 
 def learned(result):
@@ -324,6 +354,16 @@ def val_images(dataset):
 
 
 # ---------------------------------------------------------------------------- the pipeline
+@dataclass(frozen=True)
+class Variant:
+    """One tuning point of a detector: its learning rate and the value of its own key."""
+
+    name: str  # "lr0.005" or "lr0.005-anchor16": the run folder and result file stem
+    opts: Tuple[str, ...]
+    lr: float
+    key_value: object  # the config's own value when the variant leaves the key alone
+
+
 class Benchmark:
     """Trains what is missing, in dependency order, and writes each run's result at once."""
 
@@ -339,46 +379,54 @@ class Benchmark:
         return min(self._eval_period or DATASETS[dataset].eval_period, self.max_iter(dataset))
 
     def seeds(self, row_name):
-        return list(range(self.seeds_override or ROWS[row_name].seeds))
+        """The reported seeds: 1..n. Seed 0 is the tuning sweep's, chosen on the val AP it
+        reports, so it is kept out of every reported mean (ablations and students alike)."""
+        return list(range(1, 1 + (self.seeds_override or ROWS[row_name].seeds)))
 
     def result(self, dataset, row_name, variant, seed):
-        return load_result(self.results, dataset, row_name, variant, seed)
+        """A committed result of this schedule (one of another schedule counts as missing)."""
+        result = load_result(self.results, dataset, row_name, variant, seed)
+        if result is not None and result["max_iter"] != self.max_iter(dataset):
+            return None
+        return result
 
     # -- tuning
     def sweep(self, dataset, row_name):
         """
-        A tuned detector's seed-0 runs as far as they are known: ``[(variant, opts)]``, the LR
-        sweep, then, once its results all exist, the key's other values at the best LR.
+        A tuned detector's seed-0 variants as far as they are known: the LR sweep, then, once
+        its results all exist, the key's other values at the best LR.
         """
         row = ROWS[row_name]
-        runs = [(variant_name(lr), lr_opts(row, lr)) for lr in LEARNING_RATES]
-        if row.key is None or any(self.result(dataset, row_name, v, 0) is None for v, _ in runs):
+        current = config_value(dataset, row) if row.key is not None else None
+        runs = [
+            Variant(variant_name(lr), tuple(lr_opts(row, lr)), lr, current) for lr in LEARNING_RATES
+        ]
+        if row.key is None or any(self.result(dataset, row_name, v.name, 0) is None for v in runs):
             return runs
-        lr = float(self.best(dataset, row_name, runs)[0][2:])
-        current = config_value(dataset, row)
+        lr = self.best(dataset, row_name, runs).lr
         for value in row.key.candidates:
             if value != current:
                 opts = lr_opts(row, lr) + row.key.opts(value, is_lazy(row))
-                runs.append((variant_name(lr, row.key, value), opts))
+                runs.append(Variant(variant_name(lr, row.key, value), tuple(opts), lr, value))
         return runs
 
     def best(self, dataset, row_name, runs):
-        """The (variant, opts) of ``runs`` with the highest seed-0 final AP (nan counts as -1)."""
+        """The variant of ``runs`` with the highest seed-0 final AP (nan counts as -1)."""
 
-        def ap(run):
-            value = self.result(dataset, row_name, run[0], 0)["final"].get("AP")
+        def ap(variant):
+            value = self.result(dataset, row_name, variant.name, 0)["final"].get("AP")
             return value if value is not None and value == value else -1.0
 
         return max(runs, key=ap)
 
     def chosen(self, dataset, row_name):
-        """A tuned detector's best (variant, opts) once its whole sweep has results, else None;
-        an ablation's or distilled row's is its parent's."""
+        """A tuned detector's best variant once its whole sweep has results, else None; an
+        ablation's or distilled row's is its parent's."""
         row = ROWS[row_name]
         if row.parent is not None:
             return self.chosen(dataset, row.parent)
         runs = self.sweep(dataset, row_name)
-        if any(self.result(dataset, row_name, v, 0) is None for v, _ in runs):
+        if any(self.result(dataset, row_name, v.name, 0) is None for v in runs):
             return None
         return self.best(dataset, row_name, runs)
 
@@ -388,63 +436,75 @@ class Benchmark:
         while ROWS[root].parent is not None:
             root = ROWS[root].parent
         while self.chosen(dataset, root) is None:
-            for variant, opts in self.sweep(dataset, root):
-                self.run(dataset, root, variant, opts, 0)
+            for variant in self.sweep(dataset, root):
+                self.run(dataset, root, variant, 0)
         return self.chosen(dataset, root)
 
     # -- one run
-    def run_dir(self, dataset, row_name, variant, seed):
-        return self.output / dataset / row_name / f"{variant}-seed{seed}"
+    def run_dir(self, dataset, row_name, variant_name_, seed):
+        return self.output / dataset / row_name / f"{variant_name_}-seed{seed}"
 
-    def run(self, dataset, row_name, variant, opts, seed, retrain=False):
-        """Trains one run unless its result exists (or ``retrain``); returns the result."""
-        existing = self.result(dataset, row_name, variant, seed)
-        if existing is not None and not retrain:
+    def train(self, dataset, row, variant, seed, out, extra_opts=()):
+        """train_net.py for one run into ``out`` (resumed if interrupted); returns the command
+        and the options that define the run (without its seed and output folder)."""
+        max_iter, eval_period = self.max_iter(dataset), self.eval_period(dataset)
+        train_opts = [*row.opts, *variant.opts, *extra_opts]
+        train_opts += schedule_opts(dataset, row, max_iter, eval_period, self.device)
+        command = [sys.executable, "train_net.py", "--config-file", config_path(dataset, row)]
+        command += train_opts + seed_opts(row, seed, out)
+        if (out / "model_final.pth").is_file():
+            if finished(out / "metrics.json", max_iter):
+                print(f"[benchmark] {out} finished training earlier: reading it", flush=True)
+                return command, train_opts
+            # stopped during the evaluation that follows the last step: train it again
+            print(f"[benchmark] {out} has no final evaluation: training it again", flush=True)
+            shutil.rmtree(out)
+        if (out / "last_checkpoint").is_file():
+            command.insert(2, "--resume")
+        print(f"[benchmark] training {dataset} {row.name} {variant.name} seed {seed}", flush=True)
+        print("[benchmark] " + shlex.join(command[1:]), flush=True)
+        subprocess.run(command, cwd=REPO, check=True)
+        for periodic in out.glob("model_[0-9]*.pth"):  # resuming needs them no longer
+            periodic.unlink()
+        return command, train_opts
+
+    def run(self, dataset, row_name, variant, seed):
+        """Trains one run unless its result exists; returns the result."""
+        existing = self.result(dataset, row_name, variant.name, seed)
+        if existing is not None:
             return existing
         row = ROWS[row_name]
-        out = self.run_dir(dataset, row_name, variant, seed)
-        config = config_path(dataset, row)
-        max_iter, eval_period = self.max_iter(dataset), self.eval_period(dataset)
-        train_opts = list(row.opts) + list(opts)
+        if dataset not in row.datasets:
+            raise ValueError(f"row {row_name} does not run on {dataset} ({row.datasets} only)")
+        out = self.run_dir(dataset, row_name, variant.name, seed)
+        teacher_opts, teacher = [], None
         if row.teacher is not None:
-            train_opts += self.teacher_opts(dataset, row, variant, seed)
-        train_opts += schedule_opts(dataset, row, max_iter, eval_period, self.device)
-        command = [sys.executable, "train_net.py", "--config-file", config]
-        command += train_opts + seed_opts(row, seed, out)
+            teacher_opts, teacher = self.teacher(dataset, row, variant, seed)
         start = time.time()
-        if (out / "model_final.pth").is_file() and not retrain:
-            print(f"[benchmark] {out} finished training earlier: reading it", flush=True)
-        else:
-            if (out / "last_checkpoint").is_file():
-                command.insert(2, "--resume")
-            print(f"[benchmark] training {dataset} {row_name} {variant} seed {seed}", flush=True)
-            print("[benchmark] " + " ".join(command[1:]), flush=True)
-            subprocess.run(command, cwd=REPO, check=True)
+        command, train_opts = self.train(dataset, row, variant, seed, out, teacher_opts)
+        max_iter = self.max_iter(dataset)
+        portable = lambda text: text.replace(str(self.output), "<output>")  # noqa: E731
         result = {
             "dataset": dataset,
             "row": row_name,
-            "variant": variant,
+            "variant": variant.name,
             "seed": seed,
-            "config": config,
-            "opts": train_opts,
+            "config": config_path(dataset, row),
             # the output folder is this machine's; results are portable without it
-            "command": "python " + " ".join(command[1:]).replace(str(self.output), "<output>"),
+            "opts": [portable(o) for o in train_opts],
+            "command": "python " + portable(shlex.join(command[1:])),
             "max_iter": max_iter,
-            "eval_period": eval_period,
+            "eval_period": self.eval_period(dataset),
             "date": now(),
             "machine": machine(self.device),
+            "code": code_version(),
             "wall_s": round(time.time() - start),
             **read_metrics(out / "metrics.json", min(50, max_iter // 4), max_iter),
-            **self.time_inference(dataset, row, opts, out),
+            **self.time_inference(dataset, row, variant.opts, out),
+            "teacher": teacher,
         }
-        result["teacher"] = (
-            dict(zip(train_opts[::2], train_opts[1::2]))
-            .get("MODEL.DISTILL.TEACHER.WEIGHTS", "")
-            .replace(str(self.output), "<output>")
-            or None
-        )
         result["learned"] = learned(result)
-        path = result_path(self.results, dataset, row_name, variant, seed)
+        path = result_path(self.results, dataset, row_name, variant.name, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         # COCOeval's nan (no detections) is not JSON: it becomes null
@@ -455,33 +515,47 @@ class Benchmark:
         write_report(self.results)  # the tables follow every finished run
         return result
 
-    def teacher_opts(self, dataset, row, variant, seed):
+    def teacher(self, dataset, row, variant, seed):
         """
-        The teacher: its detector's chosen variant, trained with the same seed. RM+PFI read the
-        teacher's RPN per student anchor, so there the teacher is the variant at its best LR with
-        the student's anchors (both detectors sweep the same anchor key).
+        The teacher's options and record: its detector's chosen variant, trained with the same
+        seed. RM+PFI read the teacher's RPN per student anchor, so there the teacher is the
+        variant at its best LR whose anchors are the student's (both sweep the same anchor key).
+        A teacher whose checkpoint is not on this machine is trained again into the output
+        folder; its committed result stays, and the student's records the retrained one's AP.
         """
-        t_variant, t_opts = self.ensure_chosen(dataset, row.teacher)
-        student_anchor = variant.partition("-")[2]
-        if (
-            "MODEL.DISTILL.RANK.WEIGHT" in row.opts
-            and t_variant.partition("-")[2] != student_anchor
-        ):
-            lr = t_variant.partition("-")[0]
-            wanted = lr + ("-" + student_anchor if student_anchor else "")
-            t_opts = dict(self.sweep(dataset, row.teacher))[wanted]
-            t_variant = wanted
-        t_out = self.run_dir(dataset, row.teacher, t_variant, seed)
-        if not (t_out / "model_final.pth").is_file():
-            # its result may be committed while its checkpoint stayed on another machine: the
-            # teacher is trained again, and its result replaced, so the result is the teacher's
-            known = self.result(dataset, row.teacher, t_variant, seed) is not None
-            self.run(dataset, row.teacher, t_variant, t_opts, seed, retrain=known)
-        return [
-            "MODEL.DISTILL.TEACHER.CONFIG_FILE", config_path(dataset, ROWS[row.teacher]),
+        t_row = ROWS[row.teacher]
+        t_variant = self.ensure_chosen(dataset, row.teacher)
+        if row.needs_teacher_anchors and t_variant.key_value != variant.key_value:
+            same = [
+                v
+                for v in self.sweep(dataset, row.teacher)
+                if v.lr == t_variant.lr and v.key_value == variant.key_value
+            ]
+            if not same:
+                raise ValueError(
+                    f"{row.name} needs a {row.teacher} variant at lr {t_variant.lr:g} with the "
+                    f"student's {t_row.key.label} {variant.key_value}, and the sweep has none"
+                )
+            t_variant = same[0]
+        t_out = self.run_dir(dataset, row.teacher, t_variant.name, seed)
+        if self.result(dataset, row.teacher, t_variant.name, seed) is None:
+            self.run(dataset, row.teacher, t_variant, seed)
+        elif not (t_out / "model_final.pth").is_file():
+            print(f"[benchmark] the teacher's checkpoint {t_out} is not here: training it")
+        self.train(dataset, t_row, t_variant, seed, t_out)  # a no-op when it is finished
+        teacher = {
+            "row": row.teacher,
+            "variant": t_variant.name,
+            "seed": seed,
+            "AP": read_metrics(t_out / "metrics.json", 0, self.max_iter(dataset))["final"]["AP"],
+        }
+        opts = [
+            "MODEL.DISTILL.TEACHER.CONFIG_FILE", config_path(dataset, t_row),
             "MODEL.DISTILL.TEACHER.WEIGHTS", str(t_out / "model_final.pth"),
-            "MODEL.DISTILL.TEACHER.OPTS", str(list(t_opts)),
+            # the teacher's own swept key must reach its config too (anchors)
+            "MODEL.DISTILL.TEACHER.OPTS", str(list(t_variant.opts)),
         ]  # fmt: skip
+        return opts, teacher
 
     def time_inference(self, dataset, row, opts, out):
         """Inference cost of the run's deploy model: the student of a distiller, MimicDet without
@@ -498,22 +572,26 @@ class Benchmark:
 
     def retime(self, dataset, rounds=3):
         """
-        Times the chosen seed-0 deploy model of every row whose checkpoint is on this machine,
-        interleaved (round-robin over the rows, ``rounds`` times) in one process, so that every
-        row sees the same machine load; writes ``runs/<dataset>/timing.json``, which the report
-        prefers to the per-run timings taken after each training.
+        Times the chosen variant's deploy model of every row whose first reported seed's
+        checkpoint is on this machine, interleaved (round-robin over the rows, ``rounds`` times)
+        in one process, so that every row sees the same machine load; writes
+        ``runs/<dataset>/timing.json``, which the report prefers to the per-run timings.
         """
         predictors = {}
         for row_name, row in ROWS.items():
             chosen = self.chosen(dataset, row_name)
-            out = chosen and self.run_dir(dataset, row_name, chosen[0], 0)
-            if chosen is None or not (out / "model_final.pth").is_file():
+            if chosen is None or dataset not in row.datasets:
+                continue
+            seed = self.seeds(row_name)[0]
+            out = self.run_dir(dataset, row_name, chosen.name, seed)
+            if not (out / "model_final.pth").is_file():
                 continue
             weights = deploy_weights(row, out)
-            predictor = build_predictor(
-                config_path(dataset, row), deploy_opts(row, chosen[1]), weights, self.device
-            )
-            predictors[row_name] = (chosen[0], predictor)
+            config = config_path(dataset, row)
+            predictor = build_predictor(config, deploy_opts(row, chosen.opts), weights, self.device)
+            predictors[row_name] = (chosen.name, predictor)
+        if not predictors:
+            raise SystemExit(f"--retime: no chosen {dataset} checkpoint in {self.output}")
         images = val_images(dataset)
         times = {name: [] for name in predictors}
         for _, predictor in predictors.values():
@@ -538,9 +616,12 @@ class Benchmark:
         return timing
 
     def run_row(self, dataset, row_name):
-        variant, opts = self.ensure_chosen(dataset, row_name)
+        if dataset not in ROWS[row_name].datasets:
+            print(f"[benchmark] {row_name} does not run on {dataset}: skipped", flush=True)
+            return
+        variant = self.ensure_chosen(dataset, row_name)
         for seed in self.seeds(row_name):
-            self.run(dataset, row_name, variant, opts, seed)
+            self.run(dataset, row_name, variant, seed)
 
 
 def parse_args(argv=None):
@@ -555,6 +636,11 @@ def parse_args(argv=None):
     parser.add_argument("--max-iter", type=int, default=None, help="override every schedule")
     parser.add_argument("--eval-period", type=int, default=None, help="override every period")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--sweep-only",
+        action="store_true",
+        help="only the tuning sweeps (seed 0) of the rows' detectors, not their reported seeds",
+    )
     parser.add_argument("--report", action="store_true", help="only assemble tables and plots")
     parser.add_argument(
         "--retime",
@@ -564,6 +650,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    default_results = Path(args.results).resolve() == DEFAULT_RESULTS.resolve()
+    if (args.max_iter or args.eval_period) and default_results and not args.report:
+        parser.error(
+            "--max-iter / --eval-period change the schedule: give --results another folder"
+        )
     return args
 
 
@@ -582,7 +673,10 @@ def main(argv=None):
             for step in DATASETS[dataset].prepare:
                 subprocess.run([sys.executable, step], cwd=REPO, check=True)
             for row_name in args.rows:
-                bench.run_row(dataset, row_name)
+                if args.sweep_only:
+                    bench.ensure_chosen(dataset, row_name)
+                else:
+                    bench.run_row(dataset, row_name)
     write_report(args.results)
 
 

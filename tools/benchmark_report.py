@@ -19,10 +19,14 @@ COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def load_runs(results):
-    """{dataset: {row: {variant: {seed: result}}}} of every committed run."""
+    """{dataset: {row: {variant: {seed: result}}}} of every committed run of a known dataset and
+    row (others, e.g. of a renamed row, are named and left out)."""
     runs = {}
     for path in sorted(Path(results).glob("runs/*/*/*-seed*.json")):
         result = json.loads(path.read_text())
+        if result["dataset"] not in DATASETS or result["row"] not in ROWS:
+            print(f"[benchmark] {path}: unknown dataset or row, left out of the report")
+            continue
         by_variant = runs.setdefault(result["dataset"], {}).setdefault(result["row"], {})
         by_variant.setdefault(result["variant"], {})[result["seed"]] = result
     return runs
@@ -54,26 +58,34 @@ def _mean(values):
 
 
 def summarize(runs, row_name):
-    """One table row: the chosen variant's seeds, means over the seeds that learned."""
+    """
+    One table row: the chosen variant's reported seeds (1..n), means over those that learned.
+    Until a reported seed exists, the tuning run (seed 0) stands in, marked as such: it was
+    chosen for its val AP, so it flatters the row.
+    """
     variant, complete = chosen_variant(runs, row_name)
     seeds = runs.get(row_name, {}).get(variant, {}) if variant else {}
-    if not seeds:
+    reported = {s: r for s, r in seeds.items() if s >= 1} or seeds
+    if not reported:
         return None
-    learned = [r for _, r in sorted(seeds.items()) if r["learned"]]
-    first = seeds[min(seeds)]
+    learned = [r for _, r in sorted(reported.items()) if r["learned"]]
+    first = reported[min(reported)]
     row = {
         "title": ROWS[row_name].title,
         "variant": variant,
         "sweep_complete": complete,
-        "seeds": sorted(seeds),
-        "AP_per_seed": [seeds[s]["final"].get("AP") for s in sorted(seeds)],
-        "did_not_learn": [s for s in sorted(seeds) if not seeds[s]["learned"]],
-        "train_s_per_iter": _mean([r["train_s_per_iter"] for r in seeds.values()]),
+        "seeds": sorted(reported),
+        "tuning_run_only": 0 in reported,
+        "AP_per_seed": [reported[s]["final"].get("AP") for s in sorted(reported)],
+        "did_not_learn": [s for s in sorted(reported) if not reported[s]["learned"]],
+        "train_s_per_iter": _mean([r["train_s_per_iter"] for r in reported.values()]),
         # timing does not depend on the seed: the first seed's, measured after its training
         "infer_ms": first.get("infer_ms"),
         "params": first.get("params"),
         "gflops": first.get("gflops"),
         "max_iter": first["max_iter"],
+        "machine": first.get("machine"),
+        "teacher_AP": [(r.get("teacher") or {}).get("AP") for r in reported.values()],
     }
     for key in COLUMNS:
         row[key] = _mean([r["final"].get(key) for r in learned])
@@ -98,8 +110,8 @@ def _fmt(value, digits=1):
 def markdown(dataset, rows, sweeps, date, timing):
     spec = DATASETS[dataset]
     timed = (
-        f"inference re-timed interleaved on {timing['machine']}, {timing['date']} "
-        "(`python tools/benchmark.py --retime`)"
+        f"inference marked * re-timed interleaved on {timing['machine']}, {timing['date']} "
+        "(`python tools/benchmark.py --retime`), the others timed after their training"
         if timing
         else "inference timed after each training"
     )
@@ -110,22 +122,29 @@ def markdown(dataset, rows, sweeps, date, timing):
         f"machine and date are in its JSON under `benchmarks/runs/{dataset}/`); this table: "
         f"`python tools/benchmark.py --report`, {date}. Every row: the same MobileNetV2 FPN, "
         f"data, batch 2 and {spec.max_iter} iterations; val AP by detectron2's COCOEvaluator, "
-        f"means over the seeds that learned; {timed}.",
+        "means over the reported seeds (1..n) that learned; seed 0 of each detector is its "
+        f"tuning run, chosen on val, shown in the tuning table only; {timed}.",
         "",
         "| row | AP | AP50 | AP75 | AP_s | AP_m | AP_l | AP per seed | train s/iter "
         "| infer ms/img | params (M) | GFLOPs | variant |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    machines = {r["machine"] for r in rows.values()}
     for name, r in rows.items():
         per_seed = ", ".join(_fmt(a) for a in r["AP_per_seed"])
+        per_seed += " (tuning run only)" if r["tuning_run_only"] else ""
         if r["did_not_learn"]:
             per_seed += f" (seed {', '.join(map(str, r['did_not_learn']))} did not learn)"
+        if len(machines) > 1:
+            per_seed += f" on {r['machine']}"
         params = None if r["params"] is None else r["params"] / 1e6
         variant = r["variant"] + ("" if r["sweep_complete"] else " (sweep incomplete)")
+        variant += "" if r["max_iter"] == spec.max_iter else f", {r['max_iter']} iterations"
+        infer = _fmt(r["infer_ms"], 0) + ("*" if r.get("infer_retimed") else "")
         lines.append(
             f"| {r['title']} | "
             + " | ".join(_fmt(r[k]) for k in COLUMNS)
-            + f" | {per_seed} | {_fmt(r['train_s_per_iter'], 2)} | {_fmt(r['infer_ms'], 0)} "
+            + f" | {per_seed} | {_fmt(r['train_s_per_iter'], 2)} | {infer} "
             f"| {_fmt(params, 2)} | {_fmt(r['gflops'])} | {variant} |"
         )
     if sweeps:
@@ -209,6 +228,6 @@ def write_report(results, date=None):
         (results / f"{dataset}.md").write_text(markdown(dataset, rows, sweeps, date, timing))
         plot_curves(results / f"{dataset}_ap_curves.png", dataset, runs, rows)
         plot_speed_accuracy(results / f"{dataset}_speed_accuracy.png", dataset, rows)
-    text = json.dumps(summary, indent=1, default=lambda v: None)
-    (results / "results.json").write_text(text.replace("NaN", "null") + "\n")
+    summary = json.loads(json.dumps(summary), parse_constant=lambda constant: None)  # nan: null
+    (results / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -12,7 +12,7 @@ Fairness rules, enforced by construction:
   papers: it inherits the parent's learning rate and key and is not tuned again.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 # the shared sweep: half, once and twice the base configs' 0.005 (batch 2)
@@ -103,10 +103,13 @@ class Row:
     opts: Tuple[str, ...] = ()  # the row's one change (yacs pairs)
     key: Optional[Key] = None  # tuned detectors only
     teacher: Optional[str] = None  # distilled rows: the row whose checkpoint teaches
-    seeds: int = 1  # default number of seeds (0..seeds-1)
+    seeds: int = 1  # reported seeds (1..seeds); seed 0 is the tuning sweep's
     paper: str = ""  # what the row stands for, for the tables
     deploy: bool = False  # MimicDet: time and count the deploy model (no T-head)
-    tags: Tuple[str, ...] = field(default=())
+    # the datasets it runs on: every one, unless its method cannot apply
+    datasets: Tuple[str, ...] = ("deepforest", "fashion_scenes")
+    # a distilled row that reads the teacher per student anchor (RM+PFI)
+    needs_teacher_anchors: bool = False
 
 
 def distill_opts(method_opts):
@@ -185,6 +188,10 @@ ROWS = {
                 ("MODEL.DISTILL.RANK.WEIGHT", "4.0", "MODEL.DISTILL.PFI.WEIGHT", "1.5")
             ),
             paper="distillation from Faster R-CNN",
+            needs_teacher_anchors=True,
+            # a Faster R-CNN's dense prediction is its RPN's objectness, a class logit only with
+            # one class (mimicdet/distill/dense_view.py): not on the 10 Fashion scenes classes
+            datasets=("deepforest",),
         ),
     )  # fmt: skip
 }

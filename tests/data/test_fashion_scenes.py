@@ -96,20 +96,31 @@ def test_a_corrupt_idx_file_is_named(tmp_path):
 
 
 def test_a_pasted_box_is_the_object_it_labels():
-    """A white-square photo fills its box with the object's tint (no background shows inside);
-    the pixels around the box are the background's."""
-    photos = np.full((1, 28, 28), 255, np.uint8)
+    """Two photos with black margins: a tall one labelled 2 and a wide one labelled 9. Each box is
+    the photo's silhouette edge to edge (one flat tint, no margin or background inside), its shape
+    is its own photo's, and the pixels right outside are the background's."""
+    photos = np.zeros((2, 28, 28), np.uint8)
+    photos[0, 4:25, 10:19] = 255  # 21 x 9: tall
+    photos[1, 10:19, 2:27] = 255  # 9 x 25: wide
+    labels = np.array([2, 9])
     rng = np.random.RandomState(3)
-    for _ in range(10):
-        image, objects = compose_scene(rng, photos, np.array([7]), (128, 128), objects=(1, 1))
+    seen = set()
+    for _ in range(20):
+        image, objects = compose_scene(rng, photos, labels, (256, 256), objects=(1, 1))
         (obj,) = objects
         x0, y0, x1, y1 = obj["bbox"]
+        assert obj["label"] == labels[obj["photo"]]
+        seen.add(obj["label"])
+        aspect = (y1 - y0) / (x1 - x0)
+        expected = 21 / 9 if obj["label"] == 2 else 9 / 25
+        # the size draw jitters the photo's aspect by up to 20%, rounding adds a little
+        assert expected / 1.35 < aspect < expected * 1.35, (obj, aspect)
         inside = image[y0:y1, x0:x1].reshape(-1, 3).astype(float)
-        assert obj["label"] == 7
         assert inside.std(axis=0).max() < 1.0  # one flat tint: the object, edge to edge
         # the background's pixel noise (sigma 8) shows right above or below the box
         strip = image[y0 - 2] if y0 >= 2 else image[y1 + 1]
         assert strip[x0:x1].astype(float).std(axis=0).max() > 3.0
+    assert seen == {2, 9}
 
 
 def test_object_sizes_follow_coco_small_medium_large_mix():
