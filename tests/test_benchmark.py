@@ -156,7 +156,8 @@ def test_the_report_averages_the_reported_seeds_that_learned_and_names_the_other
     table = (tmp_path / "deepforest.md").read_text()
     assert "| FCOS | 10.0 |" in table and "(seed 1 did not learn)" in table
     assert "lr0.0025: 6.0" in table and "lr0.005-radius2.5: 7.5" in table
-    for plot in ("deepforest_ap_curves.png", "deepforest_speed_accuracy.png"):
+    for plot in ("ap_curves", "speed_accuracy", "tuning_curves"):
+        plot = f"deepforest_{plot}.png"
         assert (tmp_path / plot).stat().st_size > 10_000
     assert json.loads((tmp_path / "results.json").read_text())["datasets"]["deepforest"]
 

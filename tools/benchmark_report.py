@@ -6,7 +6,8 @@ several machines, reports as one.
     python tools/benchmark.py --report
 
 Writes ``<results>/results.json``, ``<results>/<dataset>.md``, ``<results>/<dataset>_ap_curves.png``
-and ``<results>/<dataset>_speed_accuracy.png`` for every dataset with results.
+(the reported seeds of every row), ``<results>/<dataset>_tuning_curves.png`` (every variant of each
+sweep) and ``<results>/<dataset>_speed_accuracy.png`` for every dataset with results.
 """
 
 import json
@@ -185,6 +186,35 @@ def plot_curves(path, dataset, runs, rows):
     plt.close(fig)
 
 
+def plot_tuning(path, dataset, runs):
+    """One panel per tuned detector: the seed-0 curve of every variant its sweep tried."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tuned = [n for n in ROWS if ROWS[n].parent is None and n in runs]
+    if not tuned:
+        return
+    fig, axes = plt.subplots(1, len(tuned), figsize=(4 * len(tuned), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], tuned):
+        for variant, seeds in sorted(runs[name].items()):
+            if 0 not in seeds or not seeds[0]["curve"]:
+                continue
+            max_iter = seeds[0]["max_iter"]
+            iters, aps = zip(*[(min(c[0], max_iter), c[1]) for c in seeds[0]["curve"]])
+            ax.plot(iters, aps, label=variant)
+        ax.set_title(ROWS[name].title, fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("val AP (seed 0)")
+    fig.suptitle(f"{DATASETS[dataset].title}: tuning sweeps", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def plot_speed_accuracy(path, dataset, rows):
     import matplotlib
 
@@ -228,6 +258,7 @@ def write_report(results, date=None):
         (results / f"{dataset}.md").write_text(markdown(dataset, rows, sweeps, date, timing))
         plot_curves(results / f"{dataset}_ap_curves.png", dataset, runs, rows)
         plot_speed_accuracy(results / f"{dataset}_speed_accuracy.png", dataset, rows)
+        plot_tuning(results / f"{dataset}_tuning_curves.png", dataset, runs)
     summary = json.loads(json.dumps(summary), parse_constant=lambda constant: None)  # nan: null
     (results / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
