@@ -238,8 +238,9 @@ def expected_manifest(data_dir, args):
     return {"format_version": FORMAT_VERSION, "params": params, "sources": sources}
 
 
-def outputs_match(output, manifest):
-    """True if a previous run with the same parameters and sources finished writing ``output``."""
+def outputs_match(output, manifest, splits=SPLITS):
+    """True if a previous run with the same parameters and sources finished writing ``output``
+    (the manifest, and each split's json and every image it lists)."""
     try:
         with open(output / "manifest.json") as f:
             previous = json.load(f)
@@ -247,7 +248,7 @@ def outputs_match(output, manifest):
         return False
     if {k: previous.get(k) for k in manifest} != manifest:
         return False
-    for split in SPLITS:
+    for split in splits:
         files = previous.get("files", {}).get(split, [])
         json_path = output / "annotations" / f"{split}.json"
         if not files or not json_path.is_file():

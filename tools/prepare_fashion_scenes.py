@@ -36,7 +36,7 @@ from mimicdet.data.fashion_scenes import (
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 
-from prepare_deepforest import atomic_write, atomic_write_json, sha256  # noqa: E402
+from prepare_deepforest import atomic_write, atomic_write_json, outputs_match, sha256  # noqa: E402
 
 # Bump when the output format or the composition changes so that old outputs are regenerated.
 FORMAT_VERSION = 1
@@ -115,23 +115,6 @@ def expected_manifest(source, args):
     return {"format_version": FORMAT_VERSION, "params": params, "sources": sources}
 
 
-def outputs_match(output, manifest):
-    """True if a previous run with the same parameters and sources finished writing ``output``."""
-    try:
-        previous = json.loads((output / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if {k: previous.get(k) for k in manifest} != manifest:
-        return False
-    for split in SPLITS:
-        files = previous.get("files", {}).get(split, [])
-        if not files or not (output / "annotations" / f"{split}.json").is_file():
-            return False
-        if not all((output / split / name).is_file() for name in files):
-            return False
-    return True
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -169,7 +152,7 @@ def main(argv=None):
     # load first: a missing source fails with its install hint before anything is written
     data = {split: load_fashion_mnist(source, src) for split, (src, _) in SPLITS.items()}
     manifest = expected_manifest(source, args)
-    if not args.force and outputs_match(output, manifest):
+    if not args.force and outputs_match(output, manifest, SPLITS):
         print(f"{output} is up to date ({json.dumps(manifest['params'])}); --force to rebuild")
         return
     print(f"Composing fashion scenes from {source} into {output}")
