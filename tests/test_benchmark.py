@@ -161,6 +161,15 @@ def test_the_report_averages_the_reported_seeds_that_learned_and_names_the_other
         assert (tmp_path / plot).stat().st_size > 10_000
     assert json.loads((tmp_path / "results.json").read_text())["datasets"]["deepforest"]
 
+    # the README's table, between its markers, follows the results; the rest stays
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n<!-- benchmark-table -->\nold\n<!-- /benchmark-table -->\nrest\n")
+    benchmark_report.write_report(tmp_path, "today", readme=readme)
+    text = readme.read_text()
+    assert text.startswith("# Title\n<!-- benchmark-table -->\n") and text.endswith("rest\n")
+    assert "old" not in text and "| FCOS | 10.0 |" in text and "today" in text
+    assert "benchmarks/deepforest_ap_curves.png" in text
+
 
 @pytest.mark.slow
 def test_a_distilled_row_trains_its_teacher_and_student_first_then_reports(tmp_path, monkeypatch):

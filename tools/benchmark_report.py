@@ -237,8 +237,50 @@ def plot_speed_accuracy(path, dataset, rows):
     plt.close(fig)
 
 
-def write_report(results, date=None):
-    """Writes the report files for every dataset with committed runs; returns the summary."""
+README_START, README_END = "<!-- benchmark-table -->", "<!-- /benchmark-table -->"
+
+
+def readme_table(summary):
+    """The README's headline: every dataset's rows, short, with the command and the date."""
+    lines = [
+        f"Tables: `python tools/benchmark.py --report`, {summary['date']}, from the runs "
+        "committed under `benchmarks/runs/` (AP on val, mean of the reported seeds; a row "
+        'marked "tuning run only" has only its seed-0 run yet).'
+    ]
+    for dataset, data in summary["datasets"].items():
+        spec = DATASETS[dataset]
+        lines += ["", f"**{spec.title}**, {spec.max_iter} iterations, batch 2, CPU:", ""]
+        lines += [
+            "| row | AP | AP50 | AP per seed | infer ms/img | variant |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in data["rows"].values():
+            seeds = ", ".join(_fmt(a) for a in r["AP_per_seed"])
+            seeds += " (tuning run only)" if r["tuning_run_only"] else ""
+            lines.append(
+                f"| {r['title']} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | {seeds} "
+                f"| {_fmt(r['infer_ms'], 0)} | {r['variant']}"
+                + ("" if r["sweep_complete"] else " (sweep incomplete)")
+                + " |"
+            )
+        lines += ["", f"![AP vs iteration, {dataset}](benchmarks/{dataset}_ap_curves.png)"]
+    return "\n".join(lines)
+
+
+def update_readme(readme, summary):
+    """Replaces the text between the README's benchmark markers with :func:`readme_table`."""
+    text = Path(readme).read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} markers")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    table = readme_table(summary)
+    Path(readme).write_text(f"{head}{README_START}\n{table}\n{README_END}{tail}")
+
+
+def write_report(results, date=None, readme=None):
+    """Writes the report files for every dataset with committed runs (and the table in
+    ``readme``, if given); returns the summary."""
     import datetime
 
     results = Path(results)
@@ -261,4 +303,6 @@ def write_report(results, date=None):
         plot_tuning(results / f"{dataset}_tuning_curves.png", dataset, runs)
     summary = json.loads(json.dumps(summary), parse_constant=lambda constant: None)  # nan: null
     (results / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if readme is not None:
+        update_readme(readme, summary)
     return summary
