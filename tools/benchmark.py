@@ -480,7 +480,7 @@ class Benchmark:
         teacher_opts, teacher = [], None
         if row.teacher is not None:
             teacher_opts, teacher = self.teacher(dataset, row, variant, seed)
-        start = time.time()
+        start, code = time.time(), code_version()  # the code the training is about to load
         command, train_opts = self.train(dataset, row, variant, seed, out, teacher_opts)
         max_iter = self.max_iter(dataset)
         portable = lambda text: text.replace(str(self.output), "<output>")  # noqa: E731
@@ -497,7 +497,7 @@ class Benchmark:
             "eval_period": self.eval_period(dataset),
             "date": now(),
             "machine": machine(self.device),
-            "code": code_version(),
+            "code": code,
             "wall_s": round(time.time() - start),
             **read_metrics(out / "metrics.json", min(50, max_iter // 4), max_iter),
             **self.time_inference(dataset, row, variant.opts, out),
