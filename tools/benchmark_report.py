@@ -196,7 +196,8 @@ def plot_tuning(path, dataset, runs):
     tuned = [n for n in ROWS if ROWS[n].parent is None and n in runs]
     if not tuned:
         return
-    fig, axes = plt.subplots(1, len(tuned), figsize=(4 * len(tuned), 3.6), squeeze=False)
+    width = max(6.5, 4 * len(tuned))  # room for the title with one panel
+    fig, axes = plt.subplots(1, len(tuned), figsize=(width, 3.6), squeeze=False)
     for ax, name in zip(axes[0], tuned):
         for variant, seeds in sorted(runs[name].items()):
             if 0 not in seeds or not seeds[0]["curve"]:
