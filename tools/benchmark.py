@@ -28,6 +28,7 @@ Outputs of --report (also written after every run): ``<results>/results.json``,
 
 import argparse
 import datetime
+import functools
 import json
 import platform
 import shlex
@@ -59,8 +60,12 @@ FINAL_KEYS = {
 
 
 # ---------------------------------------------------------------------------- runs and variants
+def is_lazy_path(config):
+    return str(config).endswith(".py")
+
+
 def is_lazy(row):
-    return row.config.endswith(".py")
+    return is_lazy_path(row.config)
 
 
 def config_path(dataset, row):
@@ -82,16 +87,15 @@ def load_result(results, dataset, row_name, variant, seed):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def config_value(dataset, row):
-    """The value of ``row.key`` in the row's config, as one of the key's candidates."""
+@functools.lru_cache(maxsize=None)
+def load_config(dataset, row):
+    """The row's config as train_net.py reads it (yacs with the project's keys, or LazyConfig);
+    parsed once per process, and only read."""
     path = str(REPO / config_path(dataset, row))
     if is_lazy(row):
         from detectron2.config import LazyConfig
 
-        node = LazyConfig.load(path)
-        for part in row.key.name.split("."):
-            node = node[part]
-        return row.key.read(node)
+        return LazyConfig.load(path)
     from detectron2.config import get_cfg
 
     from mimicdet import add_distill_config, add_mimicdet_config
@@ -100,7 +104,12 @@ def config_value(dataset, row):
     add_mimicdet_config(cfg)
     add_distill_config(cfg)
     cfg.merge_from_file(path)
-    node = cfg
+    return cfg
+
+
+def config_value(dataset, row):
+    """The value of ``row.key`` in the row's config, as one of the key's candidates."""
+    node = load_config(dataset, row)
     for part in row.key.name.split("."):
         node = node[part]
     return row.key.read(node)
@@ -120,13 +129,7 @@ def schedule_opts(dataset, row, max_iter, eval_period, device):
             f"train.checkpointer.period={checkpoint_period}",
             f"train.device={device}",
         ]
-    from detectron2.config import get_cfg
-
-    from mimicdet import add_mimicdet_config
-
-    cfg = get_cfg()
-    add_mimicdet_config(cfg)
-    cfg.merge_from_file(str(REPO / config_path(dataset, row)))
+    cfg = load_config(dataset, row)
     scale = max_iter / cfg.SOLVER.MAX_ITER
     steps = tuple(sorted({round(s * scale) for s in cfg.SOLVER.STEPS} & set(range(1, max_iter))))
     warmup = max(1, round(cfg.SOLVER.WARMUP_ITERS * scale))
@@ -299,10 +302,6 @@ def measure_inference(config, opts, weights, images, device="cpu", deploy=False,
     image = resized[:, :, ::-1] if predictor.input_format == "RGB" else resized
     params, gflops = inference_cost(model.cpu(), image.copy(), skip)
     return statistics.median(times), params, gflops
-
-
-def is_lazy_path(config):
-    return str(config).endswith(".py")
 
 
 def machine(device="cpu"):
