@@ -46,7 +46,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
-from benchmark_report import write_report  # noqa: E402
+from benchmark_report import ranking_ap, write_report  # noqa: E402
 from benchmark_rows import DATASETS, LEARNING_RATES, ROWS  # noqa: E402
 
 DEFAULT_RESULTS = REPO / "benchmarks"
@@ -413,8 +413,7 @@ class Benchmark:
         """The variant of ``runs`` with the highest seed-0 final AP (nan counts as -1)."""
 
         def ap(variant):
-            value = self.result(dataset, row_name, variant.name, 0)["final"].get("AP")
-            return value if value is not None and value == value else -1.0
+            return ranking_ap(self.result(dataset, row_name, variant.name, 0))
 
         return max(runs, key=ap)
 

@@ -33,7 +33,8 @@ def load_runs(results):
     return runs
 
 
-def _ap(result):
+def ranking_ap(result):
+    """A run's final AP for choosing among variants; none or nan (no detections) ranks -1."""
     value = result["final"].get("AP")
     return value if value is not None and value == value else -1.0
 
@@ -47,7 +48,7 @@ def chosen_variant(runs, row_name):
     seed0 = {v: seeds[0] for v, seeds in runs.get(root, {}).items() if 0 in seeds}
     if not seed0:
         return None, False
-    best = max(seed0, key=lambda v: _ap(seed0[v]))
+    best = max(seed0, key=lambda v: ranking_ap(seed0[v]))
     lr_done = all(f"lr{lr:g}" in seed0 for lr in LEARNING_RATES)
     key_done = ROWS[root].key is None or len(seed0) > len(LEARNING_RATES)
     return best, lr_done and key_done
