@@ -26,6 +26,7 @@ def fake_result(results, dataset, row, variant, seed, ap, curve=None, max_iter=1
         "dataset": dataset, "row": row, "variant": variant, "seed": seed, "final": final,
         "curve": curve or [[600, ap and ap / 2, None], [1200, ap, None]], "loss_curve": [],
         "train_s_per_iter": 1.0 + seed, "infer_ms": 100.0, "params": 5e6, "gflops": 4.0,
+        "yardstick_ms": 50.0, "train_cpu_share": 0.95, "machine": "a CPU, 2 threads, CPU",
         "max_iter": max_iter, "learned": ap is not None and ap >= benchmark.LEARNED_MIN_AP,
     }  # fmt: skip
     path.write_text(json.dumps(result))
@@ -171,6 +172,54 @@ def test_the_report_averages_the_reported_seeds_that_learned_and_names_the_other
     assert "benchmarks/deepforest_ap_curves.png" in text
 
 
+def test_inference_is_reported_relative_to_the_yardstick_timed_beside_it(tmp_path):
+    """Runs timed under different load compare through their yardstick; a run without one keeps
+    its raw ms (†), and a training that shared the machine has its s/iter flagged (‡)."""
+    for row, infer, yardstick, share in (
+        ("fcos", 200.0, 100.0, 0.95),  # a loaded sitting: both twice as slow
+        ("faster_rcnn", 90.0, 60.0, 0.5),  # another sitting; the training shared the CPU
+        ("retinanet", 70.0, None, 0.95),  # recorded before the yardstick
+    ):
+        result = fake_result(tmp_path, "deepforest", row, "lr0.005", 0, 8.0)
+        result.update(infer_ms=infer, yardstick_ms=yardstick, train_cpu_share=share)
+        benchmark.result_path(tmp_path, "deepforest", row, "lr0.005", 0).write_text(
+            json.dumps(result)
+        )
+    summary = benchmark_report.write_report(tmp_path, "today")
+    data = summary["datasets"]["deepforest"]
+    rows = data["rows"]
+    # the table's scale: the median yardstick (80 ms); ratios 2.0 and 1.5
+    assert data["yardstick_ms"] == {"CPU": 80.0}
+    assert rows["fcos"]["infer_ms"] == pytest.approx(160.0)
+    assert rows["faster_rcnn"]["infer_ms"] == pytest.approx(120.0)
+    assert rows["retinanet"]["infer_ms"] == 70.0 and not rows["retinanet"]["infer_normalized"]
+    table = (tmp_path / "deepforest.md").read_text()
+    assert "| 1.00 | 160 |" in table and "| 1.00‡ | 120 |" in table and "| 70† |" in table
+
+
+def test_inference_timing_interleaves_the_models_image_by_image():
+    calls = []
+    models = {name: (lambda image, name=name: calls.append((name, image))) for name in "ab"}
+    times = benchmark.time_images(models, [1, 2, 3])
+    # each image goes through both models before the next; the first model alternates
+    assert calls == [("a", 1), ("b", 1), ("b", 2), ("a", 2), ("a", 3), ("b", 3)]
+    assert {name: len(ms) for name, ms in times.items()} == {"a": 3, "b": 3}
+
+
+def test_the_cpu_share_counts_the_trainings_own_worker_processes():
+    """A training's CPU time includes its data-loader workers (grandchildren of the benchmark)."""
+    import subprocess
+
+    burn = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass"
+    spawn = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}])"
+    before = benchmark.cpu_seconds()
+    subprocess.run([sys.executable, "-c", spawn], check=True)
+    after = benchmark.cpu_seconds()
+    assert after[0] - before[0] >= 0.5  # the grandchild's half second is counted
+    share = benchmark.cpu_share(before, after)
+    assert share is not None and 0 < share <= 1
+
+
 @pytest.mark.slow
 def test_a_distilled_row_trains_its_teacher_and_student_first_then_reports(tmp_path, monkeypatch):
     """The pipeline end to end on 1 iteration each, one learning rate and no key: Faster R-CNN
@@ -207,7 +256,8 @@ def test_a_distilled_row_trains_its_teacher_and_student_first_then_reports(tmp_p
     assert student["teacher"]["variant"] == "lr0.005" and student["teacher"]["seed"] == 1
     assert "<output>/deepforest/faster_rcnn/lr0.005-seed1/model_final.pth" in student["opts"]
     assert "MODEL.DISTILL.FGFI.WEIGHT" in student["opts"] and student["max_iter"] == 1
-    assert student["params"] > 0 and student["infer_ms"] > 0
+    assert student["params"] > 0 and student["infer_ms"] > 0 and student["yardstick_ms"] > 0
+    assert 0 < student["train_cpu_share"] <= 1
     for seed in (0, 1):  # the tuning run, and the teacher of the student's seed
         assert (results / f"runs/deepforest/faster_rcnn/lr0.005-seed{seed}.json").is_file()
     assert (results / "runs/deepforest/retinanet/lr0.005-seed0.json").is_file()
@@ -218,5 +268,5 @@ def test_a_distilled_row_trains_its_teacher_and_student_first_then_reports(tmp_p
     benchmark.main(argv + ["--retime", "--results", str(results), "--output", str(out)])
     timing = json.loads((results / "runs/deepforest/timing.json").read_text())
     assert set(timing["rows"]) == {"faster_rcnn", "retinanet_fgfi"}
-    assert all(t["infer_ms"] > 0 for t in timing["rows"].values())
-    assert "re-timed interleaved" in (results / "deepforest.md").read_text()
+    assert all(t["infer_ms"] > 0 for t in timing["rows"].values()) and timing["yardstick_ms"] > 0
+    assert "re-timed in one interleaved pass" in (results / "deepforest.md").read_text()

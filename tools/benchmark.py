@@ -30,7 +30,9 @@ import argparse
 import datetime
 import functools
 import json
+import os
 import platform
+import resource
 import shlex
 import shutil
 import statistics
@@ -209,6 +211,29 @@ def code_version():
     return (commit + ("+dirty" if dirty else "")) or None
 
 
+def cpu_seconds():
+    """CPU seconds used so far by this process's finished children (with theirs), and by every
+    process on the machine (None without /proc/stat)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+        machine_s = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        machine_s = None
+    return children.ru_utime + children.ru_stime, machine_s
+
+
+def cpu_share(before, after):
+    """The share of the machine's CPU time between two :func:`cpu_seconds` that went to the
+    children run in between: near 1.0 when they ran alone, lower when other work competed with
+    them (their seconds per iteration are then slower than the machine's)."""
+    own, machine_s = after[0] - before[0], None if after[1] is None else after[1] - before[1]
+    if not machine_s or machine_s <= 0:
+        return None
+    return round(min(own / machine_s, 1.0), 3)
+
+
 def learned(result):
     ap = result["final"].get("AP")
     return ap is not None and ap == ap and ap >= LEARNED_MIN_AP
@@ -275,33 +300,74 @@ def build_predictor(config, opts, weights, device="cpu"):
     return Predictor(REPO / config, [*opts, "MODEL.WEIGHTS", str(weights)], device)
 
 
-def time_images(predictor, images, device="cpu"):
-    """Milliseconds of each image through ``predictor``, one at a time."""
-    times = []
-    for image in images:
-        start = time.perf_counter()
-        predictor(image)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
+class Yardstick:
+    """
+    What every run's inference is timed against, image by image: the dataset's shared
+    MobileNetV2-FPN backbone alone (its RetinaNet config, initial weights: a convolution's speed
+    does not depend on them). A run's inference divided by the yardstick's, timed interleaved,
+    stays the same under another process's load or on another CPU of the same kind, so that runs
+    timed in different sittings compare (the report scales it back to milliseconds).
+    """
+
+    def __init__(self, dataset, device="cpu"):
+        from demo import Predictor
+
+        config = Path(DATASETS[dataset].configs) / "retinanet_MNV2_FPN.yaml"
+        self.predictor = Predictor(REPO / config, ["MODEL.WEIGHTS", ""], device)
+
+    @torch.no_grad()
+    def __call__(self, image_bgr):
+        p = self.predictor
+        image = image_bgr[:, :, ::-1] if p.input_format == "RGB" else image_bgr
+        resized = p.aug.get_transform(image).apply_image(image)
+        tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
+        return p.model.backbone(p.model.preprocess_image([{"image": tensor}]).tensor)
+
+
+def time_images(models, images, device="cpu"):
+    """
+    ``{name: [ms per image]}`` of each image through every callable of ``models`` (name ->
+    ``model(image_bgr)``), one image at a time, the models interleaved image by image (their
+    order turning each image) so that all see the same machine load.
+    """
+    names = list(models)
+    times = {name: [] for name in names}
+    for index, image in enumerate(images):
+        for name in names[index % len(names) :] + names[: index % len(names)]:
+            start = time.perf_counter()
+            models[name](image)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - start) * 1000)
     return times
 
 
-def measure_inference(config, opts, weights, images, device="cpu", deploy=False, warmup=2):
-    """Median ms per image (batch 1, after ``warmup`` untimed images), params and GFLOPs of the
-    model ``config`` + ``opts`` builds with ``weights`` (MimicDet: without its training-only
-    T-head, which deploy checkpoints lack)."""
+def measure_inference(
+    config, opts, weights, images, yardstick, device="cpu", deploy=False, warmup=2
+):
+    """
+    Median ms per image (batch 1, after ``warmup`` untimed images) of the model ``config`` +
+    ``opts`` builds with ``weights`` (MimicDet: without its training-only T-head, which deploy
+    checkpoints lack), the median ms of ``yardstick`` timed interleaved with it, params and
+    GFLOPs.
+    """
     from convert_to_deploy import training_only_keys
 
     predictor = build_predictor(config, opts, weights, device)
-    time_images(predictor, images[:warmup], device)
-    times = time_images(predictor, images, device)
+    models = {"model": predictor, "yardstick": yardstick}
+    time_images(models, images[:warmup], device)
+    times = time_images(models, images, device)
     model = predictor.model
     skip = training_only_keys(dict(model.named_parameters())) if deploy else ()
     resized = predictor.aug.get_transform(images[0]).apply_image(images[0])
     image = resized[:, :, ::-1] if predictor.input_format == "RGB" else resized
     params, gflops = inference_cost(model.cpu(), image.copy(), skip)
-    return statistics.median(times), params, gflops
+    return {
+        "infer_ms": statistics.median(times["model"]),
+        "yardstick_ms": statistics.median(times["yardstick"]),
+        "params": params,
+        "gflops": gflops,
+    }
 
 
 def machine(device="cpu"):
@@ -443,8 +509,9 @@ class Benchmark:
         return self.output / dataset / row_name / f"{variant_name_}-seed{seed}"
 
     def train(self, dataset, row, variant, seed, out, extra_opts=()):
-        """train_net.py for one run into ``out`` (resumed if interrupted); returns the command
-        and the options that define the run (without its seed and output folder)."""
+        """train_net.py for one run into ``out`` (resumed if interrupted); returns the command,
+        the options that define the run (without its seed and output folder) and the training's
+        :func:`cpu_share` (None if it had finished earlier)."""
         max_iter, eval_period = self.max_iter(dataset), self.eval_period(dataset)
         train_opts = [*row.opts, *variant.opts, *extra_opts]
         train_opts += schedule_opts(dataset, row, max_iter, eval_period, self.device)
@@ -453,7 +520,7 @@ class Benchmark:
         if (out / "model_final.pth").is_file():
             if finished(out / "metrics.json", max_iter):
                 print(f"[benchmark] {out} finished training earlier: reading it", flush=True)
-                return command, train_opts
+                return command, train_opts, None
             # stopped during the evaluation that follows the last step: train it again
             print(f"[benchmark] {out} has no final evaluation: training it again", flush=True)
             shutil.rmtree(out)
@@ -461,10 +528,12 @@ class Benchmark:
             command.insert(2, "--resume")
         print(f"[benchmark] training {dataset} {row.name} {variant.name} seed {seed}", flush=True)
         print("[benchmark] " + shlex.join(command[1:]), flush=True)
+        before = cpu_seconds()
         subprocess.run(command, cwd=REPO, check=True)
+        share = cpu_share(before, cpu_seconds())
         for periodic in out.glob("model_[0-9]*.pth"):  # resuming needs them no longer
             periodic.unlink()
-        return command, train_opts
+        return command, train_opts, share
 
     def run(self, dataset, row_name, variant, seed):
         """Trains one run unless its result exists; returns the result."""
@@ -479,7 +548,7 @@ class Benchmark:
         if row.teacher is not None:
             teacher_opts, teacher = self.teacher(dataset, row, variant, seed)
         start, code = time.time(), code_version()  # the code the training is about to load
-        command, train_opts = self.train(dataset, row, variant, seed, out, teacher_opts)
+        command, train_opts, share = self.train(dataset, row, variant, seed, out, teacher_opts)
         max_iter = self.max_iter(dataset)
         portable = lambda text: text.replace(str(self.output), "<output>")  # noqa: E731
         result = {
@@ -498,6 +567,8 @@ class Benchmark:
             "code": code,
             "wall_s": round(time.time() - start),
             **read_metrics(out / "metrics.json", min(50, max_iter // 4), max_iter),
+            # below CONTENDED_SHARE, other work slowed this training: its s/iter is flagged
+            "train_cpu_share": share,
             **self.time_inference(dataset, row, variant.opts, out),
             "teacher": teacher,
         }
@@ -558,24 +629,24 @@ class Benchmark:
     def time_inference(self, dataset, row, opts, out):
         """Inference cost of the run's deploy model: the student of a distiller, MimicDet without
         its T-head, else the model itself."""
-        infer_ms, params, gflops = measure_inference(
+        return measure_inference(
             config_path(dataset, row),
             deploy_opts(row, opts),
             deploy_weights(row, out),
             val_images(dataset),
+            Yardstick(dataset, self.device),
             self.device,
             row.deploy,
         )
-        return {"infer_ms": infer_ms, "params": params, "gflops": gflops}
 
     def retime(self, dataset, rounds=3):
         """
         Times the chosen variant's deploy model of every row whose first reported seed's
-        checkpoint is on this machine, interleaved (round-robin over the rows, ``rounds`` times)
-        in one process, so that every row sees the same machine load; writes
+        checkpoint is on this machine, and the :class:`Yardstick`, interleaved image by image,
+        ``rounds`` times, in one process, so that every row sees the same machine load; writes
         ``runs/<dataset>/timing.json``, which the report prefers to the per-run timings.
         """
-        predictors = {}
+        predictors, variants = {}, {}
         for row_name, row in ROWS.items():
             chosen = self.chosen(dataset, row_name)
             if chosen is None or dataset not in row.datasets:
@@ -586,24 +657,27 @@ class Benchmark:
                 continue
             weights = deploy_weights(row, out)
             config = config_path(dataset, row)
-            predictor = build_predictor(config, deploy_opts(row, chosen.opts), weights, self.device)
-            predictors[row_name] = (chosen.name, predictor)
+            predictors[row_name] = build_predictor(
+                config, deploy_opts(row, chosen.opts), weights, self.device
+            )
+            variants[row_name] = chosen.name
         if not predictors:
             raise SystemExit(f"--retime: no chosen {dataset} checkpoint in {self.output}")
+        predictors["yardstick"] = Yardstick(dataset, self.device)
         images = val_images(dataset)
+        time_images(predictors, images[:2], self.device)  # warm-up
         times = {name: [] for name in predictors}
-        for _, predictor in predictors.values():
-            time_images(predictor, images[:2], self.device)  # warm-up
         for _ in range(rounds):
-            for name, (_, predictor) in predictors.items():
-                times[name] += time_images(predictor, images, self.device)
+            for name, ms in time_images(predictors, images, self.device).items():
+                times[name] += ms
         timing = {
             "date": now(),
             "machine": machine(self.device),
             "images": len(images),
             "rounds": rounds,
+            "yardstick_ms": statistics.median(times.pop("yardstick")),
             "rows": {
-                name: {"variant": predictors[name][0], "infer_ms": statistics.median(ms)}
+                name: {"variant": variants[name], "infer_ms": statistics.median(ms)}
                 for name, ms in times.items()
             },
         }

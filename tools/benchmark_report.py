@@ -17,6 +17,9 @@ from pathlib import Path
 from benchmark_rows import DATASETS, LEARNING_RATES, ROWS
 
 COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# a training that had less of the machine's CPU time than this shared it with other work: its
+# seconds per iteration are flagged (tools/benchmark.py's cpu_share)
+CONTENDED_SHARE = 0.85
 
 
 def load_runs(results):
@@ -81,8 +84,12 @@ def summarize(runs, row_name):
         "AP_per_seed": [reported[s]["final"].get("AP") for s in sorted(reported)],
         "did_not_learn": [s for s in sorted(reported) if not reported[s]["learned"]],
         "train_s_per_iter": _mean([r["train_s_per_iter"] for r in reported.values()]),
-        # timing does not depend on the seed: the first seed's, measured after its training
+        # the share of the machine each training had: None for runs recorded before it was
+        "train_cpu_share": [r.get("train_cpu_share") for r in reported.values()],
+        # timing does not depend on the seed: the first seed's, measured after its training,
+        # with the yardstick timed interleaved (None for runs recorded before it was)
         "infer_ms": first.get("infer_ms"),
+        "yardstick_ms": first.get("yardstick_ms"),
         "params": first.get("params"),
         "gflops": first.get("gflops"),
         "max_iter": first["max_iter"],
@@ -92,6 +99,46 @@ def summarize(runs, row_name):
     for key in COLUMNS:
         row[key] = _mean([r["final"].get(key) for r in learned])
     return row
+
+
+def train_timing_clean(row):
+    """True if every reported training of the row had the machine to itself."""
+    shares = row["train_cpu_share"]
+    return all(share is not None and share >= CONTENDED_SHARE for share in shares)
+
+
+def device_of(machine):
+    """ "CPU" or "CUDA": the last word of tools/benchmark.py's machine description."""
+    return (machine or "").rsplit(" ", 1)[-1]
+
+
+def normalize_inference(rows, timing=None):
+    """
+    Puts every row's inference on one scale: its ms divided by the yardstick's ms timed
+    interleaved with it (``infer_vs_yardstick``), times the median yardstick of the table's rows
+    on the same kind of device. A ``timing`` of ``--retime`` (all rows in one pass) replaces the
+    per-run ratios of the rows it timed. Rows timed without a yardstick keep their raw ms, and
+    ``infer_normalized`` False says so.
+    """
+    for name, row in rows.items():
+        retimed = (timing or {}).get("rows", {}).get(name)
+        if retimed and retimed["variant"] == row["variant"] and timing.get("yardstick_ms"):
+            row["infer_ms"], row["yardstick_ms"] = retimed["infer_ms"], timing["yardstick_ms"]
+            row["infer_retimed"] = True
+        timed = row.get("yardstick_ms") and row.get("infer_ms") is not None
+        ratio = row["infer_ms"] / row["yardstick_ms"] if timed else None
+        row["infer_vs_yardstick"] = ratio
+    references = {}
+    for row in rows.values():
+        if row["infer_vs_yardstick"] is not None:
+            references.setdefault(device_of(row["machine"]), []).append(row["yardstick_ms"])
+    references = {device: statistics.median(ms) for device, ms in references.items()}
+    for row in rows.values():
+        row["infer_normalized"] = row["infer_vs_yardstick"] is not None
+        if row["infer_normalized"]:
+            reference = references[device_of(row["machine"])]
+            row["infer_ms"] = row["infer_vs_yardstick"] * reference
+    return references
 
 
 def sweep_table(runs):
@@ -109,13 +156,24 @@ def _fmt(value, digits=1):
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(dataset, rows, sweeps, date, timing):
+def markdown(dataset, rows, sweeps, date, timing, references):
     spec = DATASETS[dataset]
+    scale = ", ".join(f"{ms:.0f} ms on {device}" for device, ms in references.items())
     timed = (
-        f"inference marked * re-timed interleaved on {timing['machine']}, {timing['date']} "
-        "(`python tools/benchmark.py --retime`), the others timed after their training"
-        if timing
-        else "inference timed after each training"
+        "inference: the deploy model at batch 1 after its training, timed image by image "
+        "interleaved with a yardstick (the shared MobileNetV2-FPN backbone alone), shown as the "
+        f"ratio of the two times the yardstick's median over this table ({scale or 'none yet'}), "
+        "so that runs timed in different sittings compare; † raw ms, timed without the yardstick"
+    )
+    if timing:
+        timed += (
+            f"; * re-timed in one interleaved pass on {timing['machine']}, {timing['date']} "
+            "(`python tools/benchmark.py --retime`)"
+        )
+    timed += (
+        "; train s/iter: median step after warm-up, ‡ where another process had more than "
+        f"{1 - CONTENDED_SHARE:.0%} of the machine's CPU time during the training (or it was "
+        "not recorded)"
     )
     lines = [
         f"# {spec.title}",
@@ -143,10 +201,12 @@ def markdown(dataset, rows, sweeps, date, timing):
         variant = r["variant"] + ("" if r["sweep_complete"] else " (sweep incomplete)")
         variant += "" if r["max_iter"] == spec.max_iter else f", {r['max_iter']} iterations"
         infer = _fmt(r["infer_ms"], 0) + ("*" if r.get("infer_retimed") else "")
+        infer += "" if r["infer_normalized"] else "†"
+        train = _fmt(r["train_s_per_iter"], 2) + ("" if train_timing_clean(r) else "‡")
         lines.append(
             f"| {r['title']} | "
             + " | ".join(_fmt(r[k]) for k in COLUMNS)
-            + f" | {per_seed} | {_fmt(r['train_s_per_iter'], 2)} | {infer} "
+            + f" | {per_seed} | {train} | {infer} "
             f"| {_fmt(params, 2)} | {_fmt(r['gflops'])} | {variant} |"
         )
     if sweeps:
@@ -230,7 +290,7 @@ def plot_speed_accuracy(path, dataset, rows):
         ax.scatter(r["infer_ms"], r["AP"])
         ax.annotate(r["title"], (r["infer_ms"], r["AP"]), fontsize=7,
                     xytext=(4, 2), textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("inference ms per image (deploy model, batch 1)")
+    ax.set_xlabel("inference ms per image (deploy model, batch 1, yardstick-normalized)")
     ax.set_ylabel("val AP")
     ax.set_title(f"{DATASETS[dataset].title}: speed vs accuracy")
     ax.grid(alpha=0.3)
@@ -247,7 +307,8 @@ def readme_table(summary):
     lines = [
         f"Tables: `python tools/benchmark.py --report`, {summary['date']}, from the runs "
         "committed under `benchmarks/runs/` (AP on val, mean of the reported seeds; a row "
-        'marked "tuning run only" has only its seed-0 run yet).'
+        'marked "tuning run only" has only its seed-0 run yet; inference on one scale across '
+        "sittings, as each dataset's page under `benchmarks/` explains)."
     ]
     for dataset, data in summary["datasets"].items():
         spec = DATASETS[dataset]
@@ -293,13 +354,17 @@ def write_report(results, date=None, readme=None):
         rows = {n: s for n in ROWS if n in runs and (s := summarize(runs, n)) is not None}
         timing_file = results / "runs" / dataset / "timing.json"
         timing = json.loads(timing_file.read_text()) if timing_file.is_file() else None
-        for name, row in rows.items():
-            retimed = (timing or {}).get("rows", {}).get(name)
-            if retimed and retimed["variant"] == row["variant"]:
-                row["infer_ms"], row["infer_retimed"] = retimed["infer_ms"], True
+        references = normalize_inference(rows, timing)
         sweeps = sweep_table(runs)
-        summary["datasets"][dataset] = {"rows": rows, "sweeps": sweeps, "timing": timing}
-        (results / f"{dataset}.md").write_text(markdown(dataset, rows, sweeps, date, timing))
+        summary["datasets"][dataset] = {
+            "rows": rows,
+            "sweeps": sweeps,
+            "timing": timing,
+            "yardstick_ms": references,
+        }
+        (results / f"{dataset}.md").write_text(
+            markdown(dataset, rows, sweeps, date, timing, references)
+        )
         plot_curves(results / f"{dataset}_ap_curves.png", dataset, runs, rows)
         plot_speed_accuracy(results / f"{dataset}_speed_accuracy.png", dataset, rows)
         plot_tuning(results / f"{dataset}_tuning_curves.png", dataset, runs)
