@@ -1,6 +1,5 @@
 """tools/benchmark.py: the tuning order, what a run records, and the report built from results."""
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -172,6 +171,41 @@ def test_the_report_averages_the_reported_seeds_that_learned_and_names_the_other
     assert "benchmarks/deepforest_ap_curves.png" in text
 
 
+def test_packed_runs_unpack_into_results_and_never_replace_another(tmp_path, capsys):
+    """A GPU machine's runs come back in one --pack file; --unpack adds them here."""
+    gpu = tmp_path / "gpu"
+    fake_result(gpu, "deepforest", "mimicdet", "lr0.005", 0, 9.0)
+    fake_result(gpu, "deepforest", "mimicdet", "lr0.01", 0, 8.0)
+    benchmark.main(["--report", "--results", str(gpu), "--pack", str(tmp_path / "runs.json")])
+
+    here = tmp_path / "here"
+    kept = fake_result(here, "deepforest", "mimicdet", "lr0.005", 0, 9.0)  # the same run
+    benchmark.main(["--unpack", str(tmp_path / "runs.json"), "--results", str(here)])
+    unpacked = benchmark.load_result(here, "deepforest", "mimicdet", "lr0.01", 0)
+    assert unpacked["final"]["AP"] == 8.0
+    assert benchmark.load_result(here, "deepforest", "mimicdet", "lr0.005", 0) == kept
+    assert "unpacked 1 new run results" in capsys.readouterr().out
+    assert "MimicDet" in (here / "deepforest.md").read_text()  # the tables follow
+
+    # a different result of the same run stays, and nothing of the file is written
+    other = tmp_path / "other"
+    fake_result(other, "deepforest", "mimicdet", "lr0.01", 0, 3.0)
+    with pytest.raises(SystemExit, match="lr0.01-seed0.json exists with another result"):
+        benchmark.unpack_runs(tmp_path / "runs.json", other)
+    assert benchmark.load_result(other, "deepforest", "mimicdet", "lr0.005", 0) is None
+    assert benchmark.load_result(other, "deepforest", "mimicdet", "lr0.01", 0)["final"]["AP"] == 3
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="bad.json: not a file of --pack"):
+        benchmark.unpack_runs(tmp_path / "bad.json", other)
+
+
+def test_a_changed_schedule_is_refused_into_the_committed_results(capsys):
+    for flag in (["--smoke"], ["--max-iter", "2"]):
+        with pytest.raises(SystemExit):
+            benchmark.parse_args(flag)
+        assert "give --results another folder" in capsys.readouterr().err
+
+
 def test_inference_is_reported_relative_to_the_yardstick_timed_beside_it(tmp_path):
     """Runs timed under different load compare through their yardstick; a run without one keeps
     its raw ms (†), and a training that shared the machine has its s/iter flagged (‡)."""
@@ -221,22 +255,10 @@ def test_the_cpu_share_counts_the_trainings_own_worker_processes():
 
 
 @pytest.mark.slow
-def test_a_distilled_row_trains_its_teacher_and_student_first_then_reports(tmp_path, monkeypatch):
-    """The pipeline end to end on 1 iteration each, one learning rate and no key: Faster R-CNN
-    (the teacher), RetinaNet (the student's choice), then RetinaNet + FGFI reading that teacher."""
-    monkeypatch.setattr(benchmark, "LEARNING_RATES", (0.005,))
-    for name in ("retinanet", "faster_rcnn"):
-        row = ROWS[name]
-        monkeypatch.setitem(ROWS, name, dataclasses.replace(row, key=None))
-    spec = dataclasses.replace(DATASETS["deepforest"], timing_images=1)
-    monkeypatch.setitem(DATASETS, "deepforest", spec)
-    schedule_opts = benchmark.schedule_opts
-
-    def small_inputs(*args):  # every row is yacs here: 160 px images keep the trainings short
-        small = ["INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160"]
-        return schedule_opts(*args) + small
-
-    monkeypatch.setattr(benchmark, "schedule_opts", small_inputs)
+def test_a_distilled_row_trains_its_teacher_and_student_first_then_reports(tmp_path):
+    """The pipeline end to end as a smoke run (1 iteration each, one learning rate, no key, 160
+    px): Faster R-CNN (the teacher), RetinaNet (the student's choice), then RetinaNet + FGFI
+    reading that teacher."""
     results = tmp_path / "results"
     out = tmp_path / "out"
     argv = [
@@ -246,6 +268,7 @@ def test_a_distilled_row_trains_its_teacher_and_student_first_then_reports(tmp_p
         "retinanet_fgfi",
         "--seeds",
         "1",
+        "--smoke",
         "--max-iter",
         "1",
     ]

@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import gpu_check_report  # noqa: E402
 
-STEPS = ["env", "install", "data", "build", "cuda_tests", "bench", "coco_cost", "train"]
+STEPS = ["env", "install", "data", "build", "cuda_tests", "bench", "coco_cost", "benchmark"]
 STEPS += ["layer_tests"]
 
 
@@ -46,7 +46,7 @@ def test_help_names_the_three_modes():
     "args,message",
     [
         (["--bogus"], "unknown argument '--bogus'"),
-        (["--dry-run", "--only", "train,nosuchstep"], "no step 'nosuchstep'"),
+        (["--dry-run", "--only", "benchmark,nosuchstep"], "no step 'nosuchstep'"),
         (["--dry-run", "--budget", "soon"], "--budget needs a number"),
         (["--out"], "--out needs a path"),
     ],
@@ -127,12 +127,11 @@ def test_dry_run_runs_every_cpu_step_and_writes_a_valid_report(tmp_path):
     assert [row["op"] for row in rows] == ["conv2d", "mimicdet", "torchvision"]
     assert all(row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 for row in rows)
     assert rows[2]["fwd_vs_torchvision"] == 1.0
-    train = results["deepforest"]
-    assert train["iterations"] == 3
-    assert 0 <= train["AP"] <= 100 and train["s_per_iter_median"] > 0
+    # the benchmark's smoke sweep of MimicDet: one run, packed into one file
+    (run,) = results["benchmark"]["runs"]
+    assert run["run"] == "deepforest/mimicdet/lr0.005-seed0.json" and run["max_iter"] == 3
+    assert run["train_s_per_iter"] > 0 and run["infer_ms"] > 0
 
-    assert {"gpu_check.log", "deform_conv_gpu.json", "deepforest_metrics.json"} <= set(
-        report["files"]
-    )
+    assert {"gpu_check.log", "deform_conv_gpu.json", "benchmark_runs.json"} <= set(report["files"])
     combined = (out.parent / "gpu_check.log").read_text()
     assert all(f"=============== {name}: " in combined for name in STEPS)

@@ -7,7 +7,9 @@ the same backbone, data, schedule and tuning budget (tools/benchmark_rows.py say
     python tools/benchmark.py                              # everything missing, both datasets
     python tools/benchmark.py --dataset deepforest --rows retinanet fcos   # a part
     python tools/benchmark.py --report                     # tables and plots from committed runs
-    python tools/benchmark.py --rows fcos --max-iter 2 --results /tmp/r --output /tmp/o  # smoke
+    python tools/benchmark.py --rows fcos --smoke --results /tmp/r --output /tmp/o  # a minute
+    python tools/benchmark.py --device cuda --pack runs.json ...   # on a GPU machine, then here:
+    python tools/benchmark.py --unpack runs.json                   # its results into benchmarks/
 
 Each training is one *run* (dataset, row, variant, seed). When it finishes, its result (final
 COCOEvaluator metrics, the AP-vs-iteration curve from periodic evaluation, seconds per iteration,
@@ -53,6 +55,10 @@ from benchmark_rows import DATASETS, LEARNING_RATES, ROWS  # noqa: E402
 
 DEFAULT_RESULTS = REPO / "benchmarks"
 DEFAULT_OUTPUT = REPO / "output" / "benchmark"
+# data-loader workers per training with --device cuda
+CUDA_LOADER_WORKERS = 4
+# --smoke: iterations per run, and the one learning rate of its sweep
+SMOKE_ITERS, SMOKE_LR = 3, 0.005  # detectron2 times the steps from the third on
 # AP below this at the end of training: the run did not learn (flagged, never averaged in)
 LEARNED_MIN_AP = 1.0
 FINAL_KEYS = {
@@ -87,6 +93,65 @@ def result_path(results, dataset, row_name, variant, seed):
 def load_result(results, dataset, row_name, variant, seed):
     path = result_path(results, dataset, row_name, variant, seed)
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_result(path, result):
+    """Writes a run's result whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def pack_runs(results, packed):
+    """
+    Every run result under ``results`` in the one file ``packed`` (a GPU machine's run tool
+    brings back few files): ``{"runs": {"<dataset>/<row>/<variant>-seed<k>.json": result}}``.
+    """
+    root = Path(results) / "runs"
+    runs = {
+        path.relative_to(root).as_posix(): json.loads(path.read_text())
+        for path in sorted(root.glob("*/*/*-seed*.json"))
+    }
+    Path(packed).parent.mkdir(parents=True, exist_ok=True)
+    Path(packed).write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    print(f"[benchmark] packed {len(runs)} run results into {packed}", flush=True)
+    return runs
+
+
+def unpack_runs(packed, results):
+    """
+    Writes the results of a :func:`pack_runs` file under ``results``. Checks them all first and
+    writes none if one is malformed or would replace a different result already there (named:
+    remove it to replace it); an identical one is left as it is. Returns the names written.
+    """
+    try:
+        runs = json.loads(Path(packed).read_text())["runs"]
+        items = list(runs.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f"--unpack {packed}: not a file of --pack ({e!r})")
+    writes = []
+    for name, result in items:
+        try:
+            path = result_path(
+                results, result["dataset"], result["row"], result["variant"], result["seed"]
+            )
+        except (KeyError, TypeError):
+            raise SystemExit(f"--unpack {packed}: {name} lacks its dataset, row, variant or seed")
+        if path.relative_to(Path(results) / "runs").as_posix() != name:
+            raise SystemExit(f"--unpack {packed}: {name} holds the result of {path.name}")
+        if path.is_file():
+            if json.loads(path.read_text()) != result:
+                raise SystemExit(
+                    f"--unpack {packed}: {path} exists with another result; nothing was written"
+                    " (remove it to replace it)"
+                )
+            continue
+        writes.append((path, result))
+    for path, result in writes:
+        write_result(path, result)
+    print(f"[benchmark] unpacked {len(writes)} new run results into {results}", flush=True)
+    return [path for path, _ in writes]
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,13 +189,15 @@ def schedule_opts(dataset, row, max_iter, eval_period, device):
     already), periodic evaluation and checkpoints (for resuming), and the device.
     """
     checkpoint_period = eval_period * max(1, 200 // eval_period)
+    # a GPU waits on one loader worker (the configs' 1 is sized for the 2-core CPU)
+    workers = CUDA_LOADER_WORKERS if device == "cuda" else None
     if is_lazy(row):
         return [
             f"train.max_iter={max_iter}",
             f"train.eval_period={eval_period}",
             f"train.checkpointer.period={checkpoint_period}",
             f"train.device={device}",
-        ]
+        ] + ([f"dataloader.train.num_workers={workers}"] if workers else [])
     cfg = load_config(dataset, row)
     scale = max_iter / cfg.SOLVER.MAX_ITER
     steps = tuple(sorted({round(s * scale) for s in cfg.SOLVER.STEPS} & set(range(1, max_iter))))
@@ -139,6 +206,17 @@ def schedule_opts(dataset, row, max_iter, eval_period, device):
         "SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", str(steps),
         "SOLVER.WARMUP_ITERS", str(warmup), "TEST.EVAL_PERIOD", str(eval_period),
         "SOLVER.CHECKPOINT_PERIOD", str(checkpoint_period), "MODEL.DEVICE", device,
+    ] + (["DATALOADER.NUM_WORKERS", str(workers)] if workers else [])  # fmt: skip
+
+
+def smoke_opts(row):
+    """A smoke run's small inputs and few candidates, so that its evaluation of an untrained
+    model takes seconds (the LazyConfig FCOS keeps its input size)."""
+    if is_lazy(row):
+        return ["model.test_topk_candidates=100", "model.max_detections_per_image=20"]
+    return [
+        "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160",
+        "MODEL.MIMICDET.REFINE.TOPK_TEST", "100", "TEST.DETECTIONS_PER_IMAGE", "20",
     ]  # fmt: skip
 
 
@@ -408,13 +486,14 @@ def deploy_weights(row, out):
     return deploy
 
 
-def val_images(dataset):
-    """The first ``timing_images`` val images (BGR), the same for every row of a dataset."""
+def val_images(dataset, count=None):
+    """The first ``count`` (default: the dataset's ``timing_images``) val images (BGR), the same
+    for every row of a dataset."""
     from detectron2.data import DatasetCatalog
     from detectron2.data.detection_utils import read_image
 
     spec = DATASETS[dataset]
-    records = DatasetCatalog.get(spec.val)[: spec.timing_images]
+    records = DatasetCatalog.get(spec.val)[: count or spec.timing_images]
     return [read_image(r["file_name"], format="BGR") for r in records]
 
 
@@ -432,10 +511,24 @@ class Variant:
 class Benchmark:
     """Trains what is missing, in dependency order, and writes each run's result at once."""
 
-    def __init__(self, results, output, device="cpu", max_iter=None, eval_period=None, seeds=None):
+    def __init__(
+        self,
+        results,
+        output,
+        device="cpu",
+        max_iter=None,
+        eval_period=None,
+        seeds=None,
+        smoke=False,
+    ):
         self.results, self.output = Path(results).resolve(), Path(output).resolve()
         self.device, self.seeds_override = device, seeds
-        self._max_iter, self._eval_period = max_iter, eval_period
+        # a smoke run checks the pipeline, not the detectors: one learning rate, no key, tiny
+        # inputs, a few iterations, one timed image
+        self.smoke = smoke
+        self.learning_rates = (SMOKE_LR,) if smoke else LEARNING_RATES
+        self._max_iter = max_iter or (SMOKE_ITERS if smoke else None)
+        self._eval_period = eval_period
 
     def max_iter(self, dataset):
         return self._max_iter or DATASETS[dataset].max_iter
@@ -464,9 +557,14 @@ class Benchmark:
         row = ROWS[row_name]
         current = config_value(dataset, row) if row.key is not None else None
         runs = [
-            Variant(variant_name(lr), tuple(lr_opts(row, lr)), lr, current) for lr in LEARNING_RATES
+            Variant(variant_name(lr), tuple(lr_opts(row, lr)), lr, current)
+            for lr in self.learning_rates
         ]
-        if row.key is None or any(self.result(dataset, row_name, v.name, 0) is None for v in runs):
+        if (
+            row.key is None
+            or self.smoke
+            or any(self.result(dataset, row_name, v.name, 0) is None for v in runs)
+        ):
             return runs
         lr = self.best(dataset, row_name, runs).lr
         for value in row.key.candidates:
@@ -515,6 +613,7 @@ class Benchmark:
         max_iter, eval_period = self.max_iter(dataset), self.eval_period(dataset)
         train_opts = [*row.opts, *variant.opts, *extra_opts]
         train_opts += schedule_opts(dataset, row, max_iter, eval_period, self.device)
+        train_opts += smoke_opts(row) if self.smoke else []
         command = [sys.executable, "train_net.py", "--config-file", config_path(dataset, row)]
         command += train_opts + seed_opts(row, seed, out)
         if (out / "model_final.pth").is_file():
@@ -574,12 +673,9 @@ class Benchmark:
         }
         result["learned"] = learned(result)
         path = result_path(self.results, dataset, row_name, variant.name, seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         # COCOeval's nan (no detections) is not JSON: it becomes null
         result = json.loads(json.dumps(result), parse_constant=lambda constant: None)
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(path)  # a result is whole or absent
+        write_result(path, result)
         print(f"[benchmark] {path.relative_to(self.results)}: AP {result['final'].get('AP')}")
         write_report(self.results)  # the tables follow every finished run
         return result
@@ -633,7 +729,7 @@ class Benchmark:
             config_path(dataset, row),
             deploy_opts(row, opts),
             deploy_weights(row, out),
-            val_images(dataset),
+            val_images(dataset, 1 if self.smoke else None),
             Yardstick(dataset, self.device),
             self.device,
             row.deploy,
@@ -664,7 +760,7 @@ class Benchmark:
         if not predictors:
             raise SystemExit(f"--retime: no chosen {dataset} checkpoint in {self.output}")
         predictors["yardstick"] = Yardstick(dataset, self.device)
-        images = val_images(dataset)
+        images = val_images(dataset, 1 if self.smoke else None)
         time_images(predictors, images[:2], self.device)  # warm-up
         times = {name: [] for name in predictors}
         for _ in range(rounds):
@@ -713,7 +809,22 @@ def parse_args(argv=None):
         action="store_true",
         help="only the tuning sweeps (seed 0) of the rows' detectors, not their reported seeds",
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"check the pipeline: {SMOKE_ITERS} iterations, lr {SMOKE_LR}, no key, tiny inputs",
+    )
     parser.add_argument("--report", action="store_true", help="only assemble tables and plots")
+    parser.add_argument(
+        "--pack",
+        metavar="FILE",
+        help="at the end, write every run result under --results into FILE (one file)",
+    )
+    parser.add_argument(
+        "--unpack",
+        metavar="FILE",
+        help="only add the run results of a --pack FILE to --results (never replacing one)",
+    )
     parser.add_argument(
         "--retime",
         action="store_true",
@@ -723,9 +834,11 @@ def parse_args(argv=None):
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
     default_results = Path(args.results).resolve() == DEFAULT_RESULTS.resolve()
-    if (args.max_iter or args.eval_period) and default_results and not args.report:
+    changed = args.max_iter or args.eval_period or args.smoke
+    if changed and default_results and not (args.report or args.unpack):
         parser.error(
-            "--max-iter / --eval-period change the schedule: give --results another folder"
+            "--max-iter / --eval-period / --smoke change the schedule: give --results another"
+            " folder"
         )
     return args
 
@@ -735,15 +848,27 @@ def main(argv=None):
     import mimicdet  # noqa: F401 registers the datasets
 
     bench = Benchmark(
-        args.results, args.output, args.device, args.max_iter, args.eval_period, args.seeds
+        args.results,
+        args.output,
+        args.device,
+        args.max_iter,
+        args.eval_period,
+        args.seeds,
+        args.smoke,
     )
-    if args.retime:
+    if args.unpack:
+        unpack_runs(args.unpack, args.results)
+    elif args.retime:
         for dataset in args.dataset:
             bench.retime(dataset)
     elif not args.report:
+        from mimicdet.data.deepforest import default_datasets_root
+
         for dataset in args.dataset:
+            # where the registered splits read it ($MIMICDET_DATASETS or datasets/)
+            data = default_datasets_root() / dataset
             for step in DATASETS[dataset].prepare:
-                subprocess.run([sys.executable, step], cwd=REPO, check=True)
+                subprocess.run([sys.executable, step, "--output", str(data)], cwd=REPO, check=True)
             for row_name in args.rows:
                 if args.sweep_only:
                     bench.ensure_chosen(dataset, row_name)
@@ -752,6 +877,8 @@ def main(argv=None):
     # the README's headline table follows the committed results, not a smoke run's
     default_results = Path(args.results).resolve() == DEFAULT_RESULTS.resolve()
     write_report(args.results, readme=REPO / "README.md" if default_results else None)
+    if args.pack:
+        pack_runs(args.results, args.pack)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@
 #       prints the exact `run` call (command, carry, timeout_s).
 #   bash tools/gpu_check.sh             on the GPU machine, from the repo root, build/gpu_carry
 #       carried: installs the wheels into /tmp/site, builds mimicdet._C with CUDA in place, runs
-#       the CUDA tests, the deform-conv benchmark, the COCO train-step cost comparison and a
-#       1000-iteration DeepForest training with evaluation, each step time-boxed inside one
-#       budget (8 min), and writes $OUT/gpu_check.json plus the logs.
+#       the CUDA tests, the deform-conv benchmark, the COCO train-step cost comparison and as
+#       many runs of tools/benchmark.py's MimicDet DeepForest sweep as fit (each 1200 iterations
+#       with periodic evaluation), each step time-boxed inside one budget (8 min), and writes
+#       $OUT/gpu_check.json, benchmark_runs.json and the logs.
 #   bash tools/gpu_check.sh --dry-run   on any CPU machine (CI runs it in `make test`): every
 #       step's plumbing with CPU stand-ins at tiny sizes; GPU-only steps are recorded as
 #       "skipped (dry run)". Needs no network and no build/gpu_carry.
@@ -29,7 +30,7 @@ SITE=/tmp/site
 CARRY_LIMIT_MIB=50
 GPU_BUDGET_S=480
 DRY_RUN_BUDGET_S=240
-STEPS="env install data build cuda_tests bench coco_cost train layer_tests"
+STEPS="env install data build cuda_tests bench coco_cost benchmark layer_tests"
 
 die() {
     echo "gpu_check: $*" >&2
@@ -102,7 +103,7 @@ The run tool call for the GPU machine (one call; the script stops itself after $
   carry:     ["$CARRY"]
   timeout_s: $timeout_s
 Results come back under \$OUT: gpu_check.json, gpu_check.log, deform_conv_gpu.json,
-coco_cost_gpu.json, deepforest_metrics.json.
+coco_cost_gpu.json, benchmark_runs.json (then here: python tools/benchmark.py --unpack FILE).
 EOF
 }
 
@@ -417,29 +418,39 @@ step_coco_cost_dry() {
         --skip-memory --json "$OUT_DIR/coco_cost_gpu.json"
 }
 
-TRAIN_CONFIG=configs/DeepForest/mimicdet_MNV2_FPN.yaml
+# The benchmark's longest schedule first (issue 17): MimicDet's DeepForest tuning sweep, at the
+# benchmark's own schedule, as many runs as the step's time allows
+BENCHMARK_ARGS="--dataset deepforest --rows mimicdet --sweep-only"
+# of the step's time limit, kept to pack the finished runs into one file
+PACK_RESERVE_S=30
 
-train_and_collect() {
-    run "$PY" train_net.py --config-file "$TRAIN_CONFIG" OUTPUT_DIR "$WORK/train" "$@" || return
-    run cp "$WORK/train/metrics.json" "$OUT_DIR/deepforest_metrics.json"
+benchmark_and_pack() {
+    local results=$WORK/benchmark rc runs
+    # shellcheck disable=SC2086  # BENCHMARK_ARGS is a list of words
+    run timeout --kill-after=5 $((STEP_LIMIT - PACK_RESERVE_S)) "$PY" tools/benchmark.py \
+        $BENCHMARK_ARGS "$@" --results "$results" --output "$WORK/benchmark_out"
+    rc=$?
+    # every finished run, one file (the run tool brings back at most 8): on this machine,
+    # `python tools/benchmark.py --unpack benchmark_runs.json` adds them to benchmarks/runs/
+    run "$PY" tools/benchmark.py --report --results "$results" \
+        --pack "$OUT_DIR/benchmark_runs.json" || return
+    runs=$(find "$results/runs" -name '*-seed*.json' 2>/dev/null | wc -l)
+    echo "BENCHMARK_RUNS $runs finished (benchmark exit $rc)"
+    # cut short by its time box after at least one run: the plan, not a failure
+    ((rc == 0 || (rc == 124 && runs > 0))) || return "$rc"
 }
 
-step_train_gpu() {
-    # the config's LR steps (150, 185) are sized for 200 iterations: keep their proportions
-    train_and_collect MODEL.DEVICE cuda SOLVER.MAX_ITER 1000 SOLVER.STEPS "(750, 925)" \
-        DATALOADER.NUM_WORKERS 4
+step_benchmark_gpu() {
+    benchmark_and_pack --device cuda
 }
 
-step_train_dry() {
-    # the same code path in seconds: 3 iterations (detectron2 times from the third on) at 160 px,
-    # and an evaluation that keeps 100 candidates per image, not 1000
-    train_and_collect MODEL.DEVICE cpu SOLVER.MAX_ITER 3 SOLVER.WARMUP_ITERS 1 \
-        SOLVER.STEPS "(2,)" INPUT.MIN_SIZE_TRAIN "(160,)" INPUT.MIN_SIZE_TEST 160 \
-        MODEL.MIMICDET.REFINE.TOPK_TEST 100 TEST.DETECTIONS_PER_IMAGE 20 DATALOADER.NUM_WORKERS 0
+step_benchmark_dry() {
+    # the same code path in seconds: one learning rate, 3 iterations, 160 px, one timed image
+    benchmark_and_pack --device cpu --smoke
 }
 
-export -f run check_imports check_library train_and_collect
-export COCO_COST SKIP_RC TRAIN_CONFIG
+export -f run check_imports check_library benchmark_and_pack
+export COCO_COST SKIP_RC BENCHMARK_ARGS PACK_RESERVE_S
 
 STARTED=$(date +%s)
 DEADLINE=$((STARTED + BUDGET_S))
@@ -476,7 +487,7 @@ step() {
     # shellcheck disable=SC2163  # exports the function named by $fn to the timed subshell
     export -f "$fn"
     local start=$EPOCHREALTIME rc status
-    timeout --kill-after=10 "$limit" bash -c "$fn" >"$log" 2>&1
+    STEP_LIMIT=$limit timeout --kill-after=10 "$limit" bash -c "$fn" >"$log" 2>&1
     rc=$?
     local seconds
     seconds=$(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
@@ -501,7 +512,7 @@ step build 240 step_build_gpu step_build_dry "build mimicdet._C with CUDA in pla
 step cuda_tests 120 step_cuda_tests step_cuda_tests "pytest -m cuda tests/"
 step bench 120 step_bench_gpu step_bench_dry "deform_conv2d vs torchvision, fp32/fp16"
 step coco_cost 150 step_coco_cost_gpu step_coco_cost_dry "COCO train-step cost vs baselines"
-step train 300 step_train_gpu step_train_dry "DeepForest MimicDet MNV2-FPN, 1000 it + eval"
+step benchmark 300 step_benchmark_gpu step_benchmark_dry "benchmark: MimicDet's DeepForest sweep"
 step layer_tests 600 step_layer_tests_gpu - "pytest tests/layers (nvcc build test too)"
 
 # one combined log: the run tool brings back at most 8 files

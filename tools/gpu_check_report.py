@@ -3,7 +3,7 @@
 
 Reads the script's step table (tab-separated: name, status, exit code, seconds, time limit,
 description), each step's log, and the files the steps left in the output folder
-(``deform_conv_gpu.json``, ``coco_cost_gpu.json``, ``deepforest_metrics.json``). Writes the report
+(``deform_conv_gpu.json``, ``coco_cost_gpu.json``, ``benchmark_runs.json``). Writes the report
 even when it is incomplete, then exits 1 if it breaks the schema that :func:`validate` checks, so
 a broken step plumbing fails the dry run in CI rather than on the GPU machine.
 
@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import re
-import statistics
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -30,7 +29,7 @@ STEPS = (
     "cuda_tests",
     "bench",
     "coco_cost",
-    "train",
+    "benchmark",
     "layer_tests",
 )
 STATUSES = (
@@ -49,7 +48,6 @@ LOG_TAIL_CHARS = 3000
 PYTEST_COUNT = re.compile(
     r"(\d+) (passed|failed|skipped|deselected|xfailed|xpassed|errors?|warnings?)\b"
 )
-TRAIN_SPEED = re.compile(r"Overall training speed: (\d+) iterations in (\S+) \(([\d.]+) s / it\)")
 
 
 def read_steps(table):
@@ -105,32 +103,27 @@ def build_numbers(step, log):
     }
 
 
-def train_numbers(metrics_file, log):
-    """AP, AP50 and seconds per iteration from detectron2's metrics.json and the training log."""
-    try:
-        lines = Path(metrics_file).read_text().splitlines()
-    except OSError:
+def benchmark_numbers(packed_file):
+    """Each run of tools/benchmark.py's ``--pack`` file, in short: name, final AP and AP50,
+    seconds per iteration, inference ms and wall time (the whole results come back beside it)."""
+    packed = load_json(packed_file)
+    if packed is None:
         return None
-    records = [json.loads(line) for line in lines if line.strip()]
-    bbox = {}
-    for record in records:  # the last evaluation wins
-        bbox.update({k[len("bbox/") :]: v for k, v in record.items() if k.startswith("bbox/")})
-    # training iterations write data_time; the evaluation's record does not
-    trained = [r for r in records if "data_time" in r]
-    times = [r["time"] for r in trained if "time" in r]
-    data_times = [r["data_time"] for r in trained]
-    speed = TRAIN_SPEED.search(log)
-    return {
-        "AP": bbox.get("AP"),
-        "AP50": bbox.get("AP50"),
-        "bbox": bbox,
-        "iterations": max((r["iteration"] for r in trained), default=-1) + 1,
-        # detectron2 logs each of these as a median over its last 20 iterations
-        "s_per_iter_median": statistics.median(times) if times else None,
-        "s_per_iter_last": times[-1] if times else None,
-        "data_s_per_iter_median": statistics.median(data_times) if data_times else None,
-        "overall_s_per_iter": float(speed.group(3)) if speed else None,
-    }
+    runs = []
+    for name, result in sorted((packed.get("runs") or {}).items()):
+        final = result.get("final") or {}
+        runs.append(
+            {
+                "run": name,
+                "max_iter": result.get("max_iter"),
+                "AP": final.get("AP"),
+                "AP50": final.get("AP50"),
+                "train_s_per_iter": result.get("train_s_per_iter"),
+                "infer_ms": result.get("infer_ms"),
+                "wall_s": result.get("wall_s"),
+            }
+        )
+    return {"file": Path(packed_file).name, "runs": runs}
 
 
 def git_state(repo):
@@ -170,7 +163,7 @@ def assemble(args):
         "layer_tests": pytest_counts(texts.get("layer_tests", "")),
         "deform_conv": load_json(out_dir / "deform_conv_gpu.json"),
         "coco_cost": load_json(out_dir / "coco_cost_gpu.json"),
-        "deepforest": train_numbers(out_dir / "deepforest_metrics.json", texts.get("train", "")),
+        "benchmark": benchmark_numbers(out_dir / "benchmark_runs.json"),
     }
     now = datetime.now(timezone.utc)
     started = datetime.fromtimestamp(args.started, timezone.utc)
@@ -254,7 +247,7 @@ def validate(report):
         for key in ("python", "torch", "torchvision"):
             _check(problems, report["versions"].get(key) is not None, f"versions.{key}: missing")
     results = report["results"]
-    expected = {"build", "cuda_tests", "layer_tests", "deform_conv", "coco_cost", "deepforest"}
+    expected = {"build", "cuda_tests", "layer_tests", "deform_conv", "coco_cost", "benchmark"}
     _check(problems, set(results) == expected, f"results: keys {sorted(results)}")
     status = {step["name"]: step["status"] for step in report["steps"]}
     # a step that succeeded must have left its numbers
@@ -274,10 +267,12 @@ def validate(report):
             _check(problems, not missing, f"results.deform_conv row lacks {missing}")
     if status.get("coco_cost") == "ok":
         _check(problems, results.get("coco_cost") is not None, "results.coco_cost: no JSON")
-    if status.get("train") == "ok":
-        train = results.get("deepforest") or {}
-        for key in ("AP", "AP50", "s_per_iter_median"):
-            _check(problems, isinstance(train.get(key), (int, float)), f"deepforest.{key}")
+    if status.get("benchmark") == "ok":
+        runs = (results.get("benchmark") or {}).get("runs") or []
+        _check(problems, bool(runs), "results.benchmark: no finished run")
+        for run in runs:
+            speed = run.get("train_s_per_iter")
+            _check(problems, isinstance(speed, (int, float)), f"benchmark {run.get('run')}: s/it")
     return problems
 
 
