@@ -206,6 +206,49 @@ def test_a_changed_schedule_is_refused_into_the_committed_results(capsys):
         assert "give --results another folder" in capsys.readouterr().err
 
 
+def test_targets_say_met_not_met_or_pending_with_the_measured_difference(tmp_path):
+    for row, ap in (
+        ("mimicdet", 12.0),
+        ("fcos", 9.0),
+        ("faster_rcnn", 12.5),
+        ("mimicdet_nomimic", 11.5),
+    ):
+        for seed in (0, 1, 2):  # the tuning run, then the reported seeds
+            fake_result(tmp_path, "deepforest", row, "lr0.005", seed, ap)
+    # the speed target: MimicDet 60 ms, Faster R-CNN 100 ms, against the same yardstick
+    path = benchmark.result_path(tmp_path, "deepforest", "mimicdet", "lr0.005", 1)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "infer_ms": 60.0}))
+    summary = benchmark_report.write_report(tmp_path, "today")
+    goals = {g["target"]: g for g in summary["datasets"]["deepforest"]["targets"]}
+    fcos = goals["MimicDet at least 2 AP above FCOS"]
+    assert fcos["status"] == "met" and fcos["detail"].startswith("+3.0 AP")
+    assert goals["MimicDet within 1 AP of Faster R-CNN"]["status"] == "met"  # -0.5
+    mimic = goals["mimicking worth at least 1 AP"]
+    assert mimic["status"] == "not met" and mimic["detail"].startswith("+0.5 AP")
+    assert goals["shared backbone at least as good as separate"]["status"] == "pending"
+    speed = goals["MimicDet at most 0.8x Faster R-CNN's inference time"]
+    assert speed["status"] == "met" and speed["detail"] == "0.60x"
+    assert not fcos["provisional"]  # reported seeds, not tuning runs
+    assert (
+        "| mimicking worth at least 1 AP | not met | +0.5 AP"
+        in (tmp_path / "deepforest.md").read_text()
+    )
+
+
+def test_a_sweep_is_complete_once_the_key_ran_at_the_best_learning_rate(tmp_path):
+    runs = {"fcos": {}}
+    for lr, ap in zip(LEARNING_RATES, (6.0, 8.0, 7.0)):
+        runs["fcos"][f"lr{lr:g}"] = {0: {"final": {"AP": ap}}}
+    assert benchmark_report.chosen_variant(runs, "fcos") == ("lr0.005", False)
+    runs["fcos"]["lr0.01-radius2.5"] = {0: {"final": {"AP": 9.0}}}  # not at the best rate
+    assert benchmark_report.chosen_variant(runs, "fcos") == ("lr0.01-radius2.5", False)
+    runs["fcos"]["lr0.005-radius2.5"] = {0: {"final": {"AP": 7.5}}}
+    assert benchmark_report.chosen_variant(runs, "fcos") == ("lr0.01-radius2.5", True)
+    # an ablation takes its parent's choice
+    runs["mimicdet"] = {"lr0.005": {0: {"final": {"AP": 1.0}}}}
+    assert benchmark_report.chosen_variant(runs, "mimicdet_nomimic") == ("lr0.005", False)
+
+
 def test_inference_is_reported_relative_to_the_yardstick_timed_beside_it(tmp_path):
     """Runs timed under different load compare through their yardstick; a run without one keeps
     its raw ms (†), and a training that shared the machine has its s/iter flagged (‡)."""

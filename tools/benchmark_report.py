@@ -52,9 +52,15 @@ def chosen_variant(runs, row_name):
     if not seed0:
         return None, False
     best = max(seed0, key=lambda v: ranking_ap(seed0[v]))
-    lr_done = all(f"lr{lr:g}" in seed0 for lr in LEARNING_RATES)
-    key_done = ROWS[root].key is None or len(seed0) > len(LEARNING_RATES)
-    return best, lr_done and key_done
+    lrs = [f"lr{lr:g}" for lr in LEARNING_RATES]
+    lr_done = all(name in seed0 for name in lrs)
+    key = ROWS[root].key
+    if key is None or not lr_done:
+        return best, lr_done
+    # as tools/benchmark.py's sweep: every other value of the key at the best learning rate
+    best_lr = max(lrs, key=lambda v: ranking_ap(seed0[v]))
+    tried = [v for v in seed0 if v.startswith(f"{best_lr}-{key.label}")]
+    return best, len(tried) == len(key.candidates) - 1
 
 
 def _mean(values):
@@ -141,6 +147,66 @@ def normalize_inference(rows, timing=None):
     return references
 
 
+# the issue's goals, in the paper's directions: (label, row, other row, minimum AP difference)
+AP_TARGETS = (
+    ("MimicDet at least 2 AP above FCOS", "mimicdet", "fcos", 2.0),
+    ("MimicDet at least 2 AP above RetinaNet + FGFI", "mimicdet", "retinanet_fgfi", 2.0),
+    ("MimicDet at least 2 AP above RetinaNet + DeFeat", "mimicdet", "retinanet_defeat", 2.0),
+    ("MimicDet at least 2 AP above RetinaNet + RM + PFI", "mimicdet", "retinanet_rm_pfi", 2.0),
+    ("MimicDet within 1 AP of Faster R-CNN", "mimicdet", "faster_rcnn", -1.0),
+    ("mimicking worth at least 1 AP", "mimicdet", "mimicdet_nomimic", 1.0),
+    ("dual path at least as good as cls only", "mimicdet", "mimicdet_cls_only", 0.0),
+    ("dual path at least as good as reg only", "mimicdet", "mimicdet_reg_only", 0.0),
+    ("staggered at least as good as same level", "mimicdet", "mimicdet_same_level", 0.0),
+    ("shared backbone at least as good as separate", "mimicdet", "mimicdet_separate", 0.0),
+)
+# MimicDet's inference at most this fraction of Faster R-CNN's
+SPEED_TARGET = 0.8
+
+
+def targets(rows, dataset):
+    """
+    Where each goal stands on one dataset: ``met``, ``not met``, or ``pending`` while a row has
+    no result (or does not run there). ``provisional`` when a row involved has only its tuning run.
+    """
+    out = []
+
+    def provisional(*names):
+        return any(rows[n]["tuning_run_only"] for n in names)
+
+    for label, row, other, margin in AP_TARGETS:
+        if dataset not in ROWS[other].datasets:
+            continue
+        missing = [n for n in (row, other) if n not in rows or rows[n]["AP"] is None]
+        if missing:
+            out.append({"target": label, "status": "pending", "detail": f"no AP yet: {missing}"})
+            continue
+        diff = rows[row]["AP"] - rows[other]["AP"]
+        out.append(
+            {
+                "target": label,
+                "status": "met" if diff >= margin else "not met",
+                "detail": f"{diff:+.1f} AP ({rows[row]['AP']:.1f} vs {rows[other]['AP']:.1f})",
+                "provisional": provisional(row, other),
+            }
+        )
+    label = f"MimicDet at most {SPEED_TARGET:g}x Faster R-CNN's inference time"
+    timed = all(n in rows and rows[n].get("infer_ms") for n in ("mimicdet", "faster_rcnn"))
+    if timed:
+        ratio = rows["mimicdet"]["infer_ms"] / rows["faster_rcnn"]["infer_ms"]
+        out.append(
+            {
+                "target": label,
+                "status": "met" if ratio <= SPEED_TARGET else "not met",
+                "detail": f"{ratio:.2f}x",
+                "provisional": provisional("mimicdet", "faster_rcnn"),
+            }
+        )
+    else:
+        out.append({"target": label, "status": "pending", "detail": "not timed yet"})
+    return out
+
+
 def sweep_table(runs):
     """{tuned row: {variant: seed-0 AP}}."""
     return {
@@ -156,7 +222,7 @@ def _fmt(value, digits=1):
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(dataset, rows, sweeps, date, timing, references):
+def markdown(dataset, rows, sweeps, date, timing, references, goals):
     spec = DATASETS[dataset]
     scale = ", ".join(f"{ms:.0f} ms on {device}" for device, ms in references.items())
     timed = (
@@ -209,6 +275,14 @@ def markdown(dataset, rows, sweeps, date, timing, references):
             + f" | {per_seed} | {train} | {infer} "
             f"| {_fmt(params, 2)} | {_fmt(r['gflops'])} | {variant} |"
         )
+    lines += [
+        "",
+        "Targets (the benchmark issue's goals; provisional: a row has its tuning run only):",
+    ]
+    lines += ["", "| target | status | measured |", "|---|---|---|"]
+    for goal in goals:
+        status = goal["status"] + (" (provisional)" if goal.get("provisional") else "")
+        lines.append(f"| {goal['target']} | {status} | {goal['detail']} |")
     if sweeps:
         lines += ["", "Tuning (seed 0, final val AP of each variant):", ""]
         lines += ["| detector | " + " | ".join(["variant: AP"]) + " |", "|---|---|"]
@@ -356,14 +430,16 @@ def write_report(results, date=None, readme=None):
         timing = json.loads(timing_file.read_text()) if timing_file.is_file() else None
         references = normalize_inference(rows, timing)
         sweeps = sweep_table(runs)
+        goals = targets(rows, dataset)
         summary["datasets"][dataset] = {
             "rows": rows,
             "sweeps": sweeps,
+            "targets": goals,
             "timing": timing,
             "yardstick_ms": references,
         }
         (results / f"{dataset}.md").write_text(
-            markdown(dataset, rows, sweeps, date, timing, references)
+            markdown(dataset, rows, sweeps, date, timing, references, goals)
         )
         plot_curves(results / f"{dataset}_ap_curves.png", dataset, runs, rows)
         plot_speed_accuracy(results / f"{dataset}_speed_accuracy.png", dataset, rows)
