@@ -324,6 +324,9 @@ def test_a_distilled_row_trains_its_teacher_and_student_first_then_reports(tmp_p
     assert "MODEL.DISTILL.FGFI.WEIGHT" in student["opts"] and student["max_iter"] == 1
     assert student["params"] > 0 and student["infer_ms"] > 0 and student["yardstick_ms"] > 0
     assert 0 < student["train_cpu_share"] <= 1
+    # the student's own checkpoint and the deploy one (the student alone), by digest
+    assert set(student["sha256"]) == {"model_final.pth", "model_deploy.pth"}
+    assert all(len(digest) == 64 for digest in student["sha256"].values())
     for seed in (0, 1):  # the tuning run, and the teacher of the student's seed
         assert (results / f"runs/deepforest/faster_rcnn/lr0.005-seed{seed}.json").is_file()
     assert (results / "runs/deepforest/retinanet/lr0.005-seed0.json").is_file()

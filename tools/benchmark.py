@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from benchmark_report import ranking_ap, write_report  # noqa: E402
 from benchmark_rows import DATASETS, LEARNING_RATES, ROWS  # noqa: E402
+from prepare_deepforest import sha256  # noqa: E402
 
 DEFAULT_RESULTS = REPO / "benchmarks"
 DEFAULT_OUTPUT = REPO / "output" / "benchmark"
@@ -669,6 +670,12 @@ class Benchmark:
             # below CONTENDED_SHARE, other work slowed this training: its s/iter is flagged
             "train_cpu_share": share,
             **self.time_inference(dataset, row, variant.opts, out),
+            # the checkpoints stay on the machine that trained them (no weights in git): their
+            # digests let MODEL_ZOO.md name the files a published run must match
+            "sha256": {
+                path.name: sha256(path)
+                for path in sorted({out / "model_final.pth", deploy_weights(row, out)})
+            },
             "teacher": teacher,
         }
         result["learned"] = learned(result)
