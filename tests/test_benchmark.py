@@ -167,7 +167,8 @@ def test_the_report_averages_the_reported_seeds_that_learned_and_names_the_other
     benchmark_report.write_report(tmp_path, "today", readme=readme)
     text = readme.read_text()
     assert text.startswith("# Title\n<!-- benchmark-table -->\n") and text.endswith("rest\n")
-    assert "old" not in text and "| FCOS | 10.0 |" in text and "today" in text
+    # one line per detector, AP (AP50) per dataset and the deploy model's ms
+    assert "old" not in text and "| FCOS | 10.0 (11.0) | 100 |" in text and "today" in text
     assert "benchmarks/deepforest_ap_curves.png" in text
 
 

@@ -377,30 +377,40 @@ README_START, README_END = "<!-- benchmark-table -->", "<!-- /benchmark-table --
 
 
 def readme_table(summary):
-    """The README's headline: every dataset's rows, short, with the command and the date."""
+    """The README's headline: one table, a line per row and a column per dataset (AP and AP50),
+    with the inference time on the first dataset, the command, the date and one plot."""
+    datasets = list(summary["datasets"])
+    if not datasets:
+        return "No benchmark run is committed yet: `python tools/benchmark.py`."
+    first = datasets[0]
     lines = [
-        f"Tables: `python tools/benchmark.py --report`, {summary['date']}, from the runs "
-        "committed under `benchmarks/runs/` (AP on val, mean of the reported seeds; a row "
-        'marked "tuning run only" has only its seed-0 run yet; inference on one scale across '
-        "sittings, as each dataset's page under `benchmarks/` explains)."
+        f"`python tools/benchmark.py --report`, {summary['date']}, from the runs committed under "
+        "`benchmarks/runs/`: val AP (AP50), mean of the reported seeds, each dataset "
+        f"{'/'.join(str(DATASETS[d].max_iter) for d in datasets)} iterations at batch 2; "
+        "* only the tuning run (seed 0) so far; ms: deploy model, batch 1, "
+        f"{DATASETS[first].title.split(' (')[0]}, CPU, on one scale across sittings († raw: "
+        "timed before that scale existed).",
+        "",
+        "| detector | "
+        + " | ".join(DATASETS[d].title.split(" (")[0] for d in datasets)
+        + " | ms/img |",
+        "|---" * (len(datasets) + 2) + "|",
     ]
-    for dataset, data in summary["datasets"].items():
-        spec = DATASETS[dataset]
-        lines += ["", f"**{spec.title}**, {spec.max_iter} iterations, batch 2, CPU:", ""]
-        lines += [
-            "| row | AP | AP50 | AP per seed | infer ms/img | variant |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in data["rows"].values():
-            seeds = ", ".join(_fmt(a) for a in r["AP_per_seed"])
-            seeds += " (tuning run only)" if r["tuning_run_only"] else ""
-            lines.append(
-                f"| {r['title']} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | {seeds} "
-                f"| {_fmt(r['infer_ms'], 0)} | {r['variant']}"
-                + ("" if r["sweep_complete"] else " (sweep incomplete)")
-                + " |"
-            )
-        lines += ["", f"![AP vs iteration, {dataset}](benchmarks/{dataset}_ap_curves.png)"]
+    for name in ROWS:
+        cells, ms = [], None
+        for dataset in datasets:
+            r = summary["datasets"][dataset]["rows"].get(name)
+            if r is None or r["AP"] is None:
+                cells.append("–")
+                continue
+            mark = "*" if r["tuning_run_only"] else ""
+            cells.append(f"{_fmt(r['AP'])} ({_fmt(r['AP50'])}){mark}")
+            if dataset == first:
+                ms = _fmt(r["infer_ms"], 0) + ("" if r["infer_normalized"] else "†")
+        if all(c == "–" for c in cells):
+            continue
+        lines.append(f"| {ROWS[name].title} | " + " | ".join(cells) + f" | {ms or '–'} |")
+    lines += ["", f"![AP vs iteration, {first}](benchmarks/{first}_ap_curves.png)"]
     return "\n".join(lines)
 
 
