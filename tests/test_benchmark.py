@@ -200,6 +200,28 @@ def test_packed_runs_unpack_into_results_and_never_replace_another(tmp_path, cap
         benchmark.unpack_runs(tmp_path / "bad.json", other)
 
 
+def test_model_zoo_lists_each_reported_model_with_its_checkpoint_digests(tmp_path):
+    fake_result(tmp_path, "deepforest", "fcos", "lr0.005", 0, 8.0)  # tuning: not a zoo model
+    result = fake_result(tmp_path, "deepforest", "fcos", "lr0.005", 1, 9.0)
+    result.update(
+        config="configs/DeepForest/fcos_MNV2_FPN.py", sha256={"model_final.pth": "ab" * 32}
+    )
+    benchmark.result_path(tmp_path, "deepforest", "fcos", "lr0.005", 1).write_text(
+        json.dumps(result)
+    )
+    zoo = tmp_path / "MODEL_ZOO.md"
+    zoo.write_text("# Zoo\ndemo\n<!-- benchmark-models -->\nold\n<!-- /benchmark-models -->\n")
+    benchmark_report.write_report(tmp_path, "today", model_zoo=zoo)
+    text = zoo.read_text()
+    assert text.startswith("# Zoo\ndemo\n") and "old" not in text
+    assert "| FCOS | deepforest | `configs/DeepForest/fcos_MNV2_FPN.py` | lr0.005 | 1 |" in text
+    assert f"{'ab' * 32}  runs/deepforest/fcos/lr0.005-seed1/model_final.pth" in text
+    assert "| 0 |" not in text  # the tuning run is no zoo model
+    zoo.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="MODEL_ZOO.md has no <!-- benchmark-models -->"):
+        benchmark_report.write_report(tmp_path, "today", model_zoo=zoo)
+
+
 def test_a_changed_schedule_is_refused_into_the_committed_results(capsys):
     for flag in (["--smoke"], ["--max-iter", "2"]):
         with pytest.raises(SystemExit):

@@ -883,7 +883,11 @@ def main(argv=None):
                     bench.run_row(dataset, row_name)
     # the README's headline table follows the committed results, not a smoke run's
     default_results = Path(args.results).resolve() == DEFAULT_RESULTS.resolve()
-    write_report(args.results, readme=REPO / "README.md" if default_results else None)
+    write_report(
+        args.results,
+        readme=REPO / "README.md" if default_results else None,
+        model_zoo=REPO / "MODEL_ZOO.md" if default_results else None,
+    )
     if args.pack:
         pack_runs(args.results, args.pack)
 

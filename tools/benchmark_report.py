@@ -425,9 +425,60 @@ def update_readme(readme, summary):
     Path(readme).write_text(f"{head}{README_START}\n{table}\n{README_END}{tail}")
 
 
-def write_report(results, date=None, readme=None):
+ZOO_START, ZOO_END = "<!-- benchmark-models -->", "<!-- /benchmark-models -->"
+
+
+def model_zoo_section(runs_by_dataset, date):
+    """
+    MODEL_ZOO.md's benchmark part: every reported run (seed >= 1) that recorded its checkpoints'
+    digests, a table line each, then the digests in ``sha256sum -c`` form.
+    """
+    lines = [
+        f"`python tools/benchmark.py --report`, {date}. Each model is the chosen variant of its "
+        "row, trained by the command in its result file (`benchmarks/runs/<dataset>/<row>/"
+        "<variant>-seed<k>.json`, key `command`) on the CPU; inference: the deploy model, batch "
+        "1, raw ms of its sitting. No weights are in git: the digests name the files a published "
+        "copy must match.",
+        "",
+        "| model | dataset | config | variant | seed | iterations | AP | AP50 | train s/iter "
+        "| infer ms/img | result |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    digests = []
+    for dataset, runs in runs_by_dataset.items():
+        for name in ROWS:
+            for variant, seeds in sorted(runs.get(name, {}).items()):
+                for seed, r in sorted(seeds.items()):
+                    if seed < 1 or not r.get("sha256"):
+                        continue
+                    stem = f"runs/{dataset}/{name}/{variant}-seed{seed}"
+                    lines.append(
+                        f"| {ROWS[name].title} | {dataset} | `{r['config']}` | {variant} | {seed} "
+                        f"| {r['max_iter']} | {_fmt(r['final'].get('AP'))} "
+                        f"| {_fmt(r['final'].get('AP50'))} | {_fmt(r['train_s_per_iter'], 2)} "
+                        f"| {_fmt(r.get('infer_ms'), 0)} | [json](benchmarks/{stem}.json) |"
+                    )
+                    digests += [f"{digest}  {stem}/{file}" for file, digest in r["sha256"].items()]
+    if not digests:
+        lines.append("| no reported run with recorded digests yet | | | | | | | | | | |")
+    lines += ["", "```", *digests, "```"] if digests else []
+    return "\n".join(lines)
+
+
+def update_model_zoo(path, runs_by_dataset, date):
+    """Replaces the text between MODEL_ZOO.md's benchmark markers."""
+    text = Path(path).read_text()
+    if ZOO_START not in text or ZOO_END not in text:
+        raise ValueError(f"{path} has no {ZOO_START} ... {ZOO_END} markers")
+    head, rest = text.split(ZOO_START, 1)
+    _, tail = rest.split(ZOO_END, 1)
+    section = model_zoo_section(runs_by_dataset, date)
+    Path(path).write_text(f"{head}{ZOO_START}\n{section}\n{ZOO_END}{tail}")
+
+
+def write_report(results, date=None, readme=None, model_zoo=None):
     """Writes the report files for every dataset with committed runs (and the table in
-    ``readme``, if given); returns the summary."""
+    ``readme`` and the models in ``model_zoo``, if given); returns the summary."""
     import datetime
 
     results = Path(results)
@@ -458,4 +509,6 @@ def write_report(results, date=None, readme=None):
     (results / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     if readme is not None:
         update_readme(readme, summary)
+    if model_zoo is not None:
+        update_model_zoo(model_zoo, all_runs, date)
     return summary
