@@ -195,6 +195,13 @@ def test_packed_runs_unpack_into_results_and_never_replace_another(tmp_path, cap
         benchmark.unpack_runs(tmp_path / "runs.json", other)
     assert benchmark.load_result(other, "deepforest", "mimicdet", "lr0.005", 0) is None
     assert benchmark.load_result(other, "deepforest", "mimicdet", "lr0.01", 0)["final"]["AP"] == 3
+    # into the committed results, only the benchmark's schedule (not a smoke run's)
+    smoke = tmp_path / "smoke"
+    fake_result(smoke, "deepforest", "mimicdet", "lr0.005", 0, 1.0, max_iter=3)
+    benchmark.pack_runs(smoke, tmp_path / "smoke.json")
+    with pytest.raises(SystemExit, match="ran 3 iterations, not the benchmark's 1200"):
+        benchmark.unpack_runs(tmp_path / "smoke.json", other)
+    assert benchmark.unpack_runs(tmp_path / "smoke.json", other, benchmark_schedule=False)
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(SystemExit, match="bad.json: not a file of --pack"):
         benchmark.unpack_runs(tmp_path / "bad.json", other)
@@ -215,7 +222,8 @@ def test_model_zoo_lists_each_reported_model_with_its_checkpoint_digests(tmp_pat
     text = zoo.read_text()
     assert text.startswith("# Zoo\ndemo\n") and "old" not in text
     assert "| FCOS | deepforest | `configs/DeepForest/fcos_MNV2_FPN.py` | lr0.005 | 1 |" in text
-    assert f"{'ab' * 32}  runs/deepforest/fcos/lr0.005-seed1/model_final.pth" in text
+    # where the run's command writes the checkpoint, for `sha256sum -c` from the repository
+    assert f"{'ab' * 32}  output/benchmark/deepforest/fcos/lr0.005-seed1/model_final.pth" in text
     assert "| 0 |" not in text  # the tuning run is no zoo model
     zoo.write_text("# no markers\n")
     with pytest.raises(ValueError, match="MODEL_ZOO.md has no <!-- benchmark-models -->"):
@@ -250,12 +258,43 @@ def test_targets_say_met_not_met_or_pending_with_the_measured_difference(tmp_pat
     assert mimic["status"] == "not met" and mimic["detail"].startswith("+0.5 AP")
     assert goals["shared backbone at least as good as separate"]["status"] == "pending"
     speed = goals["MimicDet at most 0.8x Faster R-CNN's inference time"]
-    assert speed["status"] == "met" and speed["detail"] == "0.60x"
+    assert speed["status"] == "met" and speed["detail"] == "0.60x on CPU"
     assert not fcos["provisional"]  # reported seeds, not tuning runs
     assert (
         "| mimicking worth at least 1 AP | not met | +0.5 AP"
         in (tmp_path / "deepforest.md").read_text()
     )
+
+
+def test_the_speed_target_waits_for_one_scale_and_one_device(tmp_path):
+    for row in ("mimicdet", "faster_rcnn"):
+        for seed in (0, 1):
+            fake_result(tmp_path, "deepforest", row, "lr0.005", seed, 10.0)
+    path = benchmark.result_path(tmp_path, "deepforest", "mimicdet", "lr0.005", 1)
+    gpu = {**json.loads(path.read_text()), "machine": "NVIDIA H200, torch 2.11, CUDA"}
+    path.write_text(json.dumps({**gpu, "infer_ms": 5.0, "yardstick_ms": 2.0}))
+
+    def speed():
+        goals = benchmark_report.write_report(tmp_path, "today")["datasets"]["deepforest"]
+        (goal,) = [g for g in goals["targets"] if "inference time" in g["target"]]
+        return goal
+
+    assert speed()["status"] == "pending" and "CUDA" in speed()["detail"]
+    path.write_text(json.dumps({**gpu, "machine": "a CPU, 2 threads, CPU", "yardstick_ms": None}))
+    assert speed()["detail"] == "a row timed without yardstick"
+    # both on the CPU on one scale: MimicDet 100 ms against Faster R-CNN's 100 ms
+    path.write_text(json.dumps({**gpu, "machine": "a CPU, 2 threads, CPU", "yardstick_ms": 50.0}))
+    assert speed()["status"] == "not met" and speed()["detail"] == "1.00x on CPU"
+
+
+def test_every_configs_own_key_value_is_one_of_its_candidates():
+    """The report deems a sweep complete once the key's other candidates ran; that holds only
+    if each config's own value is a candidate (else the pipeline would try one more)."""
+    for dataset in DATASETS:
+        for name, row in ROWS.items():
+            if row.key is not None:
+                value = benchmark.config_value(dataset, row)
+                assert value in row.key.candidates, (dataset, name, value)
 
 
 def test_a_sweep_is_complete_once_the_key_ran_at_the_best_learning_rate(tmp_path):

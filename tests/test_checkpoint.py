@@ -1,4 +1,5 @@
 """WeightsOnlyCheckpointer writes: a failed save loses nothing that was there before."""
+
 import os
 
 import pytest

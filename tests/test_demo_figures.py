@@ -28,6 +28,17 @@ def test_the_threshold_with_the_best_f1_is_chosen():
     assert (at["precision"], at["recall"]) == (1.0, 0.5)
 
 
+def test_a_threshold_keeps_every_prediction_of_its_score():
+    """Predictions of equal score pass or fail a threshold together: a true positive tied with
+    false ones cannot be kept alone."""
+    gt = [box(0, 0)]
+    preds = np.array([box(0, 0), box(50, 50), box(80, 80), box(110, 110)])
+    best = demo_figures.best_f1_threshold([(preds, np.array([0.5, 0.5, 0.5, 0.1]), gt)])
+    # at 0.5: 1 of 3 right (F1 0.5), not the 1 of 1 (F1 1.0) that splitting the tie would claim
+    assert best["threshold"] == 0.5 and best["f1"] == pytest.approx(0.5)
+    assert demo_figures.best_f1_threshold([])["threshold"] is None
+
+
 def test_a_duplicate_of_a_found_object_is_a_false_positive():
     scores, hits = demo_figures.match_detections(
         [box(0, 0), box(1, 0), box(50, 50)], [0.8, 0.9, 0.5], [box(0, 0)]

@@ -1,4 +1,5 @@
 """The installed stack: detectron2 as users import it, its detectors, evaluator and checkpoints."""
+
 import json
 import os
 import pickle

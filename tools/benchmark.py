@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 from benchmark_report import ranking_ap, write_report  # noqa: E402
-from benchmark_rows import DATASETS, LEARNING_RATES, ROWS  # noqa: E402
+from benchmark_rows import DATASETS, LEARNING_RATES, ROWS, root_row  # noqa: E402
 from prepare_deepforest import sha256  # noqa: E402
 
 DEFAULT_RESULTS = REPO / "benchmarks"
@@ -120,11 +120,13 @@ def pack_runs(results, packed):
     return runs
 
 
-def unpack_runs(packed, results):
+def unpack_runs(packed, results, benchmark_schedule=True):
     """
     Writes the results of a :func:`pack_runs` file under ``results``. Checks them all first and
-    writes none if one is malformed or would replace a different result already there (named:
-    remove it to replace it); an identical one is left as it is. Returns the names written.
+    writes none if one is malformed, of an unknown dataset or row, of another schedule than its
+    dataset's (with ``benchmark_schedule``: a smoke run's, say) or would replace a different
+    result already there (named: remove it to replace it); an identical one is left as it is.
+    Returns the paths written.
     """
     try:
         runs = json.loads(Path(packed).read_text())["runs"]
@@ -139,6 +141,16 @@ def unpack_runs(packed, results):
             )
         except (KeyError, TypeError):
             raise SystemExit(f"--unpack {packed}: {name} lacks its dataset, row, variant or seed")
+        if result["dataset"] not in DATASETS or result["row"] not in ROWS:
+            raise SystemExit(f"--unpack {packed}: {name}: unknown dataset or row")
+        if not isinstance(result["seed"], int) or result["seed"] < 0:
+            raise SystemExit(f"--unpack {packed}: {name}: seed {result['seed']!r}")
+        schedule = DATASETS[result["dataset"]].max_iter
+        if benchmark_schedule and result.get("max_iter") != schedule:
+            raise SystemExit(
+                f"--unpack {packed}: {name} ran {result.get('max_iter')} iterations, not the "
+                f"benchmark's {schedule}: unpack it into another --results folder"
+            )
         if path.relative_to(Path(results) / "runs").as_posix() != name:
             raise SystemExit(f"--unpack {packed}: {name} holds the result of {path.name}")
         if path.is_file():
@@ -595,9 +607,7 @@ class Benchmark:
 
     def ensure_chosen(self, dataset, row_name):
         """Runs the sweep of the row's tuned detector as far as needed; returns its choice."""
-        root = row_name
-        while ROWS[root].parent is not None:
-            root = ROWS[root].parent
+        root = root_row(row_name)
         while self.chosen(dataset, root) is None:
             for variant in self.sweep(dataset, root):
                 self.run(dataset, root, variant, 0)
@@ -864,7 +874,8 @@ def main(argv=None):
         args.smoke,
     )
     if args.unpack:
-        unpack_runs(args.unpack, args.results)
+        default = Path(args.results).resolve() == DEFAULT_RESULTS.resolve()
+        unpack_runs(args.unpack, args.results, benchmark_schedule=default)
     elif args.retime:
         for dataset in args.dataset:
             bench.retime(dataset)

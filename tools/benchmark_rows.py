@@ -195,3 +195,10 @@ ROWS = {
         ),
     )  # fmt: skip
 }
+
+
+def root_row(name):
+    """The tuned detector whose choice ``name`` takes: itself, or its parent's root."""
+    while ROWS[name].parent is not None:
+        name = ROWS[name].parent
+    return name

@@ -134,9 +134,7 @@ def main(argv=None):
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
     predictor = Predictor(args.config_file, args.opts, device=args.device)
-    for path, out, kept in predict_folder(
-        predictor, paths, args.output, args.confidence_threshold
-    ):
+    for path, out, kept in predict_folder(predictor, paths, args.output, args.confidence_threshold):
         print(f"{path}: {kept} detections >= {args.confidence_threshold} -> {out}")
 
 

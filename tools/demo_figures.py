@@ -53,7 +53,8 @@ def best_f1_threshold(images, iou_threshold=0.5):
         scores.append(s)
         hits.append(h)
         num_gt += len(gt_boxes)
-    scores, hits = np.concatenate(scores), np.concatenate(hits)
+    scores = np.concatenate(scores) if scores else np.zeros(0)
+    hits = np.concatenate(hits) if hits else np.zeros(0, dtype=bool)
     if not len(scores) or not num_gt:
         return {"threshold": None, "f1": 0.0, "precision": 0.0, "recall": 0.0, "num_gt": num_gt}
     order = np.argsort(-scores, kind="stable")

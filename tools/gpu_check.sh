@@ -29,7 +29,7 @@ BINARY_PACKAGES="pycocotools"
 SITE=/tmp/site
 CARRY_LIMIT_MIB=50
 GPU_BUDGET_S=480
-DRY_RUN_BUDGET_S=240
+DRY_RUN_BUDGET_S=300
 STEPS="env install data build cuda_tests bench coco_cost benchmark layer_tests"
 
 die() {
@@ -423,11 +423,17 @@ step_coco_cost_dry() {
 BENCHMARK_ARGS="--dataset deepforest --rows mimicdet --sweep-only"
 # of the step's time limit, kept to pack the finished runs into one file
 PACK_RESERVE_S=30
+# a step with less time for the benchmark than this runs nothing (a smoke run needs ~60 s)
+MIN_BENCHMARK_S=45
 
 benchmark_and_pack() {
-    local results=$WORK/benchmark rc runs
+    local results=$WORK/benchmark rc runs box=$((STEP_LIMIT - PACK_RESERVE_S))
+    if ((box < MIN_BENCHMARK_S)); then
+        echo "only ${STEP_LIMIT} s left for this step: no benchmark run fits (rerun it with --only)"
+        return 3
+    fi
     # shellcheck disable=SC2086  # BENCHMARK_ARGS is a list of words
-    run timeout --kill-after=5 $((STEP_LIMIT - PACK_RESERVE_S)) "$PY" tools/benchmark.py \
+    run timeout --kill-after=5 "$box" "$PY" tools/benchmark.py \
         $BENCHMARK_ARGS "$@" --results "$results" --output "$WORK/benchmark_out"
     rc=$?
     # every finished run, one file (the run tool brings back at most 8): on this machine,
@@ -436,8 +442,8 @@ benchmark_and_pack() {
         --pack "$OUT_DIR/benchmark_runs.json" || return
     runs=$(find "$results/runs" -name '*-seed*.json' 2>/dev/null | wc -l)
     echo "BENCHMARK_RUNS $runs finished (benchmark exit $rc)"
-    # cut short by its time box after at least one run: the plan, not a failure
-    ((rc == 0 || (rc == 124 && runs > 0))) || return "$rc"
+    # cut short by its time box (124, or 137 once killed) after a run: the plan, not a failure
+    ((rc == 0 || ((rc == 124 || rc == 137) && runs > 0))) || return "$rc"
 }
 
 step_benchmark_gpu() {
@@ -450,7 +456,7 @@ step_benchmark_dry() {
 }
 
 export -f run check_imports check_library benchmark_and_pack
-export COCO_COST SKIP_RC BENCHMARK_ARGS PACK_RESERVE_S
+export COCO_COST SKIP_RC BENCHMARK_ARGS PACK_RESERVE_S MIN_BENCHMARK_S
 
 STARTED=$(date +%s)
 DEADLINE=$((STARTED + BUDGET_S))

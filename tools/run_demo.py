@@ -70,6 +70,9 @@ def picture(config, weights, out_file, num_tiles, threshold=None):
               for image, boxes, scores, gt in tiles[::step][:num_tiles]]  # fmt: skip
     caption = (
         f"green: ground truth; orange: predictions scoring >= {cut:.2f} "
+        if best["threshold"] is not None
+        else "green: ground truth; no prediction on val "
+    ) + (
         f"(F1 {best['f1']:.2f}, precision {best['precision']:.2f}, recall {best['recall']:.2f} "
         f"at IoU 0.5 on all {len(tiles)} val tiles)"
     )
@@ -118,6 +121,13 @@ def main():
     curve = out / "training_curve.png"
     plot_training_curve(out / "metrics.json", curve, f"make demo: {CONFIG}")
 
+    if best["threshold"] is None:
+        shown = "no prediction on val: no box drawn"
+    else:
+        shown = (
+            f"predictions scoring >= {best['threshold']:.2f}: F1 {best['f1']:.2f}, "
+            f"precision {best['precision']:.2f}, recall {best['recall']:.2f}"
+        )
     minutes, seconds = divmod(time.time() - start, 60)
     print(
         f"\n[demo] done in {int(minutes)} min {seconds:.0f} s\n"
@@ -126,8 +136,7 @@ def main():
         f"[demo] checkpoint:  {out / 'model_final.pth'}\n"
         f"[demo] deploy:      {out / 'model_deploy.pth'}\n"
         f"[demo] metrics:     {out / 'metrics.json'}\n"
-        f"[demo] picture:     {png} (predictions scoring >= {best['threshold'] or 0:.2f}: "
-        f"F1 {best['f1']:.2f}, precision {best['precision']:.2f}, recall {best['recall']:.2f})\n"
+        f"[demo] picture:     {png} ({shown})\n"
         f"[demo] curve:       {curve}",
         flush=True,
     )
