@@ -1,5 +1,5 @@
-"""tools/export_model.py: the deploy model exported to TorchScript and to ONNX (run by
-onnxruntime) gives the eager model's boxes; the op exports as ONNX's DeformConv."""
+"""tools/export_model.py: the deploy model exported to TorchScript, to ONNX (run by onnxruntime)
+and with torch.export gives the eager model's boxes; the op exports as ONNX's DeformConv."""
 
 import os
 import subprocess
@@ -32,6 +32,16 @@ model = torch.jit.load(sys.argv[1])
 images = torch.load(sys.argv[2], weights_only=True)
 with torch.no_grad():
     torch.save([model(image) for image in images], sys.argv[3])
+"""
+
+# the same for a torch.export program: torchvision registers the nms it calls
+RUN_TORCH_EXPORT = """
+import sys, torch, torchvision
+import mimicdet.layers
+program = torch.export.load(sys.argv[1])
+images = torch.load(sys.argv[2], weights_only=True)
+with torch.no_grad():
+    torch.save([program.module()(image) for image in images], sys.argv[3])
 """
 
 
@@ -268,3 +278,49 @@ def test_onnx_check_names_what_differs(tmp_path, deploy_checkpoint):
     mismatch = export_model.onnx_mismatch(path, cfg, image)
     # other weights: other detections, named by output (the count or the boxes differ first)
     assert mismatch is not None and mismatch.startswith("pred_boxes: "), mismatch
+
+
+def _export_and_run_in_a_fresh_process(tmp_path, opts, images, name):
+    """tools/export_model.py --format torch_export, then the .pt2 run on ``images`` by a fresh
+    interpreter that imports only torch, torchvision and the op library."""
+    sample = tmp_path / f"{name}.png"
+    cv2.imwrite(str(sample), _image(0, 48, 64))
+    out = tmp_path / name
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "export_model.py"), "--config-file", YAML]
+        + ["--format", "torch_export", "--output", str(out), "--sample-image", str(sample)]
+        + opts,
+        check=True,
+    )
+    torch.save(images, tmp_path / f"{name}_images.pth")
+    script = tmp_path / "run_pt2.py"
+    script.write_text(RUN_TORCH_EXPORT)
+    outputs = tmp_path / f"{name}_outputs.pth"
+    subprocess.run(
+        [sys.executable, str(script), str(out / "model.pt2"), str(tmp_path / f"{name}_images.pth")]
+        + [str(outputs)],
+        check=True,
+    )
+    return torch.load(outputs, weights_only=True)
+
+
+@pytest.mark.slow
+def test_torch_export_reloads_in_a_fresh_process_with_the_eager_models_detections(
+    tmp_path, deploy_checkpoint
+):
+    opts = list(TINY_OPTS) + TEST_OPTS + ["MODEL.WEIGHTS", deploy_checkpoint]
+    cfg = export_model.setup_cfg(YAML, opts)
+    images = [export_model.preprocess(cfg, _image(s, 48, 64)) for s in (0, 1)]
+    exported = _export_and_run_in_a_fresh_process(tmp_path, opts, images, "pt2")
+    for (boxes, classes, scores), output in zip(_eager(cfg, images), exported):
+        assert len(boxes) > 10
+        e_boxes, e_classes, e_scores = _traced_fields(output)
+        torch.testing.assert_close(e_boxes, boxes, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(e_scores, scores, rtol=1e-5, atol=1e-6)
+        assert torch.equal(e_classes, classes)
+
+    # no detection at all (a threshold no score passes) is a size like any other
+    none = opts + ["MODEL.MIMICDET.S_HEAD.SCORE_THRESH_TEST", "1.0"]
+    (output,) = _export_and_run_in_a_fresh_process(tmp_path, none, images[:1], "empty")
+    boxes, classes, scores = _traced_fields(output)
+    assert boxes.shape == (0, 4) and len(classes) == len(scores) == 0

@@ -10,8 +10,10 @@ detectron2's ``TracingAdapter``, as detectron2's ``tools/deploy/export_model.py`
 standard ``DeformConv``, see ``mimicdet.layers.onnx``), then runs it with onnxruntime on the
 sample image and fails unless its detections are the eager model's (same count and classes,
 boxes within ``ONNX_BOX_ATOL`` px, scores within ``ONNX_SCORE_ATOL``).
-``--format torchscript`` writes ``model.ts`` (torch marks ``torch.jit.trace`` deprecated; it
-stays supported here).
+``--format torch_export`` writes ``model.pt2`` with ``torch.export`` (load it with
+``torch.export.load`` after ``import torchvision``, whose ``nms`` it calls, and ``import
+mimicdet.layers``; ``program.module()(image)`` runs it). ``--format torchscript`` writes
+``model.ts`` (torch marks ``torch.jit.trace`` deprecated; it stays supported here).
 
 The traced model takes one image, a ``(3, H, W)`` float tensor in the config's input format
 (BGR by default), already resized as the test-time augmentation would, and returns the flat
@@ -32,6 +34,7 @@ ONNX file takes the input named ``image`` and has the outputs ``pred_boxes``, ``
 """
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
@@ -43,8 +46,11 @@ from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
 
 import mimicdet.layers  # noqa: F401 registers torch.ops.mimicdet for tracing
+import mimicdet.modeling.meta_arch
 from mimicdet import WeightsOnlyCheckpointer, add_mimicdet_config
 from mimicdet.layers.onnx import DEFORM_CONV_OPSET, register_onnx_symbolic
 
@@ -108,11 +114,92 @@ def tracing_adapter(model, image: torch.Tensor) -> TracingAdapter:
     return TracingAdapter(model, [{"image": image}])
 
 
+class ImageToDetections(torch.nn.Module):
+    """
+    The deploy model as ``image (3, H, W) -> (pred_boxes, pred_classes, scores, image_size)``,
+    what the TracingAdapter's trace computes, for ``torch.export``: it normalizes and pads the
+    image itself, with Python sizes, because detectron2's ``ImageList.from_tensors`` turns the
+    shape into tensors and back, which an export sees as data-dependent.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        model = self.model
+        height, width = image.shape[-2:]
+        divisor = max(model.backbone.size_divisibility, 1)
+        padded = (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
+        tensor = (image - model.pixel_mean) / model.pixel_std
+        tensor = torch.nn.functional.pad(tensor, (0, padded[1] - width, 0, padded[0] - height))
+        images = ImageList(tensor[None], [(height, width)])
+        (result,) = model.forward_inference(images, model.backbone(images.tensor))
+        result = detector_postprocess(result, height, width)
+        size = torch.tensor([height, width])
+        return result.pred_boxes.tensor, result.pred_classes, result.scores, size
+
+
+@contextlib.contextmanager
+def data_independent_structures():
+    """
+    While ``torch.export`` traces, detectron2's ``Boxes`` and ``Instances`` check in Python
+    what a data-dependent number of boxes holds (an empty tensor, finite values, equal lengths)
+    and its batched NMS branches on that number, none of which an export can keep. Inside this
+    context they do the same arithmetic without those checks, and torchvision's NMS may keep any
+    number of boxes; everything is restored on exit.
+    """
+
+    def boxes_init(self, tensor):
+        self.tensor = torch.as_tensor(tensor, dtype=torch.float32).reshape(-1, 4)
+
+    def boxes_clip(self, box_size):
+        height, width = box_size
+        x1, y1, x2, y2 = self.tensor.unbind(dim=-1)
+        clipped = (x1.clamp(0, width), y1.clamp(0, height), x2.clamp(0, width), y2.clamp(0, height))
+        self.tensor = torch.stack(clipped, dim=-1)
+
+    def instances_set(self, name, value):
+        self._fields[name] = value
+
+    def batched_nms(boxes, scores, classes, iou_threshold):
+        # torchvision's coordinate trick: classes shifted apart by the largest coordinate (with a
+        # zero appended, so that no detection at all needs no branch)
+        top = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max()
+        shifted = boxes + (classes.to(boxes) * (top + 1))[:, None]
+        return torch.ops.torchvision.nms(shifted, scores, iou_threshold)
+
+    def nms_fake(boxes, scores, iou_threshold):
+        # torchvision's own fake kernel promises at least 2 kept boxes (the deprecated
+        # create_unbacked_symint's default), so an exported program would assert that at run
+        # time and fail on an image with 0 or 1 detection
+        return boxes.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.long)
+
+    meta_arch = mimicdet.modeling.meta_arch
+    saved = (Boxes.__init__, Boxes.clip, Instances.set, meta_arch.batched_nms)
+    Boxes.__init__, Boxes.clip, Instances.set = boxes_init, boxes_clip, instances_set
+    meta_arch.batched_nms = batched_nms
+    library = torch.library.Library("torchvision", "FRAGMENT")
+    torch.library.register_fake("torchvision::nms", nms_fake, lib=library)
+    try:
+        yield
+    finally:
+        Boxes.__init__, Boxes.clip, Instances.set, meta_arch.batched_nms = saved
+        library._destroy()
+
+
 def export(cfg, image: torch.Tensor, fmt: str, output_dir: str) -> str:
-    """Trace the model on ``image`` and write ``model.ts`` or ``model.onnx``; returns the path."""
+    """Export the model on ``image``: ``model.ts``, ``model.onnx`` or ``model.pt2``; returns the
+    path."""
     model = build_deploy_model(cfg)
     adapter = tracing_adapter(model, image.to(model.device))
     os.makedirs(output_dir, exist_ok=True)
+    if fmt == "torch_export":
+        path = os.path.join(output_dir, "model.pt2")
+        with torch.no_grad(), data_independent_structures():
+            program = torch.export.export(ImageToDetections(model), (image,), strict=False)
+        torch.export.save(program, path)
+        return path
     with torch.no_grad():
         if fmt == "torchscript":
             path = os.path.join(output_dir, "model.ts")
@@ -163,7 +250,9 @@ def onnx_mismatch(path: str, cfg, image: torch.Tensor):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
+    parser.add_argument(
+        "--format", choices=["torchscript", "onnx", "torch_export"], default="torchscript"
+    )
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument(
         "--sample-image",

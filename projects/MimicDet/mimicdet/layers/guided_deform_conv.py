@@ -179,8 +179,9 @@ def deform_conv2d_at(
     dil_h, dil_w = _as_pair(dilation, "dilation", 1)
     kh, kw = weight.shape[2:]
     taps = kh * kw
-    # In a trace, M is a tensor-derived constant: no check, and no shape built from it below.
-    if not torch.jit.is_tracing() and (
+    # In a trace, M is a tensor-derived constant (in torch.export, a data-dependent size): no
+    # check, and no shape built from it below.
+    if not (torch.jit.is_tracing() or torch.compiler.is_exporting()) and (
         offset.shape != (len(positions), 2 * taps) or positions.shape != (len(positions), 3)
     ):
         raise ValueError(
