@@ -224,8 +224,21 @@ def test_model_zoo_lists_each_reported_model_with_its_checkpoint_digests(tmp_pat
     assert "| FCOS | deepforest | `configs/DeepForest/fcos_MNV2_FPN.py` | lr0.005 | 1 |" in text
     # where the run's command writes the checkpoint, for `sha256sum -c` from the repository
     assert f"{'ab' * 32}  output/benchmark/deepforest/fcos/lr0.005-seed1/model_final.pth" in text
-    assert "| 0 |" not in text  # the tuning run is no zoo model
-    zoo.write_text("# no markers\n")
+    assert "| 0 |" not in text  # a reported seed exists: the tuning run is left out
+    # a row with its tuning run only shows that run, the chosen variant's (not the others')
+    for variant, ap in (("lr0.005", 5.0), ("lr0.01", 7.0)):
+        tuning = fake_result(tmp_path, "deepforest", "retinanet", variant, 0, ap)
+        tuning.update(config="configs/DeepForest/retinanet_MNV2_FPN.yaml", sha256={"m.pth": "cd"})
+        path = benchmark.result_path(tmp_path, "deepforest", "retinanet", variant, 0)
+        path.write_text(json.dumps(tuning))
+    benchmark_report.write_report(tmp_path, "today", model_zoo=zoo)
+    text = zoo.read_text()
+    assert (
+        "| RetinaNet | deepforest | `configs/DeepForest/retinanet_MNV2_FPN.yaml` | lr0.01 | 0 |"
+        in text
+    )
+    assert "lr0.005-seed0" not in text
+    zoo.write_text("# no markers\n")  # fmt: skip
     with pytest.raises(ValueError, match="MODEL_ZOO.md has no <!-- benchmark-models -->"):
         benchmark_report.write_report(tmp_path, "today", model_zoo=zoo)
 

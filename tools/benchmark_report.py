@@ -445,15 +445,17 @@ ZOO_START, ZOO_END = "<!-- benchmark-models -->", "<!-- /benchmark-models -->"
 
 def model_zoo_section(runs_by_dataset, date):
     """
-    MODEL_ZOO.md's benchmark part: every reported run (seed >= 1) that recorded its checkpoints'
-    digests, a table line each, then the digests in ``sha256sum -c`` form.
+    MODEL_ZOO.md's benchmark part: every run of each row's chosen variant that recorded its
+    checkpoints' digests (the reported seeds, and the tuning run, seed 0, until they exist), a
+    table line each, then the digests in ``sha256sum -c`` form.
     """
     lines = [
         f"`python tools/benchmark.py --report`, {date}. Each model is the chosen variant of its "
         "row, trained by the command in its result file (`benchmarks/runs/<dataset>/<row>/"
         "<variant>-seed<k>.json`, key `command`, which writes into `output/benchmark/`) on the "
-        "device named; inference: the deploy model, batch 1, raw ms of its sitting. No weights "
-        "are in git: the digests name the files a published copy must match.",
+        "device named; seed 0 is the tuning run that chose the variant; inference: the deploy "
+        "model, batch 1, raw ms of its sitting. No weights are in git: the digests name the files "
+        "a published copy must match.",
         "",
         "| model | dataset | config | variant | seed | iterations | AP | AP50 | device "
         "| train s/iter | infer ms/img | result |",
@@ -462,24 +464,25 @@ def model_zoo_section(runs_by_dataset, date):
     digests = []
     for dataset, runs in runs_by_dataset.items():
         for name in ROWS:
-            for variant, seeds in sorted(runs.get(name, {}).items()):
-                for seed, r in sorted(seeds.items()):
-                    if seed < 1 or not r.get("sha256"):
-                        continue
-                    stem = f"runs/{dataset}/{name}/{variant}-seed{seed}"
-                    lines.append(
-                        f"| {ROWS[name].title} | {dataset} | `{r['config']}` | {variant} | {seed} "
-                        f"| {r['max_iter']} | {_fmt(r['final'].get('AP'))} "
-                        f"| {_fmt(r['final'].get('AP50'))} | {device_of(r.get('machine'))} "
-                        f"| {_fmt(r['train_s_per_iter'], 2)} "
-                        f"| {_fmt(r.get('infer_ms'), 0)} | [json](benchmarks/{stem}.json) |"
-                    )
-                    folder = f"output/benchmark/{dataset}/{name}/{variant}-seed{seed}"
-                    digests += [
-                        f"{digest}  {folder}/{file}" for file, digest in r["sha256"].items()
-                    ]
+            variant, _ = chosen_variant(runs, name)
+            seeds = runs.get(name, {}).get(variant, {}) if variant else {}
+            # the tuning run stands in until a reported seed exists
+            seeds = {k: r for k, r in seeds.items() if k >= 1} or seeds
+            for seed, r in sorted(seeds.items()):
+                if not r.get("sha256"):
+                    continue
+                stem = f"runs/{dataset}/{name}/{variant}-seed{seed}"
+                lines.append(
+                    f"| {ROWS[name].title} | {dataset} | `{r['config']}` | {variant} | {seed} "
+                    f"| {r['max_iter']} | {_fmt(r['final'].get('AP'))} "
+                    f"| {_fmt(r['final'].get('AP50'))} | {device_of(r.get('machine'))} "
+                    f"| {_fmt(r['train_s_per_iter'], 2)} "
+                    f"| {_fmt(r.get('infer_ms'), 0)} | [json](benchmarks/{stem}.json) |"
+                )
+                folder = f"output/benchmark/{dataset}/{name}/{variant}-seed{seed}"
+                digests += [f"{digest}  {folder}/{file}" for file, digest in r["sha256"].items()]
     if not digests:
-        lines.append("| no reported run with recorded digests yet | | | | | | | | | | | |")
+        lines.append("| no chosen run with recorded digests yet | | | | | | | | | | | |")
     lines += ["", "```", *digests, "```"] if digests else []
     return "\n".join(lines)
 
