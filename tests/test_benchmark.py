@@ -243,6 +243,13 @@ def test_model_zoo_lists_each_reported_model_with_its_checkpoint_digests(tmp_pat
         benchmark_report.write_report(tmp_path, "today", model_zoo=zoo)
 
 
+def test_a_report_and_a_pack_of_no_run_at_all_are_empty_not_an_error(tmp_path):
+    """gpu_check packs whatever finished in its time box, possibly nothing."""
+    empty = tmp_path / "never_created"
+    assert benchmark_report.write_report(empty, "today")["datasets"] == {}
+    assert benchmark.pack_runs(empty, tmp_path / "runs.json") == {}
+
+
 def test_a_changed_schedule_is_refused_into_the_committed_results(capsys):
     for flag in (["--smoke"], ["--max-iter", "2"]):
         with pytest.raises(SystemExit):

@@ -528,6 +528,7 @@ def write_report(results, date=None, readme=None, model_zoo=None):
         plot_speed_accuracy(results / f"{dataset}_speed_accuracy.png", dataset, rows)
         plot_tuning(results / f"{dataset}_tuning_curves.png", dataset, runs)
     summary = json.loads(json.dumps(summary), parse_constant=lambda constant: None)  # nan: null
+    results.mkdir(parents=True, exist_ok=True)  # a time-boxed GPU run may have finished none
     (results / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     if readme is not None:
         update_readme(readme, summary)
