@@ -850,9 +850,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
-    default_results = Path(args.results).resolve() == DEFAULT_RESULTS.resolve()
+    # the committed results: the README's and MODEL_ZOO's tables follow them
+    args.default_results = Path(args.results).resolve() == DEFAULT_RESULTS.resolve()
     changed = args.max_iter or args.eval_period or args.smoke
-    if changed and default_results and not (args.report or args.unpack):
+    if changed and args.default_results and not (args.report or args.unpack):
         parser.error(
             "--max-iter / --eval-period / --smoke change the schedule: give --results another"
             " folder"
@@ -874,8 +875,7 @@ def main(argv=None):
         args.smoke,
     )
     if args.unpack:
-        default = Path(args.results).resolve() == DEFAULT_RESULTS.resolve()
-        unpack_runs(args.unpack, args.results, benchmark_schedule=default)
+        unpack_runs(args.unpack, args.results, benchmark_schedule=args.default_results)
     elif args.retime:
         for dataset in args.dataset:
             bench.retime(dataset)
@@ -893,11 +893,10 @@ def main(argv=None):
                 else:
                     bench.run_row(dataset, row_name)
     # the README's headline table follows the committed results, not a smoke run's
-    default_results = Path(args.results).resolve() == DEFAULT_RESULTS.resolve()
     write_report(
         args.results,
-        readme=REPO / "README.md" if default_results else None,
-        model_zoo=REPO / "MODEL_ZOO.md" if default_results else None,
+        readme=REPO / "README.md" if args.default_results else None,
+        model_zoo=REPO / "MODEL_ZOO.md" if args.default_results else None,
     )
     if args.pack:
         pack_runs(args.results, args.pack)

@@ -429,15 +429,20 @@ def readme_table(summary):
     return "\n".join(lines)
 
 
+def replace_between_markers(path, start, end, text):
+    """Replaces what lies between the ``start`` and ``end`` marker lines of ``path`` with
+    ``text``; the rest of the file stays as it is."""
+    content = Path(path).read_text()
+    if start not in content or end not in content:
+        raise ValueError(f"{path} has no {start} ... {end} markers")
+    head, rest = content.split(start, 1)
+    _, tail = rest.split(end, 1)
+    Path(path).write_text(f"{head}{start}\n{text}\n{end}{tail}")
+
+
 def update_readme(readme, summary):
     """Replaces the text between the README's benchmark markers with :func:`readme_table`."""
-    text = Path(readme).read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} has no {README_START} ... {README_END} markers")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    table = readme_table(summary)
-    Path(readme).write_text(f"{head}{README_START}\n{table}\n{README_END}{tail}")
+    replace_between_markers(readme, README_START, README_END, readme_table(summary))
 
 
 ZOO_START, ZOO_END = "<!-- benchmark-models -->", "<!-- /benchmark-models -->"
@@ -489,13 +494,8 @@ def model_zoo_section(runs_by_dataset, date):
 
 def update_model_zoo(path, runs_by_dataset, date):
     """Replaces the text between MODEL_ZOO.md's benchmark markers."""
-    text = Path(path).read_text()
-    if ZOO_START not in text or ZOO_END not in text:
-        raise ValueError(f"{path} has no {ZOO_START} ... {ZOO_END} markers")
-    head, rest = text.split(ZOO_START, 1)
-    _, tail = rest.split(ZOO_END, 1)
     section = model_zoo_section(runs_by_dataset, date)
-    Path(path).write_text(f"{head}{ZOO_START}\n{section}\n{ZOO_END}{tail}")
+    replace_between_markers(path, ZOO_START, ZOO_END, section)
 
 
 def write_report(results, date=None, readme=None, model_zoo=None):

@@ -41,20 +41,25 @@ def match_detections(pred_boxes, pred_scores, gt_boxes, iou_threshold=0.5):
     return scores, hits
 
 
+def _match_all(images, iou_threshold):
+    """Every prediction's score and whether it is a true positive, over all of ``images``, and
+    the number of ground-truth boxes."""
+    scores, hits, num_gt = [np.zeros(0)], [np.zeros(0, dtype=bool)], 0
+    for pred_boxes, pred_scores, gt_boxes in images:
+        s, h = match_detections(pred_boxes, pred_scores, gt_boxes, iou_threshold)
+        scores.append(s)
+        hits.append(h)
+        num_gt += len(gt_boxes)
+    return np.concatenate(scores), np.concatenate(hits), num_gt
+
+
 def best_f1_threshold(images, iou_threshold=0.5):
     """
     The score threshold with the best F1 over ``images``, each a ``(pred_boxes, pred_scores,
     gt_boxes)`` triple (XYXY pixels). Returns a dict with ``threshold``, ``f1``, ``precision``,
     ``recall``, ``num_gt``; threshold None if nothing was predicted.
     """
-    scores, hits, num_gt = [], [], 0
-    for pred_boxes, pred_scores, gt_boxes in images:
-        s, h = match_detections(pred_boxes, pred_scores, gt_boxes, iou_threshold)
-        scores.append(s)
-        hits.append(h)
-        num_gt += len(gt_boxes)
-    scores = np.concatenate(scores) if scores else np.zeros(0)
-    hits = np.concatenate(hits) if hits else np.zeros(0, dtype=bool)
+    scores, hits, num_gt = _match_all(images, iou_threshold)
     if not len(scores) or not num_gt:
         return {"threshold": None, "f1": 0.0, "precision": 0.0, "recall": 0.0, "num_gt": num_gt}
     order = np.argsort(-scores, kind="stable")
@@ -78,12 +83,9 @@ def best_f1_threshold(images, iou_threshold=0.5):
 def f1_at(images, threshold, iou_threshold=0.5):
     """F1, precision and recall over ``images`` (as :func:`best_f1_threshold`) keeping the
     predictions that score at least ``threshold``."""
-    true_pos = predicted = num_gt = 0
-    for pred_boxes, pred_scores, gt_boxes in images:
-        scores, hits = match_detections(pred_boxes, pred_scores, gt_boxes, iou_threshold)
-        kept = scores >= threshold
-        true_pos, predicted = true_pos + int(hits[kept].sum()), predicted + int(kept.sum())
-        num_gt += len(gt_boxes)
+    scores, hits, num_gt = _match_all(images, iou_threshold)
+    kept = scores >= threshold
+    true_pos, predicted = int(hits[kept].sum()), int(kept.sum())
     precision, recall = true_pos / max(predicted, 1), true_pos / max(num_gt, 1)
     f1 = 2 * precision * recall / max(precision + recall, 1e-12)
     return {"threshold": threshold, "f1": f1, "precision": precision, "recall": recall,
