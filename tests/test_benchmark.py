@@ -136,6 +136,48 @@ def test_rm_pfi_gets_a_teacher_with_the_students_anchors(tmp_path):
     assert "fashion_scenes" not in ROWS["retinanet_rm_pfi"].datasets
 
 
+def test_the_plan_lists_what_is_left_in_training_order_with_its_time(tmp_path, capsys):
+    bench = benchmark.Benchmark(tmp_path, tmp_path / "out")
+    rows = ["retinanet_rm_pfi"]
+    # nothing has run: RetinaNet's sweep (its key still unknown), then Faster R-CNN's
+    first = bench.missing("deepforest", rows, sweep_only=True)
+    assert first[:4] == [
+        ("retinanet", "lr0.0025", 0), ("retinanet", "lr0.005", 0), ("retinanet", "lr0.01", 0),
+        ("retinanet", "anchor=16 at the best lr", 0),
+    ]  # fmt: skip
+    assert len(first) == 4  # --sweep-only: the student's own detector only
+    full = bench.missing("deepforest", rows)
+    assert full[-2:] == [
+        ("faster_rcnn", "the chosen variant", 1),
+        ("retinanet_rm_pfi", "the chosen variant", 1),
+    ]
+    for row, aps in (("retinanet", (3.0, 9.0, 1.0, 11.0)), ("faster_rcnn", (8.0, 12.0, 2.0, 10.0))):
+        for variant, ap in zip(("lr0.0025", "lr0.005", "lr0.01", "lr0.005-anchor16"), aps):
+            fake_result(tmp_path, "deepforest", row, variant, 0, ap)
+    # both sweeps done: RM+PFI's teacher is the Faster R-CNN with the student's 16 px anchors
+    assert bench.missing("deepforest", rows) == [
+        ("faster_rcnn", "lr0.005-anchor16", 1),
+        ("retinanet_rm_pfi", "lr0.005-anchor16", 1),
+    ]
+    # a teacher whose result is committed but whose checkpoint is not here is trained again
+    fake_result(tmp_path, "deepforest", "faster_rcnn", "lr0.005-anchor16", 1, 10.5)
+    assert bench.missing("deepforest", rows)[0] == (
+        "faster_rcnn",
+        "lr0.005-anchor16 again (no checkpoint here)",
+        1,
+    )
+    out = bench.run_dir("deepforest", "faster_rcnn", "lr0.005-anchor16", 1)
+    out.mkdir(parents=True)
+    (out / "model_final.pth").touch()
+    assert bench.missing("deepforest", rows) == [("retinanet_rm_pfi", "lr0.005-anchor16", 1)]
+    # its time: RetinaNet's committed s/iter (fake_result: 1.0 at seed 0) x 1200 steps, a lower
+    # bound for a student that also runs its teacher
+    capsys.readouterr()
+    bench.print_plan("deepforest", rows)
+    printed = capsys.readouterr().out
+    assert "~20 min (at least: retinanet's s/iter)" in printed and "1 run to train" in printed
+
+
 def test_the_report_averages_the_reported_seeds_that_learned_and_names_the_others(tmp_path):
     for lr, ap in zip(LEARNING_RATES, (6.0, 8.0, 7.0)):
         fake_result(tmp_path, "deepforest", "fcos", f"lr{lr:g}", 0, ap)

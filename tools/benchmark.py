@@ -7,6 +7,7 @@ the same backbone, data, schedule and tuning budget (tools/benchmark_rows.py say
     python tools/benchmark.py                              # everything missing, both datasets
     python tools/benchmark.py --dataset deepforest --rows retinanet fcos   # a part
     python tools/benchmark.py --report                     # tables and plots from committed runs
+    python tools/benchmark.py --plan                       # the runs still missing, and their time
     python tools/benchmark.py --rows fcos --smoke --results /tmp/r --output /tmp/o  # a minute
     python tools/benchmark.py --device cuda --pack runs.json ...   # on a GPU machine, then here:
     python tools/benchmark.py --unpack runs.json                   # its results into benchmarks/
@@ -706,19 +707,9 @@ class Benchmark:
         folder; its committed result stays, and the student's records the retrained one's AP.
         """
         t_row = ROWS[row.teacher]
-        t_variant = self.ensure_chosen(dataset, row.teacher)
-        if row.needs_teacher_anchors and t_variant.key_value != variant.key_value:
-            same = [
-                v
-                for v in self.sweep(dataset, row.teacher)
-                if v.lr == t_variant.lr and v.key_value == variant.key_value
-            ]
-            if not same:
-                raise ValueError(
-                    f"{row.name} needs a {row.teacher} variant at lr {t_variant.lr:g} with the "
-                    f"student's {t_row.key.label} {variant.key_value}, and the sweep has none"
-                )
-            t_variant = same[0]
+        t_variant = self.teacher_variant(
+            dataset, row, variant, self.ensure_chosen(dataset, t_row.name)
+        )
         t_out = self.run_dir(dataset, row.teacher, t_variant.name, seed)
         if self.result(dataset, row.teacher, t_variant.name, seed) is None:
             self.run(dataset, row.teacher, t_variant, seed)
@@ -738,6 +729,23 @@ class Benchmark:
             "MODEL.DISTILL.TEACHER.OPTS", str(list(t_variant.opts)),
         ]  # fmt: skip
         return opts, teacher
+
+    def teacher_variant(self, dataset, row, variant, t_chosen):
+        """The teacher's variant for a student ``variant``: its detector's choice ``t_chosen``,
+        or for RM+PFI the variant at the same LR whose anchors are the student's."""
+        if not row.needs_teacher_anchors or t_chosen.key_value == variant.key_value:
+            return t_chosen
+        same = [
+            v
+            for v in self.sweep(dataset, row.teacher)
+            if v.lr == t_chosen.lr and v.key_value == variant.key_value
+        ]
+        if not same:
+            raise ValueError(
+                f"{row.name} needs a {row.teacher} variant at lr {t_chosen.lr:g} with the student's"
+                f" {ROWS[row.teacher].key.label} {variant.key_value}, and the sweep has none"
+            )
+        return same[0]
 
     def time_inference(self, dataset, row, opts, out):
         """Inference cost of the run's deploy model: the student of a distiller, MimicDet without
@@ -800,6 +808,104 @@ class Benchmark:
         print(f"[benchmark] wrote {path}", flush=True)
         return timing
 
+    # -- what is left
+    def missing(self, dataset, row_names, sweep_only=False):
+        """
+        The runs still to train for ``row_names``, in the order the benchmark trains them, as
+        ``(row, variant, seed)``. A variant that the sweep has not determined yet (the key's
+        run at a best rate still unknown, or a row whose parent has not chosen) reads
+        ``"<key>=<value> at the best lr"`` or ``"the chosen variant"``.
+        """
+        todo = []
+
+        def add(row_name, variant, seed):
+            if (row_name, variant, seed) not in todo:
+                todo.append((row_name, variant, seed))
+
+        def add_teacher(row, student, seed):
+            t_chosen = self.chosen(dataset, row.teacher)
+            if t_chosen is None or student is None:
+                add(row.teacher, "the chosen variant", seed)
+                return
+            t_variant = self.teacher_variant(dataset, row, student, t_chosen).name
+            if self.result(dataset, row.teacher, t_variant, seed) is None:
+                add(row.teacher, t_variant, seed)
+            elif not (
+                self.run_dir(dataset, row.teacher, t_variant, seed) / "model_final.pth"
+            ).is_file():
+                # the student reads the checkpoint, which no sitting keeps: trained again
+                add(row.teacher, f"{t_variant} again (no checkpoint here)", seed)
+
+        def add_sweep(root):
+            runs = self.sweep(dataset, root)
+            for variant in runs:
+                if self.result(dataset, root, variant.name, 0) is None:
+                    add(root, variant.name, 0)
+            key = ROWS[root].key
+            if key is not None and not self.smoke and len(runs) == len(self.learning_rates):
+                current = config_value(dataset, ROWS[root])
+                for value in key.candidates:
+                    if value != current:
+                        add(root, f"{key.label}={value:g} at the best lr", 0)
+
+        for row_name in row_names:
+            row = ROWS[row_name]
+            if dataset not in row.datasets:
+                continue
+            add_sweep(root_row(row_name))
+            if sweep_only:
+                continue
+            if row.teacher is not None:
+                add_sweep(row.teacher)
+            chosen = self.chosen(dataset, row_name)
+            for seed in self.seeds(row_name):
+                if row.teacher is not None:  # trained first, with the student's seed
+                    add_teacher(row, chosen, seed)
+                if chosen is None:
+                    add(row_name, "the chosen variant", seed)
+                elif self.result(dataset, row_name, chosen.name, seed) is None:
+                    add(row_name, chosen.name, seed)
+        return todo
+
+    def step_seconds(self, dataset, row_name):
+        """The median seconds per step of the row's committed runs on ``dataset``, else its
+        root detector's (a lower bound for a distilled row, which also runs its teacher), with
+        the row it came from; ``(None, None)`` when neither has run."""
+        for source in (row_name, root_row(row_name)):
+            folder = self.results / "runs" / dataset / source
+            steps = [
+                json.loads(path.read_text()).get("train_s_per_iter")
+                for path in sorted(folder.glob("*.json"))
+            ]
+            steps = [s for s in steps if s]
+            if steps:
+                return statistics.median(steps), source
+        return None, None
+
+    def print_plan(self, dataset, row_names, sweep_only=False):
+        """Prints the runs still to train and their training steps' time; returns the runs."""
+        todo = self.missing(dataset, row_names, sweep_only)
+        total, unknown = 0.0, 0
+        runs = "1 run" if len(todo) == 1 else f"{len(todo)} runs"
+        print(f"[benchmark] {dataset}: {runs} to train", flush=True)
+        for row_name, variant, seed in todo:
+            step, source = self.step_seconds(dataset, row_name)
+            if step is None:
+                unknown += 1
+                estimate = "? (no committed run of this detector)"
+            else:
+                minutes = step * self.max_iter(dataset) / 60
+                total += minutes
+                since = "" if source == row_name else f" (at least: {source}'s s/iter)"
+                estimate = f"~{minutes:.0f} min{since}"
+            print(f"  {row_name:22} {variant:34} seed {seed}  {estimate}", flush=True)
+        print(
+            f"[benchmark] {dataset}: ~{total / 60:.1f} h of training steps at the committed"
+            f" s/iter (evaluations and {unknown} runs of unknown cost not counted)",
+            flush=True,
+        )
+        return todo
+
     def run_row(self, dataset, row_name):
         if dataset not in ROWS[row_name].datasets:
             print(f"[benchmark] {row_name} does not run on {dataset}: skipped", flush=True)
@@ -832,6 +938,11 @@ def parse_args(argv=None):
         help=f"check the pipeline: {SMOKE_ITERS} iterations, lr {SMOKE_LR}, no key, tiny inputs",
     )
     parser.add_argument("--report", action="store_true", help="only assemble tables and plots")
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="only list the runs still to train for --dataset/--rows, with their time",
+    )
     parser.add_argument(
         "--pack",
         metavar="FILE",
@@ -874,6 +985,10 @@ def main(argv=None):
         args.seeds,
         args.smoke,
     )
+    if args.plan:
+        for dataset in args.dataset:
+            bench.print_plan(dataset, args.rows, args.sweep_only)
+        return
     if args.unpack:
         unpack_runs(args.unpack, args.results, benchmark_schedule=args.default_results)
     elif args.retime:
