@@ -175,7 +175,7 @@ def test_the_plan_lists_what_is_left_in_training_order_with_its_time(tmp_path, c
     capsys.readouterr()
     bench.print_plan("deepforest", rows)
     printed = capsys.readouterr().out
-    assert "~20 min (at least: retinanet's s/iter)" in printed and "1 run to train" in printed
+    assert "~20 min (from retinanet's s/iter)" in printed and "1 run to train" in printed
 
 
 def test_the_report_averages_the_reported_seeds_that_learned_and_names_the_others(tmp_path):

@@ -896,7 +896,7 @@ class Benchmark:
             else:
                 minutes = step * self.max_iter(dataset) / 60
                 total += minutes
-                since = "" if source == row_name else f" (at least: {source}'s s/iter)"
+                since = "" if source == row_name else f" (from {source}'s s/iter)"
                 estimate = f"~{minutes:.0f} min{since}"
             print(f"  {row_name:22} {variant:34} seed {seed}  {estimate}", flush=True)
         print(
