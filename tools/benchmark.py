@@ -51,7 +51,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
-from benchmark_report import ranking_ap, write_report  # noqa: E402
+from benchmark_report import load_runs, ranking_ap, write_report  # noqa: E402
 from benchmark_rows import DATASETS, LEARNING_RATES, ROWS, root_row  # noqa: E402
 from prepare_deepforest import sha256  # noqa: E402
 
@@ -867,15 +867,16 @@ class Benchmark:
                     add(row_name, chosen.name, seed)
         return todo
 
-    def step_seconds(self, dataset, row_name):
-        """The median seconds per step of the row's committed runs on ``dataset``, else its
-        root detector's (a lower bound for a distilled row, which also runs its teacher), with
-        the row it came from; ``(None, None)`` when neither has run."""
+    @staticmethod
+    def step_seconds(runs, row_name):
+        """The median seconds per step of the row's committed runs (``runs``: one dataset's
+        :func:`load_runs`), else its root detector's (a lower bound for a distilled row, which
+        also runs its teacher), with the row it came from; ``(None, None)`` when neither ran."""
         for source in (row_name, root_row(row_name)):
-            folder = self.results / "runs" / dataset / source
             steps = [
-                json.loads(path.read_text()).get("train_s_per_iter")
-                for path in sorted(folder.glob("*.json"))
+                result.get("train_s_per_iter")
+                for seeds in runs.get(source, {}).values()
+                for result in seeds.values()
             ]
             steps = [s for s in steps if s]
             if steps:
@@ -885,11 +886,12 @@ class Benchmark:
     def print_plan(self, dataset, row_names, sweep_only=False):
         """Prints the runs still to train and their training steps' time; returns the runs."""
         todo = self.missing(dataset, row_names, sweep_only)
+        committed = load_runs(self.results).get(dataset, {})
         total, unknown = 0.0, 0
         runs = "1 run" if len(todo) == 1 else f"{len(todo)} runs"
         print(f"[benchmark] {dataset}: {runs} to train", flush=True)
         for row_name, variant, seed in todo:
-            step, source = self.step_seconds(dataset, row_name)
+            step, source = self.step_seconds(committed, row_name)
             if step is None:
                 unknown += 1
                 estimate = "? (no committed run of this detector)"
