@@ -463,3 +463,78 @@ def test_a_distilled_row_trains_its_teacher_and_student_first_then_reports(tmp_p
     assert set(timing["rows"]) == {"faster_rcnn", "retinanet_fgfi"}
     assert all(t["infer_ms"] > 0 for t in timing["rows"].values()) and timing["yardstick_ms"] > 0
     assert "re-timed in one interleaved pass" in (results / "deepforest.md").read_text()
+
+
+def test_training_steps_are_timed_interleaved_each_with_its_own_iteration():
+    """Every trainer warms up, then each round runs each trainer's steps in turn, the first
+    trainer turning each round; a step sees its own trainer's iteration in its event storage."""
+    from detectron2.utils.events import get_event_storage
+
+    calls = []
+
+    class FakeTrainer:
+        def __init__(self, name):
+            self.name, self.iter = name, 0
+
+        def run_step(self):
+            calls.append((self.name, get_event_storage().iter))
+
+    trainers = {name: FakeTrainer(name) for name in "ab"}
+    times = benchmark.time_training_steps(trainers, warmup=1, steps=2, rounds=2)
+    assert calls == [
+        ("a", 0), ("b", 0),  # warm-up
+        ("a", 1), ("a", 2), ("b", 1), ("b", 2),  # round 1
+        ("b", 3), ("b", 4), ("a", 3), ("a", 4),  # round 2: b first
+    ]  # fmt: skip
+    assert {name: len(s) for name, s in times.items()} == {"a": 4, "b": 4}
+    assert all(t >= 0 for s in times.values() for t in s)
+
+
+def test_retimed_training_steps_replace_those_of_the_rows_variant_only(tmp_path):
+    """The s/iter of --retime-training (one interleaved pass) replaces the rows' own trainings'
+    where it timed their chosen variant (§, and no ‡ since the pass had every row beside it);
+    a row timed at another variant keeps its trainings' s/iter."""
+    for row in ("retinanet", "fcos"):
+        result = fake_result(tmp_path, "deepforest", row, "lr0.005", 0, 8.0)
+        result.update(train_cpu_share=0.5)  # both trainings shared the machine
+        benchmark.result_path(tmp_path, "deepforest", row, "lr0.005", 0).write_text(
+            json.dumps(result)
+        )
+    timing = {
+        "date": "today", "machine": "a CPU", "warmup_steps": 2, "timed_steps": 15,
+        "rows": {
+            "retinanet": {"variant": "lr0.005", "train_s_per_iter": 0.4},
+            "fcos": {"variant": "lr0.01", "train_s_per_iter": 0.3},  # not fcos's choice
+        },
+    }  # fmt: skip
+    (tmp_path / "runs/deepforest/train_timing.json").write_text(json.dumps(timing))
+    rows = benchmark_report.write_report(tmp_path, "today")["datasets"]["deepforest"]["rows"]
+    assert rows["retinanet"]["train_s_per_iter"] == 0.4 and rows["retinanet"]["train_retimed"]
+    assert rows["fcos"]["train_s_per_iter"] == 1.0 and not rows["fcos"]["train_retimed"]
+    table = (tmp_path / "deepforest.md").read_text()
+    assert "| 0.40§ |" in table and "| 1.00‡ |" in table
+    assert "`python tools/benchmark.py --retime-training`" in table
+
+
+@pytest.mark.slow
+def test_retiming_training_builds_every_chosen_row_as_train_net_does(tmp_path):
+    """A smoke --retime-training of the rows whose detectors chose (yacs RetinaNet and Faster
+    R-CNN, LazyConfig FCOS, and the distillers, whose teacher checkpoint is not here) times each
+    one's real training step and reports it."""
+    results = tmp_path / "results"
+    argv = ["--dataset", "deepforest", "--smoke", "--retime-training"]
+    argv += ["--results", str(results), "--output", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="no row of --dataset has a chosen variant"):
+        benchmark.main(argv)  # no sweep has run yet
+    for row in ("retinanet", "fcos", "faster_rcnn"):
+        fake_result(results, "deepforest", row, "lr0.005", 0, 8.0, max_iter=benchmark.SMOKE_ITERS)
+    benchmark.main(argv)
+    timing = json.loads((results / "runs/deepforest/train_timing.json").read_text())
+    expected = {"retinanet", "fcos", "faster_rcnn"}
+    expected |= {"retinanet_fgfi", "retinanet_defeat", "retinanet_rm_pfi"}
+    assert set(timing["rows"]) == expected
+    assert all(t["variant"] == "lr0.005" for t in timing["rows"].values())
+    assert all(t["train_s_per_iter"] > 0 for t in timing["rows"].values())
+    assert timing["timed_steps"] == 2 and timing["warmup_steps"] == 1
+    # the table's rows (those with a run) show the re-timed step
+    assert (results / "deepforest.md").read_text().count("§ |") == 3

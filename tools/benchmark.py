@@ -8,6 +8,7 @@ the same backbone, data, schedule and tuning budget (tools/benchmark_rows.py say
     python tools/benchmark.py --dataset deepforest --rows retinanet fcos   # a part
     python tools/benchmark.py --report                     # tables and plots from committed runs
     python tools/benchmark.py --plan                       # the runs still missing, and their time
+    python tools/benchmark.py --retime-training            # every row's training step, side by side
     python tools/benchmark.py --rows fcos --smoke --results /tmp/r --output /tmp/o  # a minute
     python tools/benchmark.py --device cuda --pack runs.json ...   # on a GPU machine, then here:
     python tools/benchmark.py --unpack runs.json                   # its results into benchmarks/
@@ -381,6 +382,85 @@ def inference_cost(model, image, skip_params=()):
     return params, gflops
 
 
+# ---------------------------------------------------------------------------- training cost
+# --retime-training: untimed steps per model, then rounds of timed steps per model in turn
+TRAIN_WARMUP_STEPS, TRAIN_TIMED_STEPS, TRAIN_ROUNDS = 2, 5, 3
+# the timed steps run at the warm-up's first rate: a step costs the same at any rate, and no
+# model diverges from its initialization in the few steps timed
+TRAIN_TIMING_LR_FACTOR = 0.001
+
+
+def build_training(config, opts, device="cpu"):
+    """
+    The training of ``config`` + ``opts`` as train_net.py builds it (model, optimizer and training
+    data loader, yacs or LazyConfig), as a detectron2 ``SimpleTrainer`` whose ``run_step`` is one
+    training step. The model keeps its initialization: a step costs the same whatever the
+    weights. So does a distiller's teacher whose checkpoint is not on this machine (the step runs
+    the same teacher layers either way).
+    """
+    from detectron2.engine import SimpleTrainer
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from train_net import Trainer
+
+    if is_lazy_path(config):
+        from detectron2.config import LazyConfig, instantiate
+
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(str(REPO / config)), list(opts))
+        model = instantiate(cfg.model).to(device)
+        cfg.optimizer.params.model = model
+        optimizer, loader = instantiate(cfg.optimizer), instantiate(cfg.dataloader.train)
+    else:
+        from detectron2.config import get_cfg
+
+        from mimicdet import add_distill_config, add_mimicdet_config
+
+        cfg = get_cfg()
+        add_mimicdet_config(cfg)
+        add_distill_config(cfg)
+        cfg.merge_from_file(str(REPO / config))
+        cfg.merge_from_list(list(opts))
+        cfg.MODEL.DEVICE = device
+        teacher = cfg.MODEL.DISTILL.TEACHER
+        if teacher.WEIGHTS and not Path(teacher.WEIGHTS).is_file():
+            teacher.WEIGHTS, teacher.ALLOW_RANDOM = "", True
+        model = Trainer.build_model(cfg)
+        optimizer, loader = Trainer.build_optimizer(cfg, model), Trainer.build_train_loader(cfg)
+    for group in optimizer.param_groups:
+        group["lr"] *= TRAIN_TIMING_LR_FACTOR
+    return SimpleTrainer(model, loader, optimizer)
+
+
+def time_training_steps(trainers, warmup, steps, rounds, device="cpu"):
+    """
+    ``{name: [seconds per step]}`` of every trainer of ``trainers`` (name -> ``SimpleTrainer``):
+    ``warmup`` untimed steps each, then ``rounds`` rounds in which each runs ``steps`` timed
+    steps in turn, the order turning each round, so that all see the same machine load.
+    """
+    from detectron2.utils.events import EventStorage
+
+    def step(trainer):
+        with EventStorage(trainer.iter) as trainer.storage:
+            start = time.perf_counter()
+            trainer.run_step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        trainer.iter += 1
+        return seconds
+
+    names = list(trainers)
+    for name in names:
+        for _ in range(warmup):
+            step(trainers[name])
+    times = {name: [] for name in names}
+    for index in range(rounds):
+        for name in names[index % len(names) :] + names[: index % len(names)]:
+            times[name] += [step(trainers[name]) for _ in range(steps)]
+    return times
+
+
 def build_predictor(config, opts, weights, device="cpu"):
     """demo.py's Predictor for ``config`` + ``opts`` with ``weights`` (batch 1, eval mode)."""
     from demo import Predictor
@@ -509,6 +589,16 @@ def val_images(dataset, count=None):
     spec = DATASETS[dataset]
     records = DatasetCatalog.get(spec.val)[: count or spec.timing_images]
     return [read_image(r["file_name"], format="BGR") for r in records]
+
+
+def teacher_opts(config, weights, variant):
+    """A distilled row's overrides that name its teacher: ``config`` with ``weights``, and the
+    teacher ``variant``'s own overrides (its swept key must reach its config too: anchors)."""
+    return [
+        "MODEL.DISTILL.TEACHER.CONFIG_FILE", str(config),
+        "MODEL.DISTILL.TEACHER.WEIGHTS", str(weights),
+        "MODEL.DISTILL.TEACHER.OPTS", str(list(variant.opts)),
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- the pipeline
@@ -722,12 +812,7 @@ class Benchmark:
             "seed": seed,
             "AP": read_metrics(t_out / "metrics.json", 0, self.max_iter(dataset))["final"]["AP"],
         }
-        opts = [
-            "MODEL.DISTILL.TEACHER.CONFIG_FILE", config_path(dataset, t_row),
-            "MODEL.DISTILL.TEACHER.WEIGHTS", str(t_out / "model_final.pth"),
-            # the teacher's own swept key must reach its config too (anchors)
-            "MODEL.DISTILL.TEACHER.OPTS", str(list(t_variant.opts)),
-        ]  # fmt: skip
+        opts = teacher_opts(config_path(dataset, t_row), t_out / "model_final.pth", t_variant)
         return opts, teacher
 
     def teacher_variant(self, dataset, row, variant, t_chosen):
@@ -803,6 +888,60 @@ class Benchmark:
             },
         }
         path = self.results / "runs" / dataset / "timing.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(timing, indent=1) + "\n")
+        print(f"[benchmark] wrote {path}", flush=True)
+        return timing
+
+    def retime_training(self, dataset):
+        """
+        Times a training step of every row's chosen variant (a distilled row with its teacher,
+        the teacher's checkpoint of the first reported seed where it is on this machine), all
+        built in one process and interleaved (:func:`time_training_steps`), so that every row
+        sees the same machine load; writes ``runs/<dataset>/train_timing.json``, whose seconds
+        per step the report prefers to those of runs trained in different sittings (None when
+        no row has chosen its variant yet).
+        """
+        trainers, variants = {}, {}
+        for row_name, row in ROWS.items():
+            chosen = self.chosen(dataset, row_name)
+            if chosen is None or dataset not in row.datasets:
+                continue
+            opts = [*row.opts, *chosen.opts]
+            if row.teacher is not None:
+                t_chosen = self.chosen(dataset, row.teacher)
+                if t_chosen is None:
+                    print(f"[benchmark] {row_name}: its teacher has no chosen variant: skipped")
+                    continue
+                t_variant = self.teacher_variant(dataset, row, chosen, t_chosen)
+                t_out = self.run_dir(dataset, row.teacher, t_variant.name, self.seeds(row_name)[0])
+                t_config = REPO / config_path(dataset, ROWS[row.teacher])
+                opts += teacher_opts(t_config, t_out / "model_final.pth", t_variant)
+            max_iter, eval_period = self.max_iter(dataset), self.eval_period(dataset)
+            opts += schedule_opts(dataset, row, max_iter, eval_period, self.device)
+            opts += smoke_opts(row) if self.smoke else []
+            print(f"[benchmark] building {dataset} {row_name} {chosen.name}", flush=True)
+            trainers[row_name] = build_training(config_path(dataset, row), opts, self.device)
+            variants[row_name] = chosen.name
+        if not trainers:
+            print(f"[benchmark] --retime-training: no {dataset} row has chosen yet", flush=True)
+            return None
+        warmup, steps, rounds = (
+            (1, 1, 2) if self.smoke else (TRAIN_WARMUP_STEPS, TRAIN_TIMED_STEPS, TRAIN_ROUNDS)
+        )
+        times = time_training_steps(trainers, warmup, steps, rounds, self.device)
+        timing = {
+            "date": now(),
+            "machine": machine(self.device),
+            "code": code_version(),
+            "warmup_steps": warmup,
+            "timed_steps": steps * rounds,
+            "rows": {
+                name: {"variant": variants[name], "train_s_per_iter": statistics.median(s)}
+                for name, s in times.items()
+            },
+        }
+        path = self.results / "runs" / dataset / "train_timing.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(timing, indent=1) + "\n")
         print(f"[benchmark] wrote {path}", flush=True)
@@ -960,6 +1099,12 @@ def parse_args(argv=None):
         action="store_true",
         help="time the chosen deploy models interleaved (checkpoints in --output), then report",
     )
+    parser.add_argument(
+        "--retime-training",
+        action="store_true",
+        help="time a training step of every chosen row interleaved (no checkpoint needed), then"
+        " report",
+    )
     args = parser.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
@@ -972,6 +1117,16 @@ def parse_args(argv=None):
             " folder"
         )
     return args
+
+
+def prepare_data(dataset):
+    """Writes the dataset where its registered splits read it ($MIMICDET_DATASETS or
+    datasets/); a no-op when it is there."""
+    from mimicdet.data.deepforest import default_datasets_root
+
+    data = default_datasets_root() / dataset
+    for step in DATASETS[dataset].prepare:
+        subprocess.run([sys.executable, step, "--output", str(data)], cwd=REPO, check=True)
 
 
 def main(argv=None):
@@ -996,14 +1151,16 @@ def main(argv=None):
     elif args.retime:
         for dataset in args.dataset:
             bench.retime(dataset)
-    elif not args.report:
-        from mimicdet.data.deepforest import default_datasets_root
-
+    elif args.retime_training:
+        timed = []
         for dataset in args.dataset:
-            # where the registered splits read it ($MIMICDET_DATASETS or datasets/)
-            data = default_datasets_root() / dataset
-            for step in DATASETS[dataset].prepare:
-                subprocess.run([sys.executable, step, "--output", str(data)], cwd=REPO, check=True)
+            prepare_data(dataset)
+            timed.append(bench.retime_training(dataset))
+        if not any(timed):
+            raise SystemExit("--retime-training: no row of --dataset has a chosen variant yet")
+    elif not args.report:
+        for dataset in args.dataset:
+            prepare_data(dataset)
             for row_name in args.rows:
                 if args.sweep_only:
                     bench.ensure_chosen(dataset, row_name)

@@ -107,7 +107,10 @@ def summarize(runs, row_name):
 
 
 def train_timing_clean(row):
-    """True if every reported training of the row had the machine to itself."""
+    """True if the row's step was re-timed beside the others (``--retime-training``), or every
+    reported training of the row had the machine to itself."""
+    if row.get("train_retimed"):
+        return True
     shares = row["train_cpu_share"]
     return all(share is not None and share >= CONTENDED_SHARE for share in shares)
 
@@ -144,6 +147,20 @@ def normalize_inference(rows, timing=None):
             reference = references[device_of(row["machine"])]
             row["infer_ms"] = row["infer_vs_yardstick"] * reference
     return references
+
+
+def apply_train_timing(rows, train_timing=None):
+    """
+    Puts every row's training step on one scale: the seconds per step of ``train_timing``
+    (``--retime-training``: every chosen row timed interleaved in one process) replace the mean
+    of the row's trainings, which ran in different sittings under different load, where it timed
+    the row's variant; ``train_retimed`` says which rows it replaced.
+    """
+    for name, row in rows.items():
+        retimed = (train_timing or {}).get("rows", {}).get(name)
+        row["train_retimed"] = bool(retimed and retimed["variant"] == row["variant"])
+        if row["train_retimed"]:
+            row["train_s_per_iter"] = retimed["train_s_per_iter"]
 
 
 # the issue's goals, in the paper's directions: (label, row, other row, minimum AP difference)
@@ -236,7 +253,7 @@ def _fmt(value, digits=1):
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(dataset, rows, sweeps, date, timing, references, goals):
+def markdown(dataset, rows, sweeps, date, timing, references, goals, train_timing=None):
     spec = DATASETS[dataset]
     scale = ", ".join(f"{ms:.0f} ms on {device}" for device, ms in references.items())
     timed = (
@@ -255,6 +272,12 @@ def markdown(dataset, rows, sweeps, date, timing, references, goals):
         f"{1 - CONTENDED_SHARE:.0%} of the machine's CPU time during the training (or it was "
         "not recorded)"
     )
+    if train_timing:
+        timed += (
+            f"; § re-timed: {train_timing['timed_steps']} steps of each row interleaved in one "
+            f"process on {train_timing['machine']}, {train_timing['date']} "
+            "(`python tools/benchmark.py --retime-training`)"
+        )
     lines = [
         f"# {spec.title}",
         "",
@@ -282,7 +305,8 @@ def markdown(dataset, rows, sweeps, date, timing, references, goals):
         variant += "" if r["max_iter"] == spec.max_iter else f", {r['max_iter']} iterations"
         infer = _fmt(r["infer_ms"], 0) + ("*" if r.get("infer_retimed") else "")
         infer += "" if r["infer_normalized"] else "†"
-        train = _fmt(r["train_s_per_iter"], 2) + ("" if train_timing_clean(r) else "‡")
+        train = _fmt(r["train_s_per_iter"], 2) + ("§" if r.get("train_retimed") else "")
+        train += "" if train_timing_clean(r) else "‡"
         lines.append(
             f"| {r['title']} | "
             + " | ".join(_fmt(r[k]) for k in COLUMNS)
@@ -512,6 +536,11 @@ def write_report(results, date=None, readme=None, model_zoo=None):
         timing_file = results / "runs" / dataset / "timing.json"
         timing = json.loads(timing_file.read_text()) if timing_file.is_file() else None
         references = normalize_inference(rows, timing)
+        train_timing_file = results / "runs" / dataset / "train_timing.json"
+        train_timing = None
+        if train_timing_file.is_file():
+            train_timing = json.loads(train_timing_file.read_text())
+        apply_train_timing(rows, train_timing)
         sweeps = sweep_table(runs)
         goals = targets(rows, dataset)
         summary["datasets"][dataset] = {
@@ -519,10 +548,11 @@ def write_report(results, date=None, readme=None, model_zoo=None):
             "sweeps": sweeps,
             "targets": goals,
             "timing": timing,
+            "train_timing": train_timing,
             "yardstick_ms": references,
         }
         (results / f"{dataset}.md").write_text(
-            markdown(dataset, rows, sweeps, date, timing, references, goals)
+            markdown(dataset, rows, sweeps, date, timing, references, goals, train_timing)
         )
         plot_curves(results / f"{dataset}_ap_curves.png", dataset, runs, rows)
         plot_speed_accuracy(results / f"{dataset}_speed_accuracy.png", dataset, rows)
