@@ -845,6 +845,14 @@ class Benchmark:
             row.deploy,
         )
 
+    def write_timing(self, dataset, name, timing):
+        """Writes a re-timing pass's ``timing`` to ``runs/<dataset>/<name>``; returns it."""
+        path = self.results / "runs" / dataset / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(timing, indent=1) + "\n")
+        print(f"[benchmark] wrote {path}", flush=True)
+        return timing
+
     def retime(self, dataset, rounds=3):
         """
         Times the chosen variant's deploy model of every row whose first reported seed's
@@ -887,11 +895,7 @@ class Benchmark:
                 for name, ms in times.items()
             },
         }
-        path = self.results / "runs" / dataset / "timing.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(timing, indent=1) + "\n")
-        print(f"[benchmark] wrote {path}", flush=True)
-        return timing
+        return self.write_timing(dataset, "timing.json", timing)
 
     def retime_training(self, dataset):
         """
@@ -941,11 +945,7 @@ class Benchmark:
                 for name, s in times.items()
             },
         }
-        path = self.results / "runs" / dataset / "train_timing.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(timing, indent=1) + "\n")
-        print(f"[benchmark] wrote {path}", flush=True)
-        return timing
+        return self.write_timing(dataset, "train_timing.json", timing)
 
     # -- what is left
     def missing(self, dataset, row_names, sweep_only=False):
