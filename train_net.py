@@ -12,7 +12,7 @@ import os
 import weakref
 
 import torch
-from detectron2.config import LazyConfig, get_cfg, instantiate
+from detectron2.config import LazyConfig, instantiate
 from detectron2.data import (
     build_detection_test_loader,
     build_detection_train_loader,
@@ -32,7 +32,7 @@ from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv
 from detectron2.utils import comm
 from detectron2.utils.registry import locate
 
-from mimicdet import WeightsOnlyCheckpointer, add_distill_config, add_mimicdet_config
+from mimicdet import WeightsOnlyCheckpointer, get_mimicdet_cfg
 from mimicdet.data import MimicDetDatasetMapper, check_detection_dataset_dicts
 from mimicdet.distill import Distiller
 from mimicdet.evaluation import HAS_DETECTRON2_OPS
@@ -127,11 +127,7 @@ class Trainer(DefaultTrainer):
 
 
 def setup_yaml(args):
-    cfg = get_cfg()
-    add_mimicdet_config(cfg)
-    add_distill_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_mimicdet_cfg(args.config_file, args.opts)
     cfg.MODEL.DEVICE = cpu_if_no_gpu(cfg.MODEL.DEVICE)
     cfg.freeze()
     default_setup(cfg, args)

@@ -4,10 +4,9 @@ import os
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.structures import Boxes, Instances
 
-from mimicdet import add_mimicdet_config
+from mimicdet import get_mimicdet_cfg
 
 # config overrides for a tiny model (R-18, narrow heads, 2 classes), e.g. for train_net;
 # unit-variance inputs and GroupNorm keep a randomly initialised ResNet trainable
@@ -35,11 +34,7 @@ BASE_YAML = os.path.join(ROOT, "configs", "Base-MimicDet.yaml")
 
 def tiny_cfg():
     """R-18 with narrow heads, 2 classes: builds and trains on 64-128 px images in seconds."""
-    cfg = get_cfg()
-    add_mimicdet_config(cfg)
-    cfg.merge_from_file(BASE_YAML)
-    cfg.merge_from_list(TINY_OPTS)
-    return cfg
+    return get_mimicdet_cfg(BASE_YAML, TINY_OPTS)
 
 
 @pytest.fixture

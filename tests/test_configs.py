@@ -12,7 +12,7 @@ from detectron2.modeling import build_model
 from omegaconf import DictConfig, ListConfig
 from torch import nn
 
-from mimicdet import add_distill_config, add_mimicdet_config
+from mimicdet import add_distill_config, add_mimicdet_config, get_mimicdet_cfg
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -25,9 +25,7 @@ YAMLS = [
 
 
 def load_yaml(name):
-    cfg = get_cfg()
-    add_mimicdet_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, "COCO-Detection", name))
+    cfg = get_mimicdet_cfg(os.path.join(CONFIGS, "COCO-Detection", name))
     cfg.MODEL.DEVICE = "cpu"
     return cfg
 
@@ -112,6 +110,21 @@ def test_add_mimicdet_config_adds_keys_and_changes_none_of_detectron2s():
     ), sorted(added)
 
 
+def test_get_mimicdet_cfg_reads_what_train_net_reads_file_then_opts():
+    """Every yacs entry point reads configs with get_mimicdet_cfg: a distiller's (MODEL.DISTILL)
+    as well as MimicDet's, with opts merged after the file, and detectron2's defaults kept."""
+    path = os.path.join(DISTILL_CONFIGS, "retinanet_fgfi_from_frcnn.yaml")
+    cfg = get_mimicdet_cfg(path, ["SOLVER.BASE_LR", "0.123"])
+    assert cfg.MODEL.META_ARCHITECTURE == "Distiller" and cfg.MODEL.DISTILL.FGFI.WEIGHT > 0
+    assert cfg.SOLVER.BASE_LR == 0.123 and not cfg.is_frozen()
+    plain = get_cfg()
+    add_mimicdet_config(plain)
+    with pytest.raises(KeyError, match="MODEL.DISTILL"):
+        plain.merge_from_file(path)
+    defaults = _flat(get_mimicdet_cfg())
+    assert all(defaults[k] == v for k, v in _flat(get_cfg()).items())
+
+
 def test_add_distill_config_adds_only_model_distill():
     default = _flat(get_cfg())
     ours = get_cfg()
@@ -149,12 +162,10 @@ def test_a_detectron2_yaml_through_our_train_net_builds_detectron2s_model(tmp_pa
 
 def test_deepforest_mimicdet_sets_the_t_head_keys_as_the_base_config():
     """The DeepForest config cannot inherit Base-MimicDet.yaml; it repeats its T-head keys."""
-    base, deepforest = get_cfg(), get_cfg()
-    add_mimicdet_config(base)
-    add_mimicdet_config(deepforest)
-    base.merge_from_file(os.path.join(CONFIGS, "Base-MimicDet.yaml"))
-    deepforest.merge_from_file(os.path.join(CONFIGS, "DeepForest", "mimicdet_MNV2_FPN.yaml"))
-    base, deepforest = _flat(base), _flat(deepforest)
+    base = _flat(get_mimicdet_cfg(os.path.join(CONFIGS, "Base-MimicDet.yaml")))
+    deepforest = _flat(
+        get_mimicdet_cfg(os.path.join(CONFIGS, "DeepForest", "mimicdet_MNV2_FPN.yaml"))
+    )
     # what the DeepForest config changes on purpose (commented there)
     own = {"MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE"}
     keys = [
@@ -178,11 +189,7 @@ DISTILLED = sorted(
 
 
 def _distill_yaml(name):
-    cfg = get_cfg()
-    add_mimicdet_config(cfg)
-    add_distill_config(cfg)
-    cfg.merge_from_file(os.path.join(DISTILL_CONFIGS, name))
-    return cfg
+    return get_mimicdet_cfg(os.path.join(DISTILL_CONFIGS, name))
 
 
 @pytest.mark.parametrize("name", DISTILLED)
@@ -246,10 +253,7 @@ FASHION_KEYS = {
 def _deepforest_and_fashion_yaml(name):
     loaded = []
     for folder in ("DeepForest", "FashionScenes"):
-        cfg = get_cfg()
-        add_mimicdet_config(cfg)
-        cfg.merge_from_file(os.path.join(CONFIGS, folder, name))
-        loaded.append(_flat(cfg))
+        loaded.append(_flat(get_mimicdet_cfg(os.path.join(CONFIGS, folder, name))))
     return loaded
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from detectron2.config import LazyConfig, get_cfg, instantiate
+from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 from PIL import Image
 
 import mimicdet  # noqa: F401 registers the backbones and datasets
-from mimicdet import add_mimicdet_config
+from mimicdet import get_mimicdet_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "DeepForest"
@@ -30,11 +30,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 
 def yaml_cfg(name, opts=()):
-    cfg = get_cfg()
-    add_mimicdet_config(cfg)
-    cfg.merge_from_file(str(CONFIGS / name))
-    cfg.merge_from_list(NO_WEIGHTS + list(opts))
-    return cfg
+    return get_mimicdet_cfg(CONFIGS / name, NO_WEIGHTS + list(opts))
 
 
 def lazy_fcos():
@@ -93,10 +89,10 @@ def test_detectors_share_test_time_nms_and_detections_per_image():
     retinanet = build_model(yaml_cfg("retinanet_MNV2_FPN.yaml"))
     fcos = instantiate(lazy_fcos().model)
     for name in YAMLS[:2]:
-        mimicdet = build_model(yaml_cfg(name))
+        ours = build_model(yaml_cfg(name))
         for other in (retinanet, fcos):
-            assert mimicdet.test_nms_thresh == other.test_nms_thresh, (name, type(other))
-            assert mimicdet.max_detections_per_image == other.max_detections_per_image
+            assert ours.test_nms_thresh == other.test_nms_thresh, (name, type(other))
+            assert ours.max_detections_per_image == other.max_detections_per_image
     # the two-stage reference (and distillation teacher) too
     frcnn = build_model(yaml_cfg("faster_rcnn_MNV2_FPN.yaml")).roi_heads.box_predictor
     assert (frcnn.test_score_thresh, frcnn.test_nms_thresh, frcnn.test_topk_per_image) == (
@@ -186,10 +182,7 @@ def test_evaluate_teacher_scores_both_heads_and_refuses_a_deploy_checkpoint(
 
     name = tiny_coco("mimicdet_tiny_teacher")
     yaml = str(REPO / "configs" / "COCO-Detection" / "mimicdet_R_50_FPN_1x.yaml")
-    cfg = get_cfg()
-    add_mimicdet_config(cfg)
-    cfg.merge_from_file(yaml)
-    cfg.merge_from_list(tiny_opts)
+    cfg = get_mimicdet_cfg(yaml, tiny_opts)
     full, deploy = str(tmp_path / "model_final.pth"), str(tmp_path / "model_deploy.pth")
     torch.save({"model": build_model(cfg).state_dict()}, full)
     convert(full, deploy)

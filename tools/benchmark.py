@@ -178,15 +178,9 @@ def load_config(dataset, row):
         from detectron2.config import LazyConfig
 
         return LazyConfig.load(path)
-    from detectron2.config import get_cfg
+    from mimicdet import get_mimicdet_cfg
 
-    from mimicdet import add_distill_config, add_mimicdet_config
-
-    cfg = get_cfg()
-    add_mimicdet_config(cfg)
-    add_distill_config(cfg)
-    cfg.merge_from_file(path)
-    return cfg
+    return get_mimicdet_cfg(path)
 
 
 def config_value(dataset, row):
@@ -412,15 +406,9 @@ def build_training(config, opts, device="cpu"):
         cfg.optimizer.params.model = model
         optimizer, loader = instantiate(cfg.optimizer), instantiate(cfg.dataloader.train)
     else:
-        from detectron2.config import get_cfg
+        from mimicdet import get_mimicdet_cfg
 
-        from mimicdet import add_distill_config, add_mimicdet_config
-
-        cfg = get_cfg()
-        add_mimicdet_config(cfg)
-        add_distill_config(cfg)
-        cfg.merge_from_file(str(REPO / config))
-        cfg.merge_from_list(list(opts))
+        cfg = get_mimicdet_cfg(REPO / config, opts)
         cfg.MODEL.DEVICE = device
         teacher = cfg.MODEL.DISTILL.TEACHER
         if teacher.WEIGHTS and not Path(teacher.WEIGHTS).is_file():
@@ -907,6 +895,7 @@ class Benchmark:
         no row has chosen its variant yet).
         """
         trainers, variants = {}, {}
+        max_iter, eval_period = self.max_iter(dataset), self.eval_period(dataset)
         for row_name, row in ROWS.items():
             chosen = self.chosen(dataset, row_name)
             if chosen is None or dataset not in row.datasets:
@@ -921,7 +910,6 @@ class Benchmark:
                 t_out = self.run_dir(dataset, row.teacher, t_variant.name, self.seeds(row_name)[0])
                 t_config = REPO / config_path(dataset, ROWS[row.teacher])
                 opts += teacher_opts(t_config, t_out / "model_final.pth", t_variant)
-            max_iter, eval_period = self.max_iter(dataset), self.eval_period(dataset)
             opts += schedule_opts(dataset, row, max_iter, eval_period, self.device)
             opts += smoke_opts(row) if self.smoke else []
             print(f"[benchmark] building {dataset} {row_name} {chosen.name}", flush=True)

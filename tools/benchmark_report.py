@@ -522,6 +522,11 @@ def update_model_zoo(path, runs_by_dataset, date):
     replace_between_markers(path, ZOO_START, ZOO_END, section)
 
 
+def read_json_if_any(path):
+    """The JSON in ``path``, or None where there is no such file."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def write_report(results, date=None, readme=None, model_zoo=None):
     """Writes the report files for every dataset with committed runs (and the table in
     ``readme`` and the models in ``model_zoo``, if given); returns the summary."""
@@ -533,13 +538,10 @@ def write_report(results, date=None, readme=None, model_zoo=None):
     summary = {"command": "python tools/benchmark.py --report", "date": date, "datasets": {}}
     for dataset, runs in all_runs.items():
         rows = {n: s for n in ROWS if n in runs and (s := summarize(runs, n)) is not None}
-        timing_file = results / "runs" / dataset / "timing.json"
-        timing = json.loads(timing_file.read_text()) if timing_file.is_file() else None
+        # the re-timing passes (--retime, --retime-training), where they ran
+        timing = read_json_if_any(results / "runs" / dataset / "timing.json")
         references = normalize_inference(rows, timing)
-        train_timing_file = results / "runs" / dataset / "train_timing.json"
-        train_timing = None
-        if train_timing_file.is_file():
-            train_timing = json.loads(train_timing_file.read_text())
+        train_timing = read_json_if_any(results / "runs" / dataset / "train_timing.json")
         apply_train_timing(rows, train_timing)
         sweeps = sweep_table(runs)
         goals = targets(rows, dataset)

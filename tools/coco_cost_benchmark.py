@@ -107,13 +107,12 @@ def build_cfg(name, args):
         # v0.6's head probes get_norm(norm, 1), which GroupNorm(32, 1) refuses on current torch
         cfg.model.head.norm = _group_norm
         return cfg
-    cfg = get_cfg()
     if name == "mimicdet":
-        from mimicdet import add_mimicdet_config
+        from mimicdet import get_mimicdet_cfg
 
-        add_mimicdet_config(cfg)
-        cfg.merge_from_file(MIMICDET_CONFIG)
+        cfg = get_mimicdet_cfg(MIMICDET_CONFIG)
     else:
+        cfg = get_cfg()
         cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = args.device

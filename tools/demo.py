@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from detectron2.config import LazyConfig, get_cfg, instantiate
+from detectron2.config import LazyConfig, instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
@@ -26,7 +26,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
-from mimicdet import WeightsOnlyCheckpointer, add_mimicdet_config
+from mimicdet import WeightsOnlyCheckpointer, get_mimicdet_cfg
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 logger = logging.getLogger("mimicdet.demo")
@@ -53,10 +53,7 @@ class Predictor:
             dataset = cfg.dataloader.test.dataset.names
             self.dataset = dataset if isinstance(dataset, str) else dataset[0]
         else:
-            cfg = get_cfg()
-            add_mimicdet_config(cfg)
-            cfg.merge_from_file(str(config_file))
-            cfg.merge_from_list(opts)
+            cfg = get_mimicdet_cfg(config_file, opts)
             cfg.MODEL.DEVICE = device
             self.model = build_model(cfg)
             weights = cfg.MODEL.WEIGHTS

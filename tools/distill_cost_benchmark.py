@@ -51,14 +51,9 @@ def parse_args(argv=None):
 
 
 def load_cfg(name):
-    from detectron2.config import get_cfg
+    from mimicdet import get_mimicdet_cfg
 
-    from mimicdet import add_distill_config, add_mimicdet_config
-
-    cfg = get_cfg()
-    add_mimicdet_config(cfg)
-    add_distill_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, name))
+    cfg = get_mimicdet_cfg(os.path.join(CONFIGS, name))
     cfg.MODEL.DEVICE = "cpu"
     teacher = cfg.MODEL.DISTILL.TEACHER
     if teacher.WEIGHTS and not os.path.isfile(teacher.WEIGHTS):

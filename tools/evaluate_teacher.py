@@ -13,14 +13,13 @@ import argparse
 import json
 import sys
 
-from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from torch import nn
 
-from mimicdet import WeightsOnlyCheckpointer, add_mimicdet_config
+from mimicdet import WeightsOnlyCheckpointer, get_mimicdet_cfg
 from mimicdet.evaluation import HAS_DETECTRON2_OPS
 
 
@@ -61,10 +60,7 @@ def main(argv=None):
     setup_logger(name="mimicdet")
     setup_logger(name="detectron2")
 
-    cfg = get_cfg()
-    add_mimicdet_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_mimicdet_cfg(args.config_file, args.opts)
     cfg.freeze()
     model = load_full_model(cfg)
 

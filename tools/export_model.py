@@ -42,7 +42,6 @@ import sys
 import cv2
 import numpy as np
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
@@ -51,7 +50,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 
 import mimicdet.layers  # noqa: F401 registers torch.ops.mimicdet for tracing
 import mimicdet.modeling.meta_arch
-from mimicdet import WeightsOnlyCheckpointer, add_mimicdet_config
+from mimicdet import WeightsOnlyCheckpointer, get_mimicdet_cfg
 from mimicdet.layers.onnx import DEFORM_CONV_OPSET, register_onnx_symbolic
 
 # the ONNX opset: the first with DeformConv
@@ -82,10 +81,7 @@ TracingAdapter = _import_tracing_adapter()
 
 
 def setup_cfg(config_file, opts):
-    cfg = get_cfg()
-    add_mimicdet_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
+    cfg = get_mimicdet_cfg(config_file, opts)
     cfg.MODEL.DEVICE = "cpu" if not torch.cuda.is_available() else cfg.MODEL.DEVICE
     cfg.freeze()
     return cfg

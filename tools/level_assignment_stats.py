@@ -27,7 +27,7 @@ from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, Instances, pairwise_iou
 
-from mimicdet import add_mimicdet_config
+from mimicdet import get_mimicdet_cfg
 from mimicdet.data.synthetic_coco import coco_like_boxes
 from mimicdet.modeling import RefinementModule
 
@@ -73,10 +73,7 @@ def _summary(gt_levels, pos_levels):
 
 
 def _refinement(opts):
-    cfg = get_cfg()
-    add_mimicdet_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "Base-MimicDet.yaml"))
-    cfg.merge_from_list(opts)
+    cfg = get_mimicdet_cfg(os.path.join(REPO, "configs", "Base-MimicDet.yaml"), opts)
     return RefinementModule(cfg, [ShapeSpec(channels=1, stride=2**lvl) for lvl in LEVELS])
 
 

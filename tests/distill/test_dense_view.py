@@ -4,11 +4,10 @@ import os
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from mimicdet import add_distill_config, add_mimicdet_config
+from mimicdet import get_mimicdet_cfg
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)
 RM_PFI = os.path.join(ROOT, "configs", "DeepForest", "distill", "retinanet_rm_pfi_from_frcnn.yaml")
@@ -17,10 +16,7 @@ RM_PFI = os.path.join(ROOT, "configs", "DeepForest", "distill", "retinanet_rm_pf
 @pytest.fixture
 def rm_pfi_cfg(monkeypatch):
     monkeypatch.chdir(ROOT)  # the config's teacher path is relative to the repository
-    cfg = get_cfg()
-    add_mimicdet_config(cfg)
-    add_distill_config(cfg)
-    cfg.merge_from_file(RM_PFI)
+    cfg = get_mimicdet_cfg(RM_PFI)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.DISTILL.TEACHER.WEIGHTS, cfg.MODEL.DISTILL.TEACHER.ALLOW_RANDOM = "", True
     return cfg

@@ -6,11 +6,10 @@ import pytest
 import torch
 from conftest import assert_same_detections
 from detectron2 import model_zoo
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from mimicdet import add_distill_config, add_mimicdet_config
+from mimicdet import get_mimicdet_cfg
 
 KD_TERMS = {"loss_kd_fgfi", "loss_kd_defeat_fg", "loss_kd_defeat_bg", "loss_kd_rank", "loss_kd_pfi"}
 
@@ -30,10 +29,7 @@ TINY_RETINANET = {
 
 
 def _retinanet_cfg():
-    cfg = get_cfg()
-    add_mimicdet_config(cfg)
-    add_distill_config(cfg)
-    cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
+    cfg = get_mimicdet_cfg(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
     for key, value in TINY_RETINANET.items():
         cfg.merge_from_list([key, value])
     return cfg
@@ -355,12 +351,8 @@ def _student_cfg(student, teacher_files):
 
     if student == "MimicDet":
         cfg = tiny_cfg()
-        add_distill_config(cfg)
     else:
-        cfg = get_cfg()
-        add_mimicdet_config(cfg)
-        add_distill_config(cfg)
-        cfg.merge_from_file(
+        cfg = get_mimicdet_cfg(
             model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml")
         )
         for key in ["MODEL.DEVICE", "MODEL.WEIGHTS", "MODEL.RESNETS.DEPTH", "MODEL.PIXEL_STD"]:

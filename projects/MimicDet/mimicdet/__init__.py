@@ -4,7 +4,7 @@ from . import backbone as _  # noqa: F401 registers the backbone builder
 from . import distill as _  # noqa: F401,F811 registers the Distiller
 from . import modeling as _  # noqa: F401,F811 registers MimicDet and its T-head
 from .checkpoint import WeightsOnlyCheckpointer
-from .config import add_mimicdet_config
+from .config import add_mimicdet_config, get_mimicdet_cfg
 from .data import register_deepforest, register_fashion_scenes
 from .distill import add_distill_config
 
@@ -17,6 +17,7 @@ __all__ = [
     "WeightsOnlyCheckpointer",
     "add_distill_config",
     "add_mimicdet_config",
+    "get_mimicdet_cfg",
     "register_deepforest",
     "register_fashion_scenes",
 ]

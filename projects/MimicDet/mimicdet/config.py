@@ -1,8 +1,28 @@
 """Default config keys of MimicDet; every key says whether the paper fixes it or we chose it."""
 
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 from .backbone.mobilenet_v2 import add_mobilenet_config
+
+
+def get_mimicdet_cfg(config_file=None, opts=()):
+    """
+    The yacs config that every entry point of this project reads (train_net.py, the tools, a
+    distiller's teacher): detectron2's defaults plus MimicDet's keys and the distillers'
+    (``MODEL.DISTILL``), then ``config_file`` and ``opts`` merged in that order; not frozen.
+    One reader, so that no tool refuses a config that train_net.py accepts.
+    """
+    # imported here, not above: mimicdet.distill imports this module
+    from .distill.config import add_distill_config
+
+    cfg = get_cfg()
+    add_mimicdet_config(cfg)
+    add_distill_config(cfg)
+    if config_file is not None:
+        cfg.merge_from_file(str(config_file))
+    cfg.merge_from_list(list(opts))
+    return cfg
 
 
 def add_mimicdet_config(cfg):

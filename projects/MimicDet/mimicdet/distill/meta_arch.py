@@ -6,7 +6,7 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from detectron2.config import LazyConfig, configurable, get_cfg, instantiate
+from detectron2.config import LazyConfig, configurable, instantiate
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.modeling.backbone import Backbone
@@ -14,8 +14,7 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
-from ..config import add_mimicdet_config
-from .config import add_distill_config
+from ..config import get_mimicdet_cfg
 from .dense_view import DenseView, anchor_generator_of, candidate_matches, dense_view, same_anchors
 from .losses import defeat_losses, fgfi_loss, pfi_loss, rank_mimic_loss
 from .masks import defeat_foreground_masks, fgfi_masks
@@ -50,11 +49,7 @@ def build_teacher(
             raise ValueError(f"The teacher config {config_file} is itself a distiller")
         model.to(device)
     else:
-        tcfg = get_cfg()
-        add_mimicdet_config(tcfg)
-        add_distill_config(tcfg)
-        tcfg.merge_from_file(config_file)
-        tcfg.merge_from_list(list(opts))
+        tcfg = get_mimicdet_cfg(config_file, opts)
         tcfg.MODEL.DEVICE = device
         if tcfg.MODEL.META_ARCHITECTURE == "Distiller":
             raise ValueError(f"The teacher config {config_file} is itself a distiller")
