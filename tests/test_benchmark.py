@@ -326,6 +326,12 @@ def test_targets_say_met_not_met_or_pending_with_the_measured_difference(tmp_pat
         "| mimicking worth at least 1 AP | not met | +0.5 AP"
         in (tmp_path / "deepforest.md").read_text()
     )
+    # FCOS is due two reported seeds: with one, its target stands but only provisionally
+    benchmark.result_path(tmp_path, "deepforest", "fcos", "lr0.005", 2).unlink()
+    summary = benchmark_report.write_report(tmp_path, "today")
+    goals = {g["target"]: g for g in summary["datasets"]["deepforest"]["targets"]}
+    assert goals["MimicDet at least 2 AP above FCOS"]["provisional"]
+    assert not goals["mimicking worth at least 1 AP"]["provisional"]
 
 
 def test_the_speed_target_waits_for_one_scale_and_one_device(tmp_path):

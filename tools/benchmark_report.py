@@ -184,12 +184,15 @@ def targets(rows, dataset):
     """
     Where each goal stands on one dataset: ``met``, ``not met``, or ``pending`` while a row has
     no result or did not learn; a goal whose row cannot run on the dataset is left out.
-    ``provisional`` when a row involved has only its tuning run.
+    ``provisional`` when a row involved has only its tuning run, or fewer reported seeds than
+    it is due (``Row.seeds``): one seed's evaluations move by more than some margins.
     """
     out = []
 
     def provisional(*names):
-        return any(rows[n]["tuning_run_only"] for n in names)
+        return any(
+            rows[n]["tuning_run_only"] or len(rows[n]["seeds"]) < ROWS[n].seeds for n in names
+        )
 
     for label, row, other, margin in AP_TARGETS:
         if dataset not in ROWS[other].datasets:
@@ -315,7 +318,8 @@ def markdown(dataset, rows, sweeps, date, timing, references, goals, train_timin
         )
     lines += [
         "",
-        "Targets (the benchmark issue's goals; provisional: a row has its tuning run only):",
+        "Targets (the benchmark issue's goals; provisional: a row has its tuning run only, or"
+        " fewer seeds than it is due):",
     ]
     lines += ["", "| target | status | measured |", "|---|---|---|"]
     for goal in goals:
