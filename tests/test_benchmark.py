@@ -541,6 +541,13 @@ def test_retiming_training_builds_every_chosen_row_as_train_net_does(tmp_path):
     assert set(timing["rows"]) == expected
     assert all(t["variant"] == "lr0.005" for t in timing["rows"].values())
     assert all(t["train_s_per_iter"] > 0 for t in timing["rows"].values())
+    # the spread a ratio of two medians has to be read against
+    assert all(
+        t["train_s_per_iter_quartiles"][0]
+        <= t["train_s_per_iter"]
+        <= t["train_s_per_iter_quartiles"][1]
+        for t in timing["rows"].values()
+    )
     assert timing["timed_steps"] == 2 and timing["warmup_steps"] == 1
     # the table's rows (those with a run) show the re-timed step
     assert (results / "deepforest.md").read_text().count("§ |") == 3

@@ -277,9 +277,10 @@ def markdown(dataset, rows, sweeps, date, timing, references, goals, train_timin
     )
     if train_timing:
         timed += (
-            f"; § re-timed: {train_timing['timed_steps']} steps of each row interleaved in one "
-            f"process on {train_timing['machine']}, {train_timing['date']} "
-            "(`python tools/benchmark.py --retime-training`)"
+            f"; § re-timed: median of {train_timing['timed_steps']} steps of each row "
+            f"interleaved in one process on {train_timing['machine']}, {train_timing['date']} "
+            f"(`python tools/benchmark.py --retime-training`; the quartiles are in "
+            f"`runs/{dataset}/train_timing.json`)"
         )
     lines = [
         f"# {spec.title}",

@@ -29,6 +29,10 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+from benchmark import random_teacher_if_absent  # noqa: E402
+
 CONFIGS = os.path.join(REPO, "configs", "DeepForest", "distill")
 STUDENT = "retinanet_MNV2_FPN_student.yaml"
 METHODS = {
@@ -55,9 +59,7 @@ def load_cfg(name):
 
     cfg = get_mimicdet_cfg(os.path.join(CONFIGS, name))
     cfg.MODEL.DEVICE = "cpu"
-    teacher = cfg.MODEL.DISTILL.TEACHER
-    if teacher.WEIGHTS and not os.path.isfile(teacher.WEIGHTS):
-        teacher.WEIGHTS, teacher.ALLOW_RANDOM = "", True
+    random_teacher_if_absent(cfg)
     return cfg
 
 
