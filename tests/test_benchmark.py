@@ -471,6 +471,25 @@ def test_a_distilled_row_trains_its_teacher_and_student_first_then_reports(tmp_p
     assert "re-timed in one interleaved pass" in (results / "deepforest.md").read_text()
 
 
+def test_an_interrupted_run_resumes_only_under_the_command_that_started_it(tmp_path):
+    """A checkpoint resumes under the same train_net.py arguments; one of another command (a
+    schedule grown since) or of an unknown one is removed, never finished on the new steps."""
+    out = tmp_path / "lr0.005-seed1"
+    assert not benchmark.resumable(out, ["--config-file", "a.yaml", "SOLVER.MAX_ITER", "1200"])
+    (out / "last_checkpoint").write_text("model_0000199.pth")
+    (out / "model_0000199.pth").write_bytes(b"weights")
+    assert benchmark.resumable(out, ["--config-file", "a.yaml", "SOLVER.MAX_ITER", "1200"])
+    assert (out / "model_0000199.pth").is_file()
+
+    assert not benchmark.resumable(out, ["--config-file", "a.yaml", "SOLVER.MAX_ITER", "3600"])
+    assert not (out / "model_0000199.pth").exists() and not (out / "last_checkpoint").exists()
+
+    (out / benchmark.RUN_COMMAND_FILE).unlink()  # a folder of a benchmark that did not record
+    (out / "last_checkpoint").write_text("model_0000199.pth")
+    assert not benchmark.resumable(out, ["--config-file", "a.yaml", "SOLVER.MAX_ITER", "3600"])
+    assert not (out / "last_checkpoint").exists()
+
+
 def test_training_steps_are_timed_interleaved_each_with_its_own_iteration():
     """Every trainer warms up, then each round runs each trainer's steps in turn, the first
     trainer turning each round; a step sees its own trainer's iteration in its event storage."""

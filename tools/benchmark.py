@@ -18,7 +18,7 @@ COCOEvaluator metrics, the AP-vs-iteration curve from periodic evaluation, secon
 inference ms per image at batch 1 on the deploy model, params, GFLOPs, config, overrides, command,
 seed, date) is written to ``<results>/runs/<dataset>/<row>/<variant>-seed<k>.json`` (commit it).
 A run whose result exists is never trained again; an interrupted training resumes from its last
-checkpoint in ``<output>``. So the benchmark runs in parts, over as many sittings as it needs.
+checkpoint in ``<output>`` if its command is unchanged (else it starts again). So the benchmark runs in parts, over as many sittings as it needs.
 
 Order: each tuned detector's learning-rate sweep (seed 0), then its own key at the best rate; then
 the chosen variant's reported seeds (1..n: seed 0 chose the variant on val, so it is not reported),
@@ -279,6 +279,30 @@ def finished(metrics_file, max_iter):
         return False
     curve = read_metrics(metrics_file, 0, max_iter)["curve"]
     return bool(curve) and curve[-1][0] == max_iter
+
+
+# written into a run's output folder before its training starts: the train_net.py arguments
+RUN_COMMAND_FILE = "benchmark_command.json"
+
+
+def resumable(out, arguments):
+    """
+    Whether ``out`` holds an interrupted training of exactly ``arguments`` (train_net.py's) to
+    resume. A checkpoint of other arguments (say the dataset's schedule grew since) is removed
+    rather than resumed: resuming would keep the old run's weights and finish them on the new
+    run's learning-rate steps. Either way ``out`` then records ``arguments``.
+    """
+    command_file = out / RUN_COMMAND_FILE
+    recorded = json.loads(command_file.read_text()) if command_file.is_file() else None
+    resume = (out / "last_checkpoint").is_file()
+    if resume and recorded != list(arguments):
+        why = "another command" if recorded is not None else f"no {RUN_COMMAND_FILE}"
+        print(f"[benchmark] {out}: a checkpoint of {why}: training from scratch", flush=True)
+        shutil.rmtree(out)
+        resume = False
+    out.mkdir(parents=True, exist_ok=True)
+    command_file.write_text(json.dumps(list(arguments)) + "\n")
+    return resume
 
 
 def code_version():
@@ -730,7 +754,7 @@ class Benchmark:
             # stopped during the evaluation that follows the last step: train it again
             print(f"[benchmark] {out} has no final evaluation: training it again", flush=True)
             shutil.rmtree(out)
-        if (out / "last_checkpoint").is_file():
+        if resumable(out, command[1:]):
             command.insert(2, "--resume")
         print(f"[benchmark] training {dataset} {row.name} {variant.name} seed {seed}", flush=True)
         print("[benchmark] " + shlex.join(command[1:]), flush=True)
