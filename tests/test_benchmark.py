@@ -176,6 +176,12 @@ def test_the_plan_lists_what_is_left_in_training_order_with_its_time(tmp_path, c
     bench.print_plan("deepforest", rows)
     printed = capsys.readouterr().out
     assert "~20 min (from retinanet's s/iter)" in printed and "1 run to train" in printed
+    # a dataset where nothing has run yet borrows the other dataset's steps, saying so
+    capsys.readouterr()
+    bench.print_plan("fashion_scenes", ["retinanet"], sweep_only=True)
+    printed = capsys.readouterr().out
+    minutes = round(DATASETS["fashion_scenes"].max_iter / 60)
+    assert f"~{minutes} min (from deepforest retinanet's s/iter)" in printed
 
 
 def test_the_report_averages_the_reported_seeds_that_learned_and_names_the_others(tmp_path):

@@ -18,7 +18,8 @@ COCOEvaluator metrics, the AP-vs-iteration curve from periodic evaluation, secon
 inference ms per image at batch 1 on the deploy model, params, GFLOPs, config, overrides, command,
 seed, date) is written to ``<results>/runs/<dataset>/<row>/<variant>-seed<k>.json`` (commit it).
 A run whose result exists is never trained again; an interrupted training resumes from its last
-checkpoint in ``<output>`` if its command is unchanged (else it starts again). So the benchmark runs in parts, over as many sittings as it needs.
+checkpoint in ``<output>`` if its command is unchanged (else it starts again). So the benchmark
+runs in parts, over as many sittings as it needs.
 
 Order: each tuned detector's learning-rate sweep (seed 0), then its own key at the best rate; then
 the chosen variant's reported seeds (1..n: seed 0 chose the variant on val, so it is not reported),
@@ -1041,33 +1042,40 @@ class Benchmark:
         return todo
 
     @staticmethod
-    def step_seconds(runs, row_name):
-        """The median seconds per step of the row's committed runs (``runs``: one dataset's
+    def step_seconds(all_runs, dataset, row_name):
+        """
+        The median seconds per step of the row's committed runs on ``dataset`` (``all_runs``:
         :func:`load_runs`), else its root detector's (a lower bound for a distilled row, which
-        also runs its teacher), with the row it came from; ``(None, None)`` when neither ran."""
-        for source in (row_name, root_row(row_name)):
-            steps = [
-                result.get("train_s_per_iter")
-                for seeds in runs.get(source, {}).values()
-                for result in seeds.values()
-            ]
-            steps = [s for s in steps if s]
-            if steps:
-                return statistics.median(steps), source
+        also runs its teacher), else the same on another dataset (images of similar size), with
+        where it came from (the row, or "<dataset> <row>"); ``(None, None)`` when none ran.
+        """
+        others = [d for d in all_runs if d != dataset]
+        for where in [dataset, *others]:
+            for source in (row_name, root_row(row_name)):
+                steps = [
+                    result.get("train_s_per_iter")
+                    for seeds in all_runs.get(where, {}).get(source, {}).values()
+                    for result in seeds.values()
+                ]
+                steps = [s for s in steps if s]
+                if steps:
+                    return statistics.median(steps), (
+                        source if where == dataset else f"{where} {source}"
+                    )
         return None, None
 
     def print_plan(self, dataset, row_names, sweep_only=False):
         """Prints the runs still to train and their training steps' time; returns the runs."""
         todo = self.missing(dataset, row_names, sweep_only)
-        committed = load_runs(self.results).get(dataset, {})
+        committed = load_runs(self.results)
         total, unknown = 0.0, 0
         runs = "1 run" if len(todo) == 1 else f"{len(todo)} runs"
         print(f"[benchmark] {dataset}: {runs} to train", flush=True)
         for row_name, variant, seed in todo:
-            step, source = self.step_seconds(committed, row_name)
+            step, source = self.step_seconds(committed, dataset, row_name)
             if step is None:
                 unknown += 1
-                estimate = "? (no committed run of this detector)"
+                estimate = "? (no committed run of this detector on any dataset)"
             else:
                 minutes = step * self.max_iter(dataset) / 60
                 total += minutes
