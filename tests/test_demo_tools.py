@@ -73,6 +73,22 @@ def test_fcos_config_builds_and_matches_the_shared_values():
     assert list(cfg.model.pixel_std) == list(base.MODEL.PIXEL_STD)
 
 
+def test_fcos_box_outputs_tell_a_dead_regression_branch_from_a_live_one():
+    """The share of box outputs above zero: the ReLU that decodes them passes nothing of a
+    branch biased below zero (as FCOS's seed 2 on DeepForest ended), all of one above it."""
+    from fcos_box_outputs import box_output_stats
+
+    model = instantiate(lazy_fcos().model)
+    batches = [[{"image": torch.rand(3, 96, 128) * 255, "height": 96, "width": 128}]]
+    for bias, expected in ((-5.0, 0.0), (5.0, 1.0)):
+        torch.nn.init.constant_(model.head.bbox_pred.bias, bias)
+        stats = box_output_stats(model, batches)
+        assert stats["above_zero"] == pytest.approx(expected, abs=0.01)
+        assert stats["count"] == 4 * sum(  # four sides at every location of every level
+            ((96 + s - 1) // s) * ((128 + s - 1) // s) for s in (8, 16, 32, 64, 128)
+        )
+
+
 def test_yaml_configs_share_input_and_schedule():
     keys = ["INPUT", "SOLVER", "DATASETS", "DATALOADER", "TEST"]
     base = yaml_cfg("Base-DeepForest-MNV2.yaml")

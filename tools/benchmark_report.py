@@ -184,15 +184,17 @@ def targets(rows, dataset):
     """
     Where each goal stands on one dataset: ``met``, ``not met``, or ``pending`` while a row has
     no result or did not learn; a goal whose row cannot run on the dataset is left out.
-    ``provisional`` when a row involved has only its tuning run, or fewer reported seeds than
-    it is due (``Row.seeds``): one seed's evaluations move by more than some margins.
+    ``provisional`` when a row involved has only its tuning run, or fewer reported seeds that
+    learned than it is due (``Row.seeds``): one seed's evaluations move by more than some
+    margins, and a seed that failed adds nothing to the mean.
     """
     out = []
 
+    def learned_seeds(name):
+        return len(rows[name]["seeds"]) - len(rows[name]["did_not_learn"])
+
     def provisional(*names):
-        return any(
-            rows[n]["tuning_run_only"] or len(rows[n]["seeds"]) < ROWS[n].seeds for n in names
-        )
+        return any(rows[n]["tuning_run_only"] or learned_seeds(n) < ROWS[n].seeds for n in names)
 
     for label, row, other, margin in AP_TARGETS:
         if dataset not in ROWS[other].datasets:
@@ -320,7 +322,7 @@ def markdown(dataset, rows, sweeps, date, timing, references, goals, train_timin
     lines += [
         "",
         "Targets (the benchmark issue's goals; provisional: a row has its tuning run only, or"
-        " fewer seeds than it is due):",
+        " fewer seeds that learned than it is due):",
     ]
     lines += ["", "| target | status | measured |", "|---|---|---|"]
     for goal in goals:
