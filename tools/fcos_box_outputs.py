@@ -44,14 +44,15 @@ def box_output_stats(model, batches):
 
 
 def load_weights(model, path):
-    """Loads a detectron2 checkpoint's ``model`` weights, every key or an error naming it."""
+    """Loads every tensor of the checkpoint ``path`` into ``model``, or exits naming what failed."""
+    from mimicdet.checkpoint import load_weights_strictly
+
     if not Path(path).is_file():
         sys.exit(f"{path}: no such checkpoint")
-    state = torch.load(path, map_location="cpu")["model"]
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        sys.exit(f"{path}: not a checkpoint of this FCOS config: {e}")
+        load_weights_strictly(model, path, "FCOS model of --config")
+    except ValueError as e:
+        sys.exit(str(e))
 
 
 def main(argv=None):

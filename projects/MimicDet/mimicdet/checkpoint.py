@@ -115,3 +115,27 @@ class WeightsOnlyCheckpointer(DetectionCheckpointer):
         if skipped:
             self.logger.info(f"{skipped} keep their own weights: checkpoints do not load them")
         return incompatible
+
+
+def load_weights_strictly(model, path, what="model"):
+    """
+    Loads ``path`` into ``model`` through :class:`WeightsOnlyCheckpointer` and refuses a partial
+    load: any tensor of the model missing from the file, any tensor of the file the model lacks,
+    or any tensor of another shape raises a ValueError naming them, the file and ``what`` the
+    model is (a model left half random would otherwise run silently).
+    """
+    checkpointer = WeightsOnlyCheckpointer(model)
+    checkpoint = checkpointer._load_file(checkpointer.path_manager.get_local_path(path))
+    incompatible = checkpointer._load_model(checkpoint)
+    problems = []
+    if incompatible.missing_keys:
+        problems.append(f"missing from the file: {', '.join(incompatible.missing_keys[:10])}")
+    if incompatible.unexpected_keys:
+        problems.append(f"not in the model: {', '.join(incompatible.unexpected_keys[:10])}")
+    if incompatible.incorrect_shapes:
+        shapes = [
+            f"{k} {tuple(f)} in the file vs {tuple(m)}" for k, f, m in incompatible.incorrect_shapes
+        ]
+        problems.append(f"other shapes: {'; '.join(shapes[:10])}")
+    if problems:
+        raise ValueError(f"Checkpoint '{path}' does not match the {what}: " + " | ".join(problems))
