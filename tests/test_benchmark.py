@@ -130,7 +130,11 @@ def test_rm_pfi_gets_a_teacher_with_the_students_anchors(tmp_path):
     assert "anchor" not in fgfi["MODEL.DISTILL.TEACHER.OPTS"].lower()
     assert rm["MODEL.DISTILL.TEACHER.CONFIG_FILE"] == "configs/DeepForest/faster_rcnn_MNV2_FPN.yaml"
     # the student's result records which teacher taught it, and how good it was
-    assert fgfi_teacher == {"row": "faster_rcnn", "variant": "lr0.005", "seed": 1, "AP": 13.0}
+    teacher_weights = bench.run_dir("deepforest", "faster_rcnn", "lr0.005", 1) / "model_final.pth"
+    assert fgfi_teacher == {
+        "row": "faster_rcnn", "variant": "lr0.005", "seed": 1, "AP": 13.0,
+        "sha256": benchmark.sha256(teacher_weights),
+    }  # fmt: skip
     assert rm_teacher["variant"] == "lr0.005-anchor16" and rm_teacher["AP"] == 11.0
     # RM+PFI cannot read a multi-class RPN teacher: it is not a Fashion scenes row
     assert "fashion_scenes" not in ROWS["retinanet_rm_pfi"].datasets
@@ -298,11 +302,52 @@ def test_a_report_and_a_pack_of_no_run_at_all_are_empty_not_an_error(tmp_path):
     assert benchmark.pack_runs(empty, tmp_path / "runs.json") == {}
 
 
-def test_a_changed_schedule_is_refused_into_the_committed_results(capsys):
+def test_a_changed_schedule_is_refused_into_the_benchmarks_own_folders(tmp_path, capsys):
+    """A probe's runs would replace the committed results, or empty the training folders that
+    hold the benchmark's checkpoints (its teachers among them)."""
+    results, output = ["--results", str(tmp_path / "r")], ["--output", str(tmp_path / "o")]
     for flag in (["--smoke"], ["--max-iter", "2"]):
-        with pytest.raises(SystemExit):
-            benchmark.parse_args(flag)
-        assert "give --results another folder" in capsys.readouterr().err
+        for folders in ([], results, output):
+            with pytest.raises(SystemExit):
+                benchmark.parse_args(flag + folders)
+            assert "give --results and --output other folders" in capsys.readouterr().err
+        assert not benchmark.parse_args(flag + results + output).default_results
+
+
+def test_the_report_keeps_one_schedule_and_the_variant_that_training_keeps(tmp_path, capsys):
+    """A run left from before a schedule change neither wins a sweep nor enters a mean; of equal
+    seed-0 APs the report names the variant training chose (the first in sweep order), not the
+    first file name."""
+    for variant, ap in (("lr0.0025", 5.0), ("lr0.005", 6.0), ("lr0.01", 8.0)):
+        fake_result(tmp_path, "deepforest", "fcos", variant, 0, ap)
+    fake_result(tmp_path, "deepforest", "fcos", "lr0.01-radius2.5", 0, 8.0)  # a tie
+    fake_result(tmp_path, "deepforest", "fcos", "lr0.01", 1, 9.0)
+    fake_result(tmp_path, "deepforest", "fcos", "lr0.01", 2, 30.0, max_iter=400)
+    fake_result(tmp_path, "deepforest", "fcos", "lr0.0025", 3, 40.0, max_iter=400)
+    row = benchmark_report.write_report(tmp_path, "today")["datasets"]["deepforest"]["rows"]
+    chosen = benchmark.Benchmark(tmp_path, tmp_path / "out").chosen("deepforest", "fcos")
+    assert row["fcos"]["variant"] == chosen.name == "lr0.01"
+    assert row["fcos"]["seeds"] == [1] and row["fcos"]["AP"] == 9.0
+    assert "lr0.01-seed2.json: 400 iterations, the schedule reported is 1200" in (
+        capsys.readouterr().out
+    )
+
+
+def test_a_row_that_does_not_run_on_a_dataset_reads_not_applicable(tmp_path):
+    """RM + PFI runs on DeepForest only: on Fashion scenes its cell and its target say so,
+    rather than looking like a run still to come."""
+    fake_result(tmp_path, "deepforest", "retinanet", "lr0.005", 0, 8.0)
+    fake_result(tmp_path, "deepforest", "retinanet_rm_pfi", "lr0.005", 1, 9.0)
+    fake_result(tmp_path, "fashion_scenes", "mimicdet", "lr0.005", 0, 40.0, max_iter=3600)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- benchmark-table -->\n<!-- /benchmark-table -->\n")
+    summary = benchmark_report.write_report(tmp_path, "today", readme=readme)
+    goals = {g["target"]: g for g in summary["datasets"]["fashion_scenes"]["targets"]}
+    assert goals["MimicDet at least 2 AP above RetinaNet + RM + PFI"]["status"] == "not applicable"
+    text = readme.read_text()
+    assert "| RetinaNet + RM + PFI | 9.0 (9.9) | n/a | 100 |" in text
+    assert "| MimicDet | – | 40.0 (44.0)* | – |" in text
+    assert "1200 iterations on DeepForest, 3600 iterations on Fashion scenes" in text
 
 
 def test_targets_say_met_not_met_or_pending_with_the_measured_difference(tmp_path):
@@ -462,6 +507,9 @@ def test_a_distilled_row_trains_its_teacher_and_student_first_then_reports(tmp_p
         (results / "runs/deepforest/retinanet_fgfi/lr0.005-seed1.json").read_text()
     )
     assert student["teacher"]["variant"] == "lr0.005" and student["teacher"]["seed"] == 1
+    # the digest of the weights that taught it
+    teacher_weights = out / "deepforest/faster_rcnn/lr0.005-seed1/model_final.pth"
+    assert student["teacher"]["sha256"] == benchmark.sha256(teacher_weights)
     assert "<output>/deepforest/faster_rcnn/lr0.005-seed1/model_final.pth" in student["opts"]
     assert "MODEL.DISTILL.FGFI.WEIGHT" in student["opts"] and student["max_iter"] == 1
     assert student["params"] > 0 and student["infer_ms"] > 0 and student["yardstick_ms"] > 0
@@ -500,6 +548,44 @@ def test_an_interrupted_run_resumes_only_under_the_command_that_started_it(tmp_p
     (out / "last_checkpoint").write_text("model_0000199.pth")
     assert not benchmark.resumable(out, ["--config-file", "a.yaml", "SOLVER.MAX_ITER", "3600"])
     assert not (out / "last_checkpoint").exists()
+
+    # killed after its first evaluation, before its first checkpoint: nothing to resume, and
+    # its records must not enter the next training's curve and step times
+    (out / "metrics.json").write_text(json.dumps({"iteration": 99, "bbox/AP": 5.0}) + "\n")
+    assert not benchmark.resumable(out, ["--config-file", "a.yaml", "SOLVER.MAX_ITER", "3600"])
+    assert not (out / "metrics.json").exists()
+
+
+def test_a_finished_run_is_read_back_only_under_the_command_that_trained_it(tmp_path, monkeypatch):
+    """A finished checkpoint counts as the run only for the same train_net.py arguments and, for
+    a student, the same teacher weights: another schedule's, or a student of a teacher trained
+    again since, is trained anew (not resumed)."""
+    trainings = []
+
+    def train_net(command, **kwargs):
+        trainings.append(command)
+        out = Path(command[command.index("OUTPUT_DIR") + 1])
+        (out / "model_final.pth").write_bytes(b"weights")
+        final = {"iteration": 1200, "bbox/AP": 9.0}
+        (out / "metrics.json").write_text(json.dumps(final) + "\n")
+
+    monkeypatch.setattr(benchmark.subprocess, "run", train_net)
+    bench = benchmark.Benchmark(tmp_path / "results", tmp_path / "out")
+    row = ROWS["retinanet_fgfi"]
+    variant = bench.sweep("deepforest", "retinanet")[0]
+    out = bench.run_dir("deepforest", row.name, variant.name, 1)
+
+    def train(bench=bench, teacher="a" * 64):
+        return bench.train("deepforest", row, variant, 1, out, teacher_sha256=teacher)
+
+    train()
+    assert len(trainings) == 1
+    train()
+    assert len(trainings) == 1  # finished under this command: read back
+    train(teacher="b" * 64)
+    assert len(trainings) == 2 and "--resume" not in trainings[-1]
+    train(benchmark.Benchmark(tmp_path / "results", tmp_path / "out", eval_period=600), "b" * 64)
+    assert len(trainings) == 3 and "TEST.EVAL_PERIOD" in trainings[-1]
 
 
 def test_training_steps_are_timed_interleaved_each_with_its_own_iteration():

@@ -286,23 +286,29 @@ def finished(metrics_file, max_iter):
 RUN_COMMAND_FILE = "benchmark_command.json"
 
 
+def recorded_command(out):
+    """The arguments ``out``'s training was started with (:func:`resumable`), None if unrecorded."""
+    command_file = out / RUN_COMMAND_FILE
+    return json.loads(command_file.read_text()) if command_file.is_file() else None
+
+
 def resumable(out, arguments):
     """
-    Whether ``out`` holds an interrupted training of exactly ``arguments`` (train_net.py's) to
-    resume. A checkpoint of other arguments (say the dataset's schedule grew since) is removed
-    rather than resumed: resuming would keep the old run's weights and finish them on the new
-    run's learning-rate steps. Either way ``out`` then records ``arguments``.
+    Whether ``out`` holds an interrupted training of exactly ``arguments`` (train_net.py's, and
+    a student's teacher digest) to resume. Otherwise ``out`` is emptied first: a checkpoint of
+    other arguments (say the dataset's schedule grew since) would keep the old run's weights and
+    finish them on the new run's learning-rate steps, and a metrics.json left without a checkpoint
+    would mix the old run's records into the new one's curve and step times. Either way ``out``
+    then records ``arguments``.
     """
-    command_file = out / RUN_COMMAND_FILE
-    recorded = json.loads(command_file.read_text()) if command_file.is_file() else None
-    resume = (out / "last_checkpoint").is_file()
-    if resume and recorded != list(arguments):
+    recorded = recorded_command(out)
+    resume = (out / "last_checkpoint").is_file() and recorded == list(arguments)
+    if not resume and out.exists():
         why = "another command" if recorded is not None else f"no {RUN_COMMAND_FILE}"
-        print(f"[benchmark] {out}: a checkpoint of {why}: training from scratch", flush=True)
+        print(f"[benchmark] {out}: an earlier training of {why}: from scratch", flush=True)
         shutil.rmtree(out)
-        resume = False
     out.mkdir(parents=True, exist_ok=True)
-    command_file.write_text(json.dumps(list(arguments)) + "\n")
+    (out / RUN_COMMAND_FILE).write_text(json.dumps(list(arguments)) + "\n")
     return resume
 
 
@@ -670,6 +676,10 @@ class Benchmark:
     def eval_period(self, dataset):
         return min(self._eval_period or DATASETS[dataset].eval_period, self.max_iter(dataset))
 
+    def schedules(self):
+        """{dataset: iterations} of this benchmark's runs, the schedule its report shows."""
+        return {dataset: self.max_iter(dataset) for dataset in DATASETS}
+
     def seeds(self, row_name):
         """The reported seeds: 1..n. Seed 0 is the tuning sweep's, chosen on the val AP it
         reports, so it is kept out of every reported mean (ablations and students alike)."""
@@ -738,24 +748,29 @@ class Benchmark:
     def run_dir(self, dataset, row_name, variant_name_, seed):
         return self.output / dataset / row_name / f"{variant_name_}-seed{seed}"
 
-    def train(self, dataset, row, variant, seed, out, extra_opts=()):
+    def train(self, dataset, row, variant, seed, out, extra_opts=(), teacher_sha256=None):
         """train_net.py for one run into ``out`` (resumed if interrupted); returns the command,
         the options that define the run (without its seed and output folder) and the training's
-        :func:`cpu_share` (None if it had finished earlier)."""
+        :func:`cpu_share` (None if it had finished earlier). A student's ``teacher_sha256`` is
+        part of what defines its run: a teacher trained again gives another run."""
         max_iter, eval_period = self.max_iter(dataset), self.eval_period(dataset)
         train_opts = [*row.opts, *variant.opts, *extra_opts]
         train_opts += schedule_opts(dataset, row, max_iter, eval_period, self.device)
         train_opts += smoke_opts(row) if self.smoke else []
         command = [sys.executable, "train_net.py", "--config-file", config_path(dataset, row)]
         command += train_opts + seed_opts(row, seed, out)
+        arguments = command[1:] + ([f"teacher_sha256={teacher_sha256}"] if teacher_sha256 else [])
         if (out / "model_final.pth").is_file():
-            if finished(out / "metrics.json", max_iter):
+            recorded = recorded_command(out)
+            # a checkpoint from before commands were recorded (2026-12-03) is taken as it is
+            same = recorded is None or recorded == arguments
+            if same and finished(out / "metrics.json", max_iter):
                 print(f"[benchmark] {out} finished training earlier: reading it", flush=True)
                 return command, train_opts, None
-            # stopped during the evaluation that follows the last step: train it again
-            print(f"[benchmark] {out} has no final evaluation: training it again", flush=True)
+            # of another command, or stopped in the evaluation after its last step: train again
+            print(f"[benchmark] {out}: not a finished run of this command: training", flush=True)
             shutil.rmtree(out)
-        if resumable(out, command[1:]):
+        if resumable(out, arguments):
             command.insert(2, "--resume")
         print(f"[benchmark] training {dataset} {row.name} {variant.name} seed {seed}", flush=True)
         print("[benchmark] " + shlex.join(command[1:]), flush=True)
@@ -779,7 +794,9 @@ class Benchmark:
         if row.teacher is not None:
             teacher_opts, teacher = self.teacher(dataset, row, variant, seed)
         start, code = time.time(), code_version()  # the code the training is about to load
-        command, train_opts, share = self.train(dataset, row, variant, seed, out, teacher_opts)
+        command, train_opts, share = self.train(
+            dataset, row, variant, seed, out, teacher_opts, teacher and teacher["sha256"]
+        )
         max_iter = self.max_iter(dataset)
         portable = lambda text: text.replace(str(self.output), "<output>")  # noqa: E731
         result = {
@@ -815,7 +832,7 @@ class Benchmark:
         result = json.loads(json.dumps(result), parse_constant=lambda constant: None)
         write_result(path, result)
         print(f"[benchmark] {path.relative_to(self.results)}: AP {result['final'].get('AP')}")
-        write_report(self.results)  # the tables follow every finished run
+        write_report(self.results, max_iters=self.schedules())  # tables follow every run
         return result
 
     def teacher(self, dataset, row, variant, seed):
@@ -841,6 +858,8 @@ class Benchmark:
             "variant": t_variant.name,
             "seed": seed,
             "AP": read_metrics(t_out / "metrics.json", 0, self.max_iter(dataset))["final"]["AP"],
+            # the weights that taught: a retrained teacher's differ from its committed result's
+            "sha256": sha256(t_out / "model_final.pth"),
         }
         opts = teacher_opts(config_path(dataset, t_row), t_out / "model_final.pth", t_variant)
         return opts, teacher
@@ -1153,10 +1172,13 @@ def parse_args(argv=None):
     # the committed results: the README's and MODEL_ZOO's tables follow them
     args.default_results = Path(args.results).resolve() == DEFAULT_RESULTS.resolve()
     changed = args.max_iter or args.eval_period or args.smoke
-    if changed and args.default_results and not (args.report or args.unpack):
+    default_output = Path(args.output).resolve() == DEFAULT_OUTPUT.resolve()
+    trains = not (args.report or args.unpack or args.plan)
+    if changed and trains and (args.default_results or default_output):
+        # the benchmark's own training folders would be emptied for the other schedule's runs
         parser.error(
-            "--max-iter / --eval-period / --smoke change the schedule: give --results another"
-            " folder"
+            "--max-iter / --eval-period / --smoke change the schedule: give --results and"
+            " --output other folders"
         )
     return args
 
@@ -1213,6 +1235,7 @@ def main(argv=None):
         args.results,
         readme=REPO / "README.md" if args.default_results else None,
         model_zoo=REPO / "MODEL_ZOO.md" if args.default_results else None,
+        max_iters=bench.schedules(),
     )
     if args.pack:
         pack_runs(args.results, args.pack)

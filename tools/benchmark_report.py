@@ -22,14 +22,23 @@ COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 CONTENDED_SHARE = 0.85
 
 
-def load_runs(results):
+def load_runs(results, max_iters=None):
     """{dataset: {row: {variant: {seed: result}}}} of every committed run of a known dataset and
-    row (others, e.g. of a renamed row, are named and left out)."""
+    row (others, e.g. of a renamed row, are named and left out). With ``max_iters``
+    ({dataset: iterations}), only the runs of that schedule: a run left from before a schedule
+    change must neither win a sweep nor enter a mean."""
     runs = {}
     for path in sorted(Path(results).glob("runs/*/*/*-seed*.json")):
         result = json.loads(path.read_text())
         if result["dataset"] not in DATASETS or result["row"] not in ROWS:
             print(f"[benchmark] {path}: unknown dataset or row, left out of the report")
+            continue
+        schedule = (max_iters or {}).get(result["dataset"], result["max_iter"])
+        if result["max_iter"] != schedule:
+            print(
+                f"[benchmark] {path}: {result['max_iter']} iterations, the schedule reported is "
+                f"{schedule}: left out of the report"
+            )
             continue
         by_variant = runs.setdefault(result["dataset"], {}).setdefault(result["row"], {})
         by_variant.setdefault(result["variant"], {})[result["seed"]] = result
@@ -42,6 +51,14 @@ def ranking_ap(result):
     return value if value is not None and value == value else -1.0
 
 
+def sweep_order(variant):
+    """Sort key of tools/benchmark.py's sweep order: the plain learning rates as LEARNING_RATES
+    lists them, then the key's values. Of equal APs the first in this order wins, in training's
+    choice and the report's alike."""
+    plain = [f"lr{lr:g}" for lr in LEARNING_RATES]
+    return (0, plain.index(variant), "") if variant in plain else (1, 0, variant)
+
+
 def chosen_variant(runs, row_name):
     """The tuned detector's variant with the best seed-0 AP among those run (a parent's for an
     ablation or a distilled row); ``complete`` says whether its whole sweep has run."""
@@ -49,7 +66,7 @@ def chosen_variant(runs, row_name):
     seed0 = {v: seeds[0] for v, seeds in runs.get(root, {}).items() if 0 in seeds}
     if not seed0:
         return None, False
-    best = max(seed0, key=lambda v: ranking_ap(seed0[v]))
+    best = max(sorted(seed0, key=sweep_order), key=lambda v: ranking_ap(seed0[v]))
     lrs = [f"lr{lr:g}" for lr in LEARNING_RATES]
     lr_done = all(name in seed0 for name in lrs)
     key = ROWS[root].key
@@ -88,7 +105,15 @@ def summarize(runs, row_name):
         "tuning_run_only": 0 in reported,
         "AP_per_seed": [reported[s]["final"].get("AP") for s in sorted(reported)],
         "did_not_learn": [s for s in sorted(reported) if not reported[s]["learned"]],
-        "train_s_per_iter": _mean([r["train_s_per_iter"] for r in reported.values()]),
+        # over the seeds trained on the first one's kind of device (a run may come from a GPU
+        # machine's --pack): one mean of CPU and GPU steps would describe neither
+        "train_s_per_iter": _mean(
+            [
+                r["train_s_per_iter"]
+                for r in reported.values()
+                if device_of(r.get("machine")) == device_of(first.get("machine"))
+            ]
+        ),
         # the share of the machine each training had: None for runs recorded before it was
         "train_cpu_share": [r.get("train_cpu_share") for r in reported.values()],
         # timing does not depend on the seed: the first seed's, measured after its training,
@@ -182,8 +207,8 @@ SPEED_TARGET = 0.8
 
 def targets(rows, dataset):
     """
-    Where each goal stands on one dataset: ``met``, ``not met``, or ``pending`` while a row has
-    no result or did not learn; a goal whose row cannot run on the dataset is left out.
+    Where each goal stands on one dataset: ``met``, ``not met``, ``pending`` while a row has
+    no result or did not learn, or ``not applicable`` where its row cannot run on the dataset.
     ``provisional`` when a row involved has only its tuning run, or fewer reported seeds that
     learned than it is due (``Row.seeds``): one seed's evaluations move by more than some
     margins, and a seed that failed adds nothing to the mean.
@@ -197,8 +222,10 @@ def targets(rows, dataset):
         return any(rows[n]["tuning_run_only"] or learned_seeds(n) < ROWS[n].seeds for n in names)
 
     for label, row, other, margin in AP_TARGETS:
-        if dataset not in ROWS[other].datasets:
-            continue  # e.g. RM+PFI, which runs on DeepForest only
+        if dataset not in ROWS[other].datasets:  # e.g. RM+PFI, which runs on DeepForest only
+            detail = f"{ROWS[other].title} does not run on this dataset"
+            out.append({"target": label, "status": "not applicable", "detail": detail})
+            continue
         missing = [n for n in (row, other) if n not in rows]
         if missing:
             out.append({"target": label, "status": "pending", "detail": f"no run yet: {missing}"})
@@ -210,11 +237,14 @@ def targets(rows, dataset):
             out.append({"target": label, "status": "pending", "detail": detail})
             continue
         diff = rows[row]["AP"] - rows[other]["AP"]
+        # near the margin one decimal could read "+2.0 ... not met" for 1.96
+        digits = 2 if abs(diff - margin) < 0.05 else 1
         out.append(
             {
                 "target": label,
                 "status": "met" if diff >= margin else "not met",
-                "detail": f"{diff:+.1f} AP ({rows[row]['AP']:.1f} vs {rows[other]['AP']:.1f})",
+                "detail": f"{diff:+.{digits}f} AP ({rows[row]['AP']:.{digits}f} vs "
+                f"{rows[other]['AP']:.{digits}f})",
                 "provisional": provisional(row, other),
             }
         )
@@ -289,10 +319,10 @@ def markdown(dataset, rows, sweeps, date, timing, references, goals, train_timin
         "",
         f"Runs: `python tools/benchmark.py --dataset {dataset}` (each run's train_net command, "
         f"machine and date are in its JSON under `benchmarks/runs/{dataset}/`); this table: "
-        f"`python tools/benchmark.py --report`, {date}. Every row: the same MobileNetV2 FPN, "
-        f"data, batch 2 and {spec.max_iter} iterations; val AP by detectron2's COCOEvaluator, "
-        "means over the reported seeds (1..n) that learned; seed 0 of each detector is its "
-        f"tuning run, chosen on val, shown in the tuning table only; {timed}.",
+        f"`python tools/benchmark.py --report` over the runs up to {date}. Every row: the same "
+        f"MobileNetV2 FPN, data, batch 2 and {spec.max_iter} iterations; val AP by detectron2's "
+        "COCOEvaluator, means over the reported seeds (1..n) that learned; seed 0 of each "
+        f"detector is its tuning run, chosen on val, shown in the tuning table only; {timed}.",
         "",
         "| row | AP | AP50 | AP75 | AP_s | AP_m | AP_l | AP per seed | train s/iter "
         "| infer ms/img | params (M) | GFLOPs | variant |",
@@ -407,9 +437,10 @@ def plot_speed_accuracy(path, dataset, rows):
         if r["infer_ms"] is None or r["AP"] is None:
             continue
         ax.scatter(r["infer_ms"], r["AP"])
-        ax.annotate(r["title"], (r["infer_ms"], r["AP"]), fontsize=7,
+        label = r["title"] + ("" if r.get("infer_normalized") else " † raw ms")
+        ax.annotate(label, (r["infer_ms"], r["AP"]), fontsize=7,
                     xytext=(4, 2), textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("inference ms per image (deploy model, batch 1, yardstick-normalized)")
+    ax.set_xlabel("inference ms per image (deploy model, batch 1; yardstick-normalized unless †)")
     ax.set_ylabel("val AP")
     ax.set_title(f"{DATASETS[dataset].title}: speed vs accuracy")
     ax.grid(alpha=0.3)
@@ -421,6 +452,11 @@ def plot_speed_accuracy(path, dataset, rows):
 README_START, README_END = "<!-- benchmark-table -->", "<!-- /benchmark-table -->"
 
 
+def short_title(dataset):
+    """The dataset's title without its parenthesis: "DeepForest", "Fashion scenes"."""
+    return DATASETS[dataset].title.split(" (")[0]
+
+
 def readme_table(summary):
     """The README's headline: one table, a line per row and a column per dataset (AP and AP50),
     with the inference time on the first dataset, the command, the date and one plot."""
@@ -430,21 +466,25 @@ def readme_table(summary):
     first = datasets[0]
     lines = [
         f"`python tools/benchmark.py --report`, {summary['date']}, from the runs committed under "
-        "`benchmarks/runs/`: val AP (AP50), mean of the reported seeds, each dataset "
-        f"{'/'.join(str(DATASETS[d].max_iter) for d in datasets)} iterations at batch 2; "
-        "* only the tuning run (seed 0) so far; ms: deploy model, batch 1, "
-        f"{DATASETS[first].title.split(' (')[0]}, CPU, on one scale across sittings († raw: "
+        "`benchmarks/runs/`: val AP (AP50), mean of the reported seeds, at batch 2 for "
+        + ", ".join(
+            f"{summary['datasets'][d]['max_iter']} iterations on {short_title(d)}" for d in datasets
+        )
+        + "; * only the tuning run (seed 0) so far; n/a: the row does not run on that dataset; "
+        "ms: deploy model, batch 1, "
+        f"{short_title(first)}, on the CPU unless marked, on one scale across sittings († raw: "
         "timed before that scale existed).",
         "",
-        "| detector | "
-        + " | ".join(DATASETS[d].title.split(" (")[0] for d in datasets)
-        + " | ms/img |",
+        "| detector | " + " | ".join(short_title(d) for d in datasets) + " | ms/img |",
         "|---" * (len(datasets) + 2) + "|",
     ]
     for name in ROWS:
         cells, ms = [], None
         for dataset in datasets:
             r = summary["datasets"][dataset]["rows"].get(name)
+            if dataset not in ROWS[name].datasets:
+                cells.append("n/a")
+                continue
             if r is None or r["AP"] is None:
                 cells.append("–")
                 continue
@@ -453,7 +493,7 @@ def readme_table(summary):
             if dataset == first:
                 ms = _fmt(r["infer_ms"], 0) + ("" if r["infer_normalized"] else "†")
                 ms += "" if device_of(r["machine"]) == "CPU" else f" ({device_of(r['machine'])})"
-        if all(c == "–" for c in cells):
+        if all(c in ("–", "n/a") for c in cells):
             continue
         lines.append(f"| {ROWS[name].title} | " + " | ".join(cells) + f" | {ms or '–'} |")
     lines += ["", f"![AP vs iteration, {first}](benchmarks/{first}_ap_curves.png)"]
@@ -534,14 +574,16 @@ def read_json_if_any(path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def write_report(results, date=None, readme=None, model_zoo=None):
-    """Writes the report files for every dataset with committed runs (and the table in
-    ``readme`` and the models in ``model_zoo``, if given); returns the summary."""
+def write_report(results, date=None, readme=None, model_zoo=None, max_iters=None):
+    """Writes the report files for every dataset with committed runs of its schedule
+    (``max_iters``, {dataset: iterations}; by default benchmark_rows.DATASETS') and the table in
+    ``readme`` and the models in ``model_zoo``, if given; returns the summary."""
     import datetime
 
     results = Path(results)
     date = date or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    all_runs = load_runs(results)
+    max_iters = max_iters or {name: d.max_iter for name, d in DATASETS.items()}
+    all_runs = load_runs(results, max_iters)
     summary = {"command": "python tools/benchmark.py --report", "date": date, "datasets": {}}
     for dataset, runs in all_runs.items():
         rows = {n: s for n in ROWS if n in runs and (s := summarize(runs, n)) is not None}
@@ -553,6 +595,7 @@ def write_report(results, date=None, readme=None, model_zoo=None):
         sweeps = sweep_table(runs)
         goals = targets(rows, dataset)
         summary["datasets"][dataset] = {
+            "max_iter": max_iters[dataset],
             "rows": rows,
             "sweeps": sweeps,
             "targets": goals,
@@ -560,8 +603,12 @@ def write_report(results, date=None, readme=None, model_zoo=None):
             "train_timing": train_timing,
             "yardstick_ms": references,
         }
+        # dated by its newest run or timing, so that another dataset's run leaves it unchanged
+        dates = [r.get("date") for v in runs.values() for s in v.values() for r in s.values()]
+        dates += [(t or {}).get("date") for t in (timing, train_timing)]
+        dataset_date = max([d for d in dates if d], default=date)
         (results / f"{dataset}.md").write_text(
-            markdown(dataset, rows, sweeps, date, timing, references, goals, train_timing)
+            markdown(dataset, rows, sweeps, dataset_date, timing, references, goals, train_timing)
         )
         plot_curves(results / f"{dataset}_ap_curves.png", dataset, runs, rows)
         plot_speed_accuracy(results / f"{dataset}_speed_accuracy.png", dataset, rows)
