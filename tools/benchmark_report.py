@@ -433,18 +433,30 @@ def plot_speed_accuracy(path, dataset, rows):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for name, r in rows.items():
-        if r["infer_ms"] is None or r["AP"] is None:
-            continue
+    points = [r for r in rows.values() if r["infer_ms"] is not None and r["AP"] is not None]
+    for r in points:
         ax.scatter(r["infer_ms"], r["AP"])
-        label = r["title"] + ("" if r.get("infer_normalized") else " † raw ms")
-        ax.annotate(label, (r["infer_ms"], r["AP"]), fontsize=7,
-                    xytext=(4, 2), textcoords="offset points")  # fmt: skip
     ax.set_xlabel("inference ms per image (deploy model, batch 1; yardstick-normalized unless †)")
     ax.set_ylabel("val AP")
     ax.set_title(f"{DATASETS[dataset].title}: speed vs accuracy")
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    # rows of about the same speed and AP (MimicDet's ablations) would print their labels over
+    # each other: from the highest AP down, a label drops below any close one
+    placed = []  # (x, label's y) in points
+    for r in sorted(points, key=lambda r: -r["AP"]):
+        x, y = ax.transData.transform((r["infer_ms"], r["AP"])) * 72 / fig.dpi
+        label_y = y + 2
+        for other_x, other_y in sorted(placed, key=lambda point: -point[1]):
+            if abs(other_x - x) < 100 and abs(label_y - other_y) < 8:
+                label_y = other_y - 8
+        placed.append((x, label_y))
+        label = r["title"] + ("" if r.get("infer_normalized") else " † raw ms")
+        # on the axes' right side a label reads leftwards, so that it stays inside the figure
+        right = ax.transAxes.inverted().transform(ax.transData.transform((r["infer_ms"], 0)))[0]
+        ax.annotate(label, (r["infer_ms"], r["AP"]), fontsize=7, textcoords="offset points",
+                    xytext=(-4 if right > 0.7 else 4, label_y - y),
+                    ha="right" if right > 0.7 else "left")  # fmt: skip
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
