@@ -288,8 +288,11 @@ def _fmt(value, digits=1):
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(dataset, rows, sweeps, date, timing, references, goals, train_timing=None):
+def markdown(
+    dataset, rows, sweeps, date, timing, references, goals, train_timing=None, max_iter=None
+):
     spec = DATASETS[dataset]
+    max_iter = max_iter or spec.max_iter  # the schedule reported (a smoke run's is shorter)
     scale = ", ".join(f"{ms:.0f} ms on {device}" for device, ms in references.items())
     timed = (
         "inference: the deploy model at batch 1 after its training, timed image by image "
@@ -320,7 +323,7 @@ def markdown(dataset, rows, sweeps, date, timing, references, goals, train_timin
         f"Runs: `python tools/benchmark.py --dataset {dataset}` (each run's train_net command, "
         f"machine and date are in its JSON under `benchmarks/runs/{dataset}/`); this table: "
         f"`python tools/benchmark.py --report` over the runs up to {date}. Every row: the same "
-        f"MobileNetV2 FPN, data, batch 2 and {spec.max_iter} iterations; val AP by detectron2's "
+        f"MobileNetV2 FPN, data, batch 2 and {max_iter} iterations; val AP by detectron2's "
         "COCOEvaluator, means over the reported seeds (1..n) that learned; seed 0 of each "
         f"detector is its tuning run, chosen on val, shown in the tuning table only; {timed}.",
         "",
@@ -338,7 +341,6 @@ def markdown(dataset, rows, sweeps, date, timing, references, goals, train_timin
             per_seed += f" on {r['machine']}"
         params = None if r["params"] is None else r["params"] / 1e6
         variant = r["variant"] + ("" if r["sweep_complete"] else " (sweep incomplete)")
-        variant += "" if r["max_iter"] == spec.max_iter else f", {r['max_iter']} iterations"
         infer = _fmt(r["infer_ms"], 0) + ("*" if r.get("infer_retimed") else "")
         infer += "" if r["infer_normalized"] else "†"
         train = _fmt(r["train_s_per_iter"], 2) + ("§" if r.get("train_retimed") else "")
@@ -620,7 +622,10 @@ def write_report(results, date=None, readme=None, model_zoo=None, max_iters=None
         dates += [(t or {}).get("date") for t in (timing, train_timing)]
         dataset_date = max([d for d in dates if d], default=date)
         (results / f"{dataset}.md").write_text(
-            markdown(dataset, rows, sweeps, dataset_date, timing, references, goals, train_timing)
+            markdown(
+                dataset, rows, sweeps, dataset_date, timing, references, goals, train_timing,
+                max_iters[dataset],
+            )  # fmt: skip
         )
         plot_curves(results / f"{dataset}_ap_curves.png", dataset, runs, rows)
         plot_speed_accuracy(results / f"{dataset}_speed_accuracy.png", dataset, rows)
