@@ -391,6 +391,17 @@ def test_targets_say_met_not_met_or_pending_with_the_measured_difference(tmp_pat
     assert not goals["mimicking worth at least 1 AP"]["provisional"]
 
 
+def test_a_difference_just_short_of_a_margin_does_not_read_as_reaching_it(tmp_path):
+    for row, ap in (("mimicdet", 12.0), ("fcos", 12.0 - 1.996)):
+        for seed in (0, 1, 2):
+            fake_result(tmp_path, "deepforest", row, "lr0.005", seed, ap)
+    summary = benchmark_report.write_report(tmp_path, "today")
+    goals = {g["target"]: g for g in summary["datasets"]["deepforest"]["targets"]}
+    fcos = goals["MimicDet at least 2 AP above FCOS"]
+    # one decimal would read "+2.0 AP ... not met"
+    assert fcos["status"] == "not met" and fcos["detail"].startswith("+1.996 AP")
+
+
 def test_the_speed_target_waits_for_one_scale_and_one_device(tmp_path):
     for row in ("mimicdet", "faster_rcnn"):
         for seed in (0, 1):
@@ -583,9 +594,81 @@ def test_a_finished_run_is_read_back_only_under_the_command_that_trained_it(tmp_
     train()
     assert len(trainings) == 1  # finished under this command: read back
     train(teacher="b" * 64)
-    assert len(trainings) == 2 and "--resume" not in trainings[-1]
-    train(benchmark.Benchmark(tmp_path / "results", tmp_path / "out", eval_period=600), "b" * 64)
-    assert len(trainings) == 3 and "TEST.EVAL_PERIOD" in trainings[-1]
+    assert len(trainings) == 2
+    eval_600 = benchmark.Benchmark(tmp_path / "results", tmp_path / "out", eval_period=600)
+    train(eval_600, "b" * 64)
+    assert len(trainings) == 3
+    assert trainings[-1][trainings[-1].index("TEST.EVAL_PERIOD") + 1] == "600"
+    # a folder from before commands were recorded: its finished run is read back
+    (out / benchmark.RUN_COMMAND_FILE).unlink()
+    train()
+    assert len(trainings) == 3
+
+    # interrupted (a checkpoint, no model_final.pth): resumed only on the same teacher's weights
+    (out / "model_final.pth").unlink()
+    (out / "last_checkpoint").write_text("model_0000599.pth")
+    (out / benchmark.RUN_COMMAND_FILE).write_text(json.dumps(trainings[-1][1:] + ["x"]))
+    train(eval_600, "c" * 64)
+    assert "--resume" not in trainings[-1]
+    (out / "model_final.pth").unlink()
+    (out / "last_checkpoint").write_text("model_0000599.pth")
+    train(eval_600, "c" * 64)
+    assert "--resume" in trainings[-1]
+
+
+def test_a_committed_teachers_weights_teach_as_they_are(tmp_path, monkeypatch):
+    """The teacher folder that holds its committed run's weights is read back even when the
+    benchmark's commands changed since: a committed model is never deleted and retrained. Other
+    weights in that folder are trained again under the current command."""
+    trainings = []
+
+    def train_net(command, **kwargs):
+        trainings.append(command)
+        out = Path(command[command.index("OUTPUT_DIR") + 1])
+        (out / "model_final.pth").write_bytes(b"retrained")
+        (out / "metrics.json").write_text(json.dumps({"iteration": 1200, "bbox/AP": 9.0}) + "\n")
+
+    monkeypatch.setattr(benchmark.subprocess, "run", train_net)
+    bench = benchmark.Benchmark(tmp_path, tmp_path / "out")
+    for row in ("retinanet", "faster_rcnn"):
+        for variant in ("lr0.0025", "lr0.005", "lr0.01", "lr0.005-anchor16"):
+            fake_result(
+                tmp_path, "deepforest", row, variant, 0, 12.0 if variant == "lr0.005" else 5
+            )
+    t_out = bench.run_dir("deepforest", "faster_rcnn", "lr0.005", 1)
+    t_out.mkdir(parents=True)
+    (t_out / "model_final.pth").write_bytes(b"committed")
+    (t_out / "metrics.json").write_text(json.dumps({"iteration": 1200, "bbox/AP": 13.0}) + "\n")
+    (t_out / benchmark.RUN_COMMAND_FILE).write_text(json.dumps(["an", "older", "command"]))
+    fake_result(tmp_path, "deepforest", "faster_rcnn", "lr0.005", 1, 13.0)
+    path = benchmark.result_path(tmp_path, "deepforest", "faster_rcnn", "lr0.005", 1)
+    committed = json.loads(path.read_text())
+    committed["sha256"] = {"model_final.pth": benchmark.sha256(t_out / "model_final.pth")}
+    path.write_text(json.dumps(committed))
+
+    student = bench.chosen("deepforest", "retinanet")
+    _, teacher = bench.teacher("deepforest", ROWS["retinanet_fgfi"], student, 1)
+    assert trainings == [] and (t_out / "model_final.pth").read_bytes() == b"committed"
+    assert teacher["sha256"] == committed["sha256"]["model_final.pth"]
+
+    (t_out / "model_final.pth").write_bytes(b"other weights")
+    _, teacher = bench.teacher("deepforest", ROWS["retinanet_fgfi"], student, 1)
+    assert len(trainings) == 1 and (t_out / "model_final.pth").read_bytes() == b"retrained"
+    assert teacher["sha256"] == benchmark.sha256(t_out / "model_final.pth")
+
+
+def test_the_committed_results_report_the_benchmarks_schedules_whatever_the_flags(
+    tmp_path, monkeypatch
+):
+    """`--report --smoke` (or --unpack with --max-iter) into benchmarks/ must not report the
+    committed runs as if of a 3-iteration schedule, which would leave every table empty."""
+    reports = []
+    monkeypatch.setattr(benchmark, "DEFAULT_RESULTS", tmp_path)
+    monkeypatch.setattr(benchmark, "write_report", lambda *a, **kw: reports.append(kw))
+    benchmark.main(["--report", "--smoke"])
+    assert reports[-1]["max_iters"] is None  # the datasets' own schedules
+    benchmark.main(["--report", "--smoke", "--results", str(tmp_path / "smoke")])
+    assert reports[-1]["max_iters"]["deepforest"] == benchmark.SMOKE_ITERS
 
 
 def test_training_steps_are_timed_interleaved_each_with_its_own_iteration():

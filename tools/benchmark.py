@@ -287,9 +287,15 @@ RUN_COMMAND_FILE = "benchmark_command.json"
 
 
 def recorded_command(out):
-    """The arguments ``out``'s training was started with (:func:`resumable`), None if unrecorded."""
+    """The arguments ``out``'s training was started with (:func:`resumable`), None if unrecorded,
+    "unreadable" if the record is damaged (which matches no command)."""
     command_file = out / RUN_COMMAND_FILE
-    return json.loads(command_file.read_text()) if command_file.is_file() else None
+    if not command_file.is_file():
+        return None
+    try:
+        return json.loads(command_file.read_text())
+    except json.JSONDecodeError:
+        return "unreadable"
 
 
 def resumable(out, arguments):
@@ -308,7 +314,9 @@ def resumable(out, arguments):
         print(f"[benchmark] {out}: an earlier training of {why}: from scratch", flush=True)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_COMMAND_FILE).write_text(json.dumps(list(arguments)) + "\n")
+    record = out / (RUN_COMMAND_FILE + ".tmp")
+    record.write_text(json.dumps(list(arguments)) + "\n")
+    record.replace(out / RUN_COMMAND_FILE)  # whole or not at all
     return resume
 
 
@@ -848,20 +856,27 @@ class Benchmark:
             dataset, row, variant, self.ensure_chosen(dataset, t_row.name)
         )
         t_out = self.run_dir(dataset, row.teacher, t_variant.name, seed)
-        if self.result(dataset, row.teacher, t_variant.name, seed) is None:
-            self.run(dataset, row.teacher, t_variant, seed)
-        elif not (t_out / "model_final.pth").is_file():
-            print(f"[benchmark] the teacher's checkpoint {t_out} is not here: training it")
-        self.train(dataset, t_row, t_variant, seed, t_out)  # a no-op when it is finished
+        weights = t_out / "model_final.pth"
+        committed = self.result(dataset, row.teacher, t_variant.name, seed)
+        if committed is None:
+            committed = self.run(dataset, row.teacher, t_variant, seed)
+        digest = sha256(weights) if weights.is_file() else None
+        # the committed run's own weights teach as they are, whatever changed in the commands
+        # since; other weights, or none, are (re)trained under the current command
+        if digest is None or digest != (committed.get("sha256") or {}).get(weights.name):
+            if digest is None:
+                print(f"[benchmark] the teacher's checkpoint {t_out} is not here: training it")
+            self.train(dataset, t_row, t_variant, seed, t_out)  # a no-op when it is finished
+            digest = sha256(weights)
         teacher = {
             "row": row.teacher,
             "variant": t_variant.name,
             "seed": seed,
             "AP": read_metrics(t_out / "metrics.json", 0, self.max_iter(dataset))["final"]["AP"],
             # the weights that taught: a retrained teacher's differ from its committed result's
-            "sha256": sha256(t_out / "model_final.pth"),
+            "sha256": digest,
         }
-        opts = teacher_opts(config_path(dataset, t_row), t_out / "model_final.pth", t_variant)
+        opts = teacher_opts(config_path(dataset, t_row), weights, t_variant)
         return opts, teacher
 
     def teacher_variant(self, dataset, row, variant, t_chosen):
@@ -1235,7 +1250,8 @@ def main(argv=None):
         args.results,
         readme=REPO / "README.md" if args.default_results else None,
         model_zoo=REPO / "MODEL_ZOO.md" if args.default_results else None,
-        max_iters=bench.schedules(),
+        # the committed results report the benchmark's schedules whatever the flags say
+        max_iters=None if args.default_results else bench.schedules(),
     )
     if args.pack:
         pack_runs(args.results, args.pack)

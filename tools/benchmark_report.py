@@ -97,6 +97,13 @@ def summarize(runs, row_name):
         return None
     learned = [r for _, r in sorted(reported.items()) if r["learned"]]
     first = reported[min(reported)]
+    # step times of the first seed's kind of device (a run may come from a GPU machine's --pack):
+    # one mean of CPU and GPU steps would describe neither
+    same_device = [
+        r
+        for r in reported.values()
+        if device_of(r.get("machine")) == device_of(first.get("machine"))
+    ]
     row = {
         "title": ROWS[row_name].title,
         "variant": variant,
@@ -105,17 +112,9 @@ def summarize(runs, row_name):
         "tuning_run_only": 0 in reported,
         "AP_per_seed": [reported[s]["final"].get("AP") for s in sorted(reported)],
         "did_not_learn": [s for s in sorted(reported) if not reported[s]["learned"]],
-        # over the seeds trained on the first one's kind of device (a run may come from a GPU
-        # machine's --pack): one mean of CPU and GPU steps would describe neither
-        "train_s_per_iter": _mean(
-            [
-                r["train_s_per_iter"]
-                for r in reported.values()
-                if device_of(r.get("machine")) == device_of(first.get("machine"))
-            ]
-        ),
+        "train_s_per_iter": _mean([r["train_s_per_iter"] for r in same_device]),
         # the share of the machine each training had: None for runs recorded before it was
-        "train_cpu_share": [r.get("train_cpu_share") for r in reported.values()],
+        "train_cpu_share": [r.get("train_cpu_share") for r in same_device],
         # timing does not depend on the seed: the first seed's, measured after its training,
         # with the yardstick timed interleaved (None for runs recorded before it was)
         "infer_ms": first.get("infer_ms"),
@@ -237,8 +236,11 @@ def targets(rows, dataset):
             out.append({"target": label, "status": "pending", "detail": detail})
             continue
         diff = rows[row]["AP"] - rows[other]["AP"]
-        # near the margin one decimal could read "+2.0 ... not met" for 1.96
-        digits = 2 if abs(diff - margin) < 0.05 else 1
+        # as many decimals as it takes for the shown difference to be met exactly when the real
+        # one is (one decimal would read "+2.0 ... not met" for 1.96)
+        digits = 1
+        while digits < 4 and (round(diff, digits) >= margin) != (diff >= margin):
+            digits += 1
         out.append(
             {
                 "target": label,
