@@ -302,6 +302,31 @@ def test_a_report_and_a_pack_of_no_run_at_all_are_empty_not_an_error(tmp_path):
     assert benchmark.pack_runs(empty, tmp_path / "runs.json") == {}
 
 
+def test_a_runs_code_version_is_dirty_for_code_changes_not_for_the_benchmarks_outputs(
+    tmp_path, monkeypatch
+):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    for path in ("tools/benchmark.py", "benchmarks/results.json", "README.md"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("0\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    monkeypatch.setattr(benchmark, "REPO", tmp_path)
+    clean = benchmark.code_version()
+    assert clean and not clean.endswith("+dirty")
+    # the report rewrites these after every run, while the next run starts
+    (tmp_path / "benchmarks/results.json").write_text("1\n")
+    (tmp_path / "README.md").write_text("1\n")
+    assert benchmark.code_version() == clean
+    (tmp_path / "tools/benchmark.py").write_text("1\n")
+    assert benchmark.code_version() == clean + "+dirty"
+
+
 def test_a_changed_schedule_is_refused_into_the_benchmarks_own_folders(tmp_path, capsys):
     """A probe's runs would replace the committed results, or empty the training folders that
     hold the benchmark's checkpoints (its teachers among them)."""
