@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 from benchmark_report import load_runs, ranking_ap, write_report  # noqa: E402
-from benchmark_rows import DATASETS, LEARNING_RATES, ROWS, root_row  # noqa: E402
+from benchmark_rows import DATASETS, LEARNING_RATES, ROWS, root_row, variant_name  # noqa: E402
 from prepare_deepforest import sha256  # noqa: E402
 
 DEFAULT_RESULTS = REPO / "benchmarks"
@@ -84,12 +84,6 @@ def config_path(dataset, row):
     return f"{DATASETS[dataset].configs}/{row.config}"
 
 
-def variant_name(lr, key=None, value=None):
-    """``lr0.005`` or ``lr0.005-anchor16``: the folder and file stem of a run."""
-    name = f"lr{lr:g}"
-    return name if key is None else f"{name}-{key.label}{value:g}"
-
-
 def result_path(results, dataset, row_name, variant, seed):
     return Path(results) / "runs" / dataset / row_name / f"{variant}-seed{seed}.json"
 
@@ -100,7 +94,7 @@ def load_result(results, dataset, row_name, variant, seed):
 
 
 def write_result(path, result):
-    """Writes a run's result whole or not at all."""
+    """Writes a run's result (or its command record) as JSON, whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
@@ -313,10 +307,7 @@ def resumable(out, arguments):
         why = "another command" if recorded is not None else f"no {RUN_COMMAND_FILE}"
         print(f"[benchmark] {out}: an earlier training of {why}: from scratch", flush=True)
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    record = out / (RUN_COMMAND_FILE + ".tmp")
-    record.write_text(json.dumps(list(arguments)) + "\n")
-    record.replace(out / RUN_COMMAND_FILE)  # whole or not at all
+    write_result(out / RUN_COMMAND_FILE, list(arguments))  # whole or not at all
     return resume
 
 

@@ -14,7 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
-from benchmark_rows import DATASETS, LEARNING_RATES, ROWS, root_row
+from benchmark_rows import DATASETS, LEARNING_RATES, ROWS, root_row, variant_name
 
 COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # a training that had less of the machine's CPU time than this shared it with other work: its
@@ -51,12 +51,17 @@ def ranking_ap(result):
     return value if value is not None and value == value else -1.0
 
 
+# the sweep's plain learning-rate runs, in its order
+LR_VARIANTS = tuple(variant_name(lr) for lr in LEARNING_RATES)
+
+
 def sweep_order(variant):
     """Sort key of tools/benchmark.py's sweep order: the plain learning rates as LEARNING_RATES
     lists them, then the key's values. Of equal APs the first in this order wins, in training's
     choice and the report's alike."""
-    plain = [f"lr{lr:g}" for lr in LEARNING_RATES]
-    return (0, plain.index(variant), "") if variant in plain else (1, 0, variant)
+    if variant in LR_VARIANTS:
+        return (0, LR_VARIANTS.index(variant), "")
+    return (1, 0, variant)
 
 
 def chosen_variant(runs, row_name):
@@ -67,14 +72,13 @@ def chosen_variant(runs, row_name):
     if not seed0:
         return None, False
     best = max(sorted(seed0, key=sweep_order), key=lambda v: ranking_ap(seed0[v]))
-    lrs = [f"lr{lr:g}" for lr in LEARNING_RATES]
-    lr_done = all(name in seed0 for name in lrs)
+    lr_done = all(name in seed0 for name in LR_VARIANTS)
     key = ROWS[root].key
     if key is None or not lr_done:
         return best, lr_done
     # as tools/benchmark.py's sweep: every other value of the key at the best learning rate
     # (each config's own value is one of the candidates: tests/test_benchmark.py checks it)
-    best_lr = max(lrs, key=lambda v: ranking_ap(seed0[v]))
+    best_lr = max(LR_VARIANTS, key=lambda v: ranking_ap(seed0[v]))
     tried = [v for v in seed0 if v.startswith(f"{best_lr}-{key.label}")]
     return best, len(tried) == len(key.candidates) - 1
 
@@ -449,7 +453,8 @@ def plot_speed_accuracy(path, dataset, rows):
     # each other: from the highest AP down, a label drops below any close one
     placed = []  # (x, label's y) in points
     for r in sorted(points, key=lambda r: -r["AP"]):
-        x, y = ax.transData.transform((r["infer_ms"], r["AP"])) * 72 / fig.dpi
+        pixels = ax.transData.transform((r["infer_ms"], r["AP"]))
+        x, y = pixels * 72 / fig.dpi
         label_y = y + 2
         for other_x, other_y in sorted(placed, key=lambda point: -point[1]):
             if abs(other_x - x) < 100 and abs(label_y - other_y) < 8:
@@ -457,7 +462,7 @@ def plot_speed_accuracy(path, dataset, rows):
         placed.append((x, label_y))
         label = r["title"] + ("" if r.get("infer_normalized") else " † raw ms")
         # on the axes' right side a label reads leftwards, so that it stays inside the figure
-        right = ax.transAxes.inverted().transform(ax.transData.transform((r["infer_ms"], 0)))[0]
+        right = ax.transAxes.inverted().transform(pixels)[0]
         ax.annotate(label, (r["infer_ms"], r["AP"]), fontsize=7, textcoords="offset points",
                     xytext=(-4 if right > 0.7 else 4, label_y - y),
                     ha="right" if right > 0.7 else "left")  # fmt: skip

@@ -199,6 +199,12 @@ ROWS = {
 }
 
 
+def variant_name(lr, key=None, value=None):
+    """``lr0.005`` or ``lr0.005-anchor16``: the folder and file stem of a run."""
+    name = f"lr{lr:g}"
+    return name if key is None else f"{name}-{key.label}{value:g}"
+
+
 def root_row(name):
     """The tuned detector whose choice ``name`` takes: itself, or its parent's root."""
     while ROWS[name].parent is not None:
