@@ -1,5 +1,6 @@
 """tools/benchmark.py: the tuning order, what a run records, and the report built from results."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -136,8 +137,12 @@ def test_rm_pfi_gets_a_teacher_with_the_students_anchors(tmp_path):
         "sha256": benchmark.sha256(teacher_weights),
     }  # fmt: skip
     assert rm_teacher["variant"] == "lr0.005-anchor16" and rm_teacher["AP"] == 11.0
-    # RM+PFI cannot read a multi-class RPN teacher: it is not a Fashion scenes row
-    assert "fashion_scenes" not in ROWS["retinanet_rm_pfi"].datasets
+    # a multi-class teacher's second stage scores RM's candidates: RM+PFI runs on Fashion too
+    assert bench.missing("fashion_scenes", ["retinanet_rm_pfi"])[-1] == (
+        "retinanet_rm_pfi",
+        "the chosen variant",
+        1,
+    )
 
 
 def test_the_plan_lists_what_is_left_in_training_order_with_its_time(tmp_path, capsys):
@@ -358,9 +363,11 @@ def test_the_report_keeps_one_schedule_and_the_variant_that_training_keeps(tmp_p
     )
 
 
-def test_a_row_that_does_not_run_on_a_dataset_reads_not_applicable(tmp_path):
-    """RM + PFI runs on DeepForest only: on Fashion scenes its cell and its target say so,
-    rather than looking like a run still to come."""
+def test_a_row_that_does_not_run_on_a_dataset_reads_not_applicable(tmp_path, monkeypatch):
+    """A row whose method cannot apply to a dataset (here RM + PFI, made DeepForest-only): on
+    Fashion scenes its cell and its target say so, rather than looking like a run to come."""
+    only_deepforest = dataclasses.replace(ROWS["retinanet_rm_pfi"], datasets=("deepforest",))
+    monkeypatch.setitem(ROWS, "retinanet_rm_pfi", only_deepforest)
     fake_result(tmp_path, "deepforest", "retinanet", "lr0.005", 0, 8.0)
     fake_result(tmp_path, "deepforest", "retinanet_rm_pfi", "lr0.005", 1, 9.0)
     fake_result(tmp_path, "fashion_scenes", "mimicdet", "lr0.005", 0, 40.0, max_iter=3600)

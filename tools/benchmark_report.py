@@ -225,7 +225,7 @@ def targets(rows, dataset):
         return any(rows[n]["tuning_run_only"] or learned_seeds(n) < ROWS[n].seeds for n in names)
 
     for label, row, other, margin in AP_TARGETS:
-        if dataset not in ROWS[other].datasets:  # e.g. RM+PFI, which runs on DeepForest only
+        if dataset not in ROWS[other].datasets:  # a method that cannot apply there
             detail = f"{ROWS[other].title} does not run on this dataset"
             out.append({"target": label, "status": "not applicable", "detail": detail})
             continue

@@ -190,10 +190,9 @@ ROWS = {
                 ("MODEL.DISTILL.RANK.WEIGHT", "4.0", "MODEL.DISTILL.PFI.WEIGHT", "1.5")
             ),
             paper="distillation from Faster R-CNN",
+            # PFI reads the teacher's RPN at every student anchor; Rank Mimicking ranks the RPN's
+            # candidates by the teacher's second stage (mimicdet/distill/dense_view.py)
             needs_teacher_anchors=True,
-            # a Faster R-CNN's dense prediction is its RPN's objectness, a class logit only with
-            # one class (mimicdet/distill/dense_view.py): not on the 10 Fashion scenes classes
-            datasets=("deepforest",),
         ),
     )  # fmt: skip
 }

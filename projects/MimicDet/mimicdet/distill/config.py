@@ -53,13 +53,18 @@ def add_distill_config(cfg):
     _C.MODEL.DISTILL.DEFEAT.CANONICAL_LEVEL = 4
 
     # Rank Mimicking and Prediction-guided Feature Imitation (Li et al., AAAI 2022):
-    # loss_kd_rank, loss_kd_pfi; both need the teacher's class logit of each student anchor (same
-    # levels and anchors): a dense teacher's head, or (ours, no paper pairs them) a two-stage
-    # teacher's RPN objectness, which stands for the class of a single-class dataset only
-    # (mimicdet/distill/dense_view.py)
+    # loss_kd_rank, loss_kd_pfi; both read the teacher's predictions at the student's anchors (same
+    # levels and anchors): a dense teacher's head, or, for a two-stage teacher (ours), its RPN and
+    # its second stage (mimicdet/distill/dense_view.py)
     _C.MODEL.DISTILL.RANK = CN()
     # public port: 4
     _C.MODEL.DISTILL.RANK.WEIGHT = 0.0
+    # a two-stage teacher's score of each candidate anchor at the GT's class (ours): "roi_head"
+    # runs its box head and classifier on the candidates as proposals (its log-probabilities);
+    # "rpn" reads its class-agnostic objectness, for one class only (the DeepForest benchmark's
+    # RM+PFI row before 2026-12-03). PFI always compares the RPN's objectness with the student's
+    # largest class logit per anchor (ours; the logit itself with one class)
+    _C.MODEL.DISTILL.RANK.TWO_STAGE_SCORES = "roi_head"
     _C.MODEL.DISTILL.PFI = CN()
     # public port: 1.5
     _C.MODEL.DISTILL.PFI.WEIGHT = 0.0

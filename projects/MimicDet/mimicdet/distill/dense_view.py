@@ -1,21 +1,37 @@
 """
-What Rank Mimicking and PFI read from a teacher: a class logit per student anchor, and an
-assigner that picks each GT's candidate anchors. A dense detector (RetinaNet, FCOS) has both in
-its head; a two-stage detector's dense stage is its RPN, whose objectness is the one class logit
-of a single-class problem.
+What Rank Mimicking and PFI read from a teacher, per student anchor:
+- PFI: a dense logit map to weigh the feature difference by;
+- Rank Mimicking: an assigner that picks each GT's candidate anchors, and the teacher's score of
+  each candidate at the GT's class.
+A dense detector (RetinaNet, FCOS) has all of it in its head. A two-stage detector's dense stage
+is its RPN (assigner, class-agnostic objectness for PFI); its class scores come from its second
+stage, which classifies the candidate anchors as if they were proposals (``RANK.TWO_STAGE_SCORES
+"roi_head"``), or, for one class only, from the RPN's objectness (``"rpn"``).
 """
 
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+import torch.nn.functional as F
+from detectron2.layers import cat
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
 from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
 from detectron2.modeling.proposal_generator.rpn import RPN
+from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from torch import Tensor, nn
 
-__all__ = ["DenseView", "candidate_matches", "dense_view", "anchor_generator_of"]
+__all__ = [
+    "DenseView",
+    "TWO_STAGE_SCORES",
+    "candidate_matches",
+    "dense_view",
+    "anchor_generator_of",
+]
+
+# where a two-stage teacher's class scores for Rank Mimicking come from (RANK.TWO_STAGE_SCORES)
+TWO_STAGE_SCORES = ("roi_head", "rpn")
 
 
 @dataclass
@@ -23,52 +39,128 @@ class DenseView:
     """
     Attributes:
         in_features: the pyramid levels the predictions are made on, in the head's order.
-        class_logits: FPN features (by name) -> per level ``(N, A*K, H, W)`` class logits.
+        class_logits: FPN features (by name) -> per level ``(N, A*C, H, W)`` logits, C the
+            student's classes for a dense teacher, 1 (objectness) for an RPN.
+        comparable_student_logits: a student's per level ``(N, A*K, H, W)`` class logits ->
+            what ``class_logits`` compares with, for PFI: the logits themselves, or for an RPN
+            teacher each anchor's largest class logit (``(N, A, H, W)``; ours: the student's
+            "some object here" next to the RPN's, the same for one class).
+        candidate_scores: (teacher features, ``class_logits``' output, the student's anchors of
+            all levels as one ``Boxes``, per image the indices of the candidate anchors) -> per
+            image ``(R_i, K)`` the teacher's class scores of those anchors, for Rank Mimicking.
         assigner: a module with FCOS's ``match_anchors`` or an IoU ``anchor_matcher``.
         anchor_generator: the anchors the logits belong to.
     """
 
     in_features: List[str]
     class_logits: Callable[[Dict[str, Tensor]], List[Tensor]]
+    comparable_student_logits: Callable[[Tensor], Tensor]
+    candidate_scores: Callable[[Dict[str, Tensor], List[Tensor], Boxes, List[Tensor]], List[Tensor]]
     assigner: nn.Module
     anchor_generator: nn.Module
 
 
-def dense_view(detector: nn.Module, num_classes: int) -> DenseView:
+def dense_view(detector: nn.Module, num_classes: int, two_stage_scores: str = "roi_head"):
     """
-    The dense predictions of ``detector`` for a student with ``num_classes`` classes:
-    a ``DenseDetector``'s head, or a ``GeneralizedRCNN``'s RPN when ``num_classes`` is 1 (ours:
-    the RPN's objectness stands for the one class; with more classes it has no per-class score).
+    The dense predictions of ``detector`` for a student with ``num_classes`` classes: a
+    ``DenseDetector``'s head, or a ``GeneralizedRCNN``'s RPN with, for Rank Mimicking, the class
+    scores of ``two_stage_scores`` (:data:`TWO_STAGE_SCORES`; "rpn" only when ``num_classes`` is
+    1, where the objectness stands for the one class).
     """
+    levels, anchor_generator = anchor_generator_of(detector) or (None, None)
     if isinstance(detector, DenseDetector) and isinstance(detector.head, nn.Module):
         if detector.num_classes != num_classes:
             raise ValueError(
                 f"Rank Mimicking and PFI compare class logits: the {type(detector).__name__} "
                 f"teacher has {detector.num_classes} classes, the student {num_classes}"
             )
-        head, assigner = detector.head, detector
-    elif isinstance(detector, GeneralizedRCNN) and isinstance(detector.proposal_generator, RPN):
-        if num_classes != 1:
-            raise ValueError(
-                "Rank Mimicking and PFI from a two-stage teacher read its RPN's class-agnostic "
-                f"objectness, which stands for a class only when there is one; the student has "
-                f"{num_classes} classes"
-            )
-        head, assigner = detector.proposal_generator.rpn_head, detector.proposal_generator
-    else:
-        raise ValueError(
-            f"Rank Mimicking and PFI need a teacher with dense class predictions (a detectron2 "
-            f"DenseDetector with one head, or a GeneralizedRCNN with an RPN), got "
-            f"{type(detector).__name__} (MimicDet's S-head reads refined boxes, not fixed anchors)"
+        head = detector.head
+        return DenseView(
+            levels,
+            lambda features: head([features[f] for f in levels])[0],
+            lambda student_logits: student_logits,
+            _dense_candidate_scores(num_classes),
+            detector,
+            anchor_generator,
         )
-    # the levels and anchors the logits belong to
-    levels, anchor_generator = anchor_generator_of(detector)
-    return DenseView(
-        levels,
-        lambda features: head([features[f] for f in levels])[0],
-        assigner,
-        anchor_generator,
+    if isinstance(detector, GeneralizedRCNN) and isinstance(detector.proposal_generator, RPN):
+        rpn = detector.proposal_generator
+        if two_stage_scores == "roi_head":
+            candidate_scores = _roi_head_candidate_scores(detector.roi_heads, num_classes)
+        elif two_stage_scores == "rpn":
+            if num_classes != 1:
+                raise ValueError(
+                    'MODEL.DISTILL.RANK.TWO_STAGE_SCORES "rpn" reads the RPN\'s class-agnostic '
+                    "objectness, which stands for a class only when there is one; the student "
+                    f'has {num_classes} classes (use "roi_head")'
+                )
+            candidate_scores = _dense_candidate_scores(1)
+        else:
+            raise ValueError(
+                f"MODEL.DISTILL.RANK.TWO_STAGE_SCORES {two_stage_scores!r}: one of "
+                f"{TWO_STAGE_SCORES}"
+            )
+        return DenseView(
+            levels,
+            lambda features: rpn.rpn_head([features[f] for f in levels])[0],
+            lambda student_logits: _best_class_per_anchor(student_logits, num_classes),
+            candidate_scores,
+            rpn,
+            anchor_generator,
+        )
+    raise ValueError(
+        f"Rank Mimicking and PFI need a teacher with dense class predictions (a detectron2 "
+        f"DenseDetector with one head, or a GeneralizedRCNN with an RPN), got "
+        f"{type(detector).__name__} (MimicDet's S-head reads refined boxes, not fixed anchors)"
     )
+
+
+def _best_class_per_anchor(logits: Tensor, num_classes: int) -> Tensor:
+    """``(N, A*K, H, W)`` -> ``(N, A, H, W)``: each anchor's largest class logit."""
+    n, _, h, w = logits.shape
+    return logits.view(n, -1, num_classes, h, w).amax(dim=2)
+
+
+def _dense_candidate_scores(num_classes: int):
+    """A dense teacher's own logits at the candidate anchors."""
+
+    def scores(features, class_logits, anchors, candidates):
+        flat = cat([permute_to_N_HWA_K(x, num_classes) for x in class_logits], dim=1)
+        return [flat[i, idx] for i, idx in enumerate(candidates)]
+
+    return scores
+
+
+def _roi_head_candidate_scores(roi_heads: nn.Module, num_classes: int):
+    """
+    A two-stage teacher's second stage on the candidate anchors, taken as proposals: pooled from
+    its own levels, through its box head and classifier, as log-probabilities of the K classes
+    (ours: the softmax over K + 1 fixes what raw logits leave free per box, a shift).
+    """
+    if not isinstance(roi_heads, StandardROIHeads):
+        raise ValueError(
+            'MODEL.DISTILL.RANK.TWO_STAGE_SCORES "roi_head" runs the teacher\'s StandardROIHeads '
+            f"box head on the candidate anchors; the teacher has {type(roi_heads).__name__} "
+            '(a single-class dataset may use "rpn")'
+        )
+    if roi_heads.num_classes != num_classes:
+        raise ValueError(
+            f"Rank Mimicking compares class scores: the teacher's ROI heads have "
+            f"{roi_heads.num_classes} classes, the student {num_classes}"
+        )
+
+    def scores(features, class_logits, anchors, candidates):
+        boxes = [anchors[idx] for idx in candidates]
+        counts = [len(b) for b in boxes]
+        if sum(counts) == 0:
+            empty = anchors.tensor.new_zeros((0, num_classes))
+            return [empty for _ in candidates]
+        pooled = roi_heads.box_pooler([features[f] for f in roi_heads.box_in_features], boxes)
+        logits, _ = roi_heads.box_predictor(roi_heads.box_head(pooled))
+        log_probs = F.log_softmax(logits.float(), dim=1)[:, :num_classes]  # background is last
+        return list(log_probs.split(counts))
+
+    return scores
 
 
 def anchor_generator_of(detector: nn.Module) -> Optional[Tuple[List[str], nn.Module]]:

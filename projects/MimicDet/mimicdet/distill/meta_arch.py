@@ -11,6 +11,7 @@ from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
+from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
@@ -87,6 +88,7 @@ def distiller_arguments(distill_cfg) -> Dict:
         "fgfi_per_level_threshold": distill_cfg.FGFI.PER_LEVEL_THRESHOLD,
         "defeat_canonical_box_size": distill_cfg.DEFEAT.CANONICAL_BOX_SIZE,
         "defeat_canonical_level": distill_cfg.DEFEAT.CANONICAL_LEVEL,
+        "rank_two_stage_scores": distill_cfg.RANK.TWO_STAGE_SCORES,
     }
 
 
@@ -121,6 +123,7 @@ class Distiller(nn.Module):
         fgfi_per_level_threshold: bool,
         defeat_canonical_box_size: int,
         defeat_canonical_level: int,
+        rank_two_stage_scores: str = "roi_head",
     ):
         """
         Args:
@@ -134,6 +137,8 @@ class Distiller(nn.Module):
             weights: per KD term, its multiplier; a term with weight 0 is not computed.
             fgfi_psi, fgfi_per_level_threshold: :func:`fgfi_masks` arguments.
             defeat_canonical_box_size, defeat_canonical_level: the RoI level rule of DeFeat.
+            rank_two_stage_scores: a two-stage teacher's class scores for Rank Mimicking
+                (:func:`dense_view`).
         """
         super().__init__()
         if not isinstance(getattr(student, "backbone", None), Backbone):
@@ -149,6 +154,7 @@ class Distiller(nn.Module):
         self.fgfi_psi = fgfi_psi
         self.fgfi_per_level_threshold = fgfi_per_level_threshold
         self.defeat_canonical = (defeat_canonical_box_size, defeat_canonical_level)
+        self.rank_two_stage_scores = rank_two_stage_scores
         self.kd_adapters = nn.ModuleDict()
         if teacher is None:
             self.teacher_dense = None
@@ -247,7 +253,7 @@ class Distiller(nn.Module):
                 f"teacher's: the student must be a dense detector (RetinaNet, FCOS), got "
                 f"{type(student).__name__}"
             )
-        view = dense_view(teacher, student.num_classes)
+        view = dense_view(teacher, student.num_classes, self.rank_two_stage_scores)
         if view.in_features != list(student.head_in_features) or not same_anchors(
             view.anchor_generator, student.anchor_generator
         ):
@@ -365,11 +371,17 @@ class Distiller(nn.Module):
             fg, bg = defeat_losses(adapted, t_feats, fg_masks)
             losses.update({"loss_kd_defeat_fg": fg, "loss_kd_defeat_bg": bg})
         if "pfi" in self.weights:
+            comparable = self.teacher_dense.comparable_student_logits
             losses["loss_kd_pfi"] = pfi_loss(
-                adapted, t_feats, [s_logits[i] for i in levels], [t_logits[i] for i in levels]
+                adapted,
+                t_feats,
+                [comparable(s_logits[i]) for i in levels],
+                [t_logits[i] for i in levels],
             )
         if "rank" in self.weights:
-            losses["loss_kd_rank"] = self._rank_loss(anchors, s_logits, t_logits, gt_instances)
+            losses["loss_kd_rank"] = self._rank_loss(
+                anchors, s_logits, t_features, t_logits, gt_instances
+            )
 
         scale = 0.0 if get_event_storage().iter < self.warmup_iters else 1.0
         # "loss_kd_<term>" is weighted by weights["<term>"]; DeFeat computes both halves, one may
@@ -377,19 +389,23 @@ class Distiller(nn.Module):
         prefix = len("loss_kd_")
         return {k: v * self.weights.get(k[prefix:], 0.0) * scale for k, v in losses.items()}
 
-    def _rank_loss(self, anchors, s_logits, t_logits, gt_instances) -> Tensor:
+    def _rank_loss(self, anchors, s_logits, t_features, t_logits, gt_instances) -> Tensor:
         """Rank Mimicking over the teacher's positives of each GT, at the GT's class."""
-        matches = candidate_matches(self.teacher_dense.assigner, anchors, gt_instances)
+        view = self.teacher_dense
+        matches = candidate_matches(view.assigner, anchors, gt_instances)
+        candidates = [(matched >= 0).nonzero().squeeze(1) for matched in matches]
+        with torch.no_grad():
+            t_scores = view.candidate_scores(t_features, t_logits, Boxes.cat(anchors), candidates)
         num_classes = self.student.num_classes
         s_flat = cat([permute_to_N_HWA_K(x, num_classes) for x in s_logits], dim=1)
-        t_flat = cat([permute_to_N_HWA_K(x, num_classes) for x in t_logits], dim=1)
         teacher_scores, student_scores = [], []
-        for i, (matched, gt) in enumerate(zip(matches, gt_instances)):
+        for i, (matched, idx, gt) in enumerate(zip(matches, candidates, gt_instances)):
+            owner = matched[idx]  # the GT each candidate belongs to
             for g, cls in enumerate(gt.gt_classes.tolist()):
-                idx = (matched == g).nonzero().squeeze(1)
-                if len(idx):
-                    teacher_scores.append(t_flat[i, idx, cls])
-                    student_scores.append(s_flat[i, idx, cls])
+                mine = owner == g
+                if mine.any():
+                    teacher_scores.append(t_scores[i][mine, cls])
+                    student_scores.append(s_flat[i, idx[mine], cls])
         if not student_scores:
             return s_flat.sum() * 0.0
         return rank_mimic_loss(teacher_scores, student_scores)
