@@ -6,9 +6,12 @@ import os
 import pytest
 import torch
 from detectron2.modeling import build_model
+from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
+from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 
 from mimicdet import get_mimicdet_cfg
+from mimicdet.distill.dense_view import candidate_matches
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)
 RM_PFI = os.path.join(ROOT, "configs", "DeepForest", "distill", "retinanet_rm_pfi_from_frcnn.yaml")
@@ -73,10 +76,87 @@ def test_rank_mimicking_reads_the_teachers_second_stage_for_several_classes(
     flatten_classifier(cls_conv.weight, cls_conv.bias)
     random_teacher = rank_loss(model, inputs)
     assert random_teacher > 0  # the teacher ranks the candidates, the student does not
-    # a second stage that scores every box alike: the teacher's ranking is uniform too, whatever
-    # its RPN says, so there is nothing left to mimic
+    # an RPN that scores every anchor alike changes nothing: it only picks the candidates (by IoU)
+    rpn_objectness = model.teacher.model.proposal_generator.rpn_head.objectness_logits
+    flatten_classifier(rpn_objectness.weight, rpn_objectness.bias)
+    assert rank_loss(model, inputs).item() == pytest.approx(random_teacher.item())
+    # a second stage that scores every box alike: the teacher's ranking is uniform too, so there
+    # is nothing left to mimic
     flatten_classifier(roi_predictor.weight, roi_predictor.bias)
     assert rank_loss(model, inputs).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_second_stage_score_is_the_teachers_class_probability_as_log_odds(rm_pfi_cfg):
+    model = build_model(two_classes(rm_pfi_cfg))
+    teacher, view = model.teacher.model, model.teacher_dense
+    classifier = teacher.roi_heads.box_predictor.cls_score  # class 0, class 1, background
+    flatten_classifier(classifier.weight, classifier.bias)
+    with torch.no_grad():
+        classifier.bias.copy_(torch.tensor([1.0, 0.0, 2.0]))
+        features = teacher.backbone(torch.randn(1, 3, 128, 128))
+        boxes = Boxes(torch.tensor([[10.0, 10.0, 60.0, 50.0], [-20.0, 30.0, 150.0, 90.0]]))
+        (scores,) = view.candidate_scores(
+            features, None, boxes, [torch.tensor([0, 1])], [(128, 128)]
+        )
+    probs = torch.softmax(torch.tensor([1.0, 0.0, 2.0]), dim=0)[:2]
+    log_odds = torch.log(probs / (1 - probs))
+    assert torch.allclose(scores, log_odds.expand(2, 2), atol=1e-5)
+
+
+def per_level_logits(flat, features, num_anchors, num_classes):
+    """The inverse of detectron2's ``permute_to_N_HWA_K`` over concatenated levels."""
+    logits, start = [], 0
+    for x in features:
+        n, _, h, w = x.shape
+        part = flat[:, start : start + h * w * num_anchors].reshape(n, h, w, num_anchors, -1)
+        logits.append(part.permute(0, 3, 4, 1, 2).reshape(n, num_anchors * num_classes, h, w))
+        start += h * w * num_anchors
+    assert torch.equal(cat_flat(logits, num_classes), flat)
+    return logits
+
+
+def cat_flat(logits, num_classes):
+    return torch.cat([permute_to_N_HWA_K(x, num_classes) for x in logits], dim=1)
+
+
+def test_a_student_that_ranks_the_candidates_as_the_teacher_does_has_nothing_to_mimic(
+    rm_pfi_cfg, make_inputs
+):
+    torch.manual_seed(0)
+    model = build_model(two_classes(rm_pfi_cfg)).train()
+    # GT classes 0 and 1, each the shape of a 50.8 px P3 anchor: its 4 neighbours (8 px away)
+    # overlap it by IoU 0.73, above the RPN matcher's 0.7
+    boxes = ((38.6, 38.6, 89.4, 89.4), (142.6, 110.6, 193.4, 161.4))
+    inputs = make_inputs(num_images=2, size=256, boxes_per_image=boxes)
+    gt = [x["instances"] for x in inputs]
+    student, view = model.student, model.teacher_dense
+    images = student.preprocess_image(inputs)
+    features = student.backbone(images.tensor)
+    levels = [features[f] for f in student.head_in_features]
+    anchors = student.anchor_generator(levels)
+    with torch.no_grad():
+        t_features = model.teacher.model.backbone(
+            model.teacher.model.preprocess_image(inputs).tensor
+        )
+        t_logits = view.class_logits(t_features)
+        matches = candidate_matches(view.assigner, anchors, gt)
+        candidates = [(m >= 0).nonzero().squeeze(1) for m in matches]
+        t_scores = view.candidate_scores(
+            t_features, t_logits, Boxes.cat(anchors), candidates, images.image_sizes
+        )
+    # several candidates per GT, or every ranking would be trivially equal
+    assert min(int((m == g).sum()) for m in matches for g in range(len(boxes))) >= 2
+    # a student scoring every candidate as the teacher does (random elsewhere)
+    flat = cat_flat(student.head(levels)[0], 2).detach().clone()
+    for i, idx in enumerate(candidates):
+        flat[i, idx] = t_scores[i]
+    num_anchors = student.anchor_generator.num_cell_anchors[0]
+    sizes = images.image_sizes
+    same = per_level_logits(flat, levels, num_anchors, 2)
+    assert model._rank_loss(anchors, same, t_features, t_logits, sizes, gt) < 1e-6
+    # the same scores under the other class: the GT's class column is the one compared
+    swapped = per_level_logits(flat.flip(-1), levels, num_anchors, 2)
+    assert model._rank_loss(anchors, swapped, t_features, t_logits, sizes, gt) > 1e-3
 
 
 def test_rpn_scores_for_one_class_ignore_the_second_stage(rm_pfi_cfg, make_inputs):
@@ -100,9 +180,9 @@ def test_pfi_compares_an_rpn_teachers_objectness_with_each_anchors_best_class(rm
     student = torch.randn(2, num_anchors * 2, 4, 5)
     comparable = model.teacher_dense.comparable_student_logits(student)
     assert comparable.shape == (2, num_anchors, 4, 5)
-    for a in range(num_anchors):  # detectron2 orders a dense head's channels anchor-major
-        best = torch.maximum(student[:, 2 * a], student[:, 2 * a + 1])
-        assert torch.equal(comparable[:, a], best)
+    # per anchor in detectron2's own flattening of a dense head's output
+    best = permute_to_N_HWA_K(student, 2).amax(dim=-1)
+    assert torch.equal(permute_to_N_HWA_K(comparable, 1).squeeze(-1), best)
 
 
 def test_rpn_scores_with_several_classes_are_refused(rm_pfi_cfg):

@@ -46,8 +46,10 @@ class DenseView:
             teacher each anchor's largest class logit (``(N, A, H, W)``; ours: the student's
             "some object here" next to the RPN's, the same for one class).
         candidate_scores: (teacher features, ``class_logits``' output, the student's anchors of
-            all levels as one ``Boxes``, per image the indices of the candidate anchors) -> per
-            image ``(R_i, K)`` the teacher's class scores of those anchors, for Rank Mimicking.
+            all levels as one ``Boxes``, per image the indices of the candidate anchors, the
+            images' sizes) -> per image ``(R_i, K)`` the teacher's class logits of those anchors,
+            on the student's scale (per-class sigmoid logits, log-odds), for Rank Mimicking.
+            None when Rank Mimicking is off.
         assigner: a module with FCOS's ``match_anchors`` or an IoU ``anchor_matcher``.
         anchor_generator: the anchors the logits belong to.
     """
@@ -55,17 +57,19 @@ class DenseView:
     in_features: List[str]
     class_logits: Callable[[Dict[str, Tensor]], List[Tensor]]
     comparable_student_logits: Callable[[Tensor], Tensor]
-    candidate_scores: Callable[[Dict[str, Tensor], List[Tensor], Boxes, List[Tensor]], List[Tensor]]
+    candidate_scores: Optional[Callable[..., List[Tensor]]]
     assigner: nn.Module
     anchor_generator: nn.Module
 
 
-def dense_view(detector: nn.Module, num_classes: int, two_stage_scores: str = "roi_head"):
+def dense_view(
+    detector: nn.Module, num_classes: int, two_stage_scores: Optional[str] = "roi_head"
+) -> DenseView:
     """
     The dense predictions of ``detector`` for a student with ``num_classes`` classes: a
     ``DenseDetector``'s head, or a ``GeneralizedRCNN``'s RPN with, for Rank Mimicking, the class
     scores of ``two_stage_scores`` (:data:`TWO_STAGE_SCORES`; "rpn" only when ``num_classes`` is
-    1, where the objectness stands for the one class).
+    1, where the objectness stands for the one class; None: no Rank Mimicking, PFI only).
     """
     levels, anchor_generator = anchor_generator_of(detector) or (None, None)
     if isinstance(detector, DenseDetector) and isinstance(detector.head, nn.Module):
@@ -85,7 +89,9 @@ def dense_view(detector: nn.Module, num_classes: int, two_stage_scores: str = "r
         )
     if isinstance(detector, GeneralizedRCNN) and isinstance(detector.proposal_generator, RPN):
         rpn = detector.proposal_generator
-        if two_stage_scores == "roi_head":
+        if two_stage_scores is None:
+            candidate_scores = None
+        elif two_stage_scores == "roi_head":
             candidate_scores = _roi_head_candidate_scores(detector.roi_heads, num_classes)
         elif two_stage_scores == "rpn":
             if num_classes != 1:
@@ -124,7 +130,7 @@ def _best_class_per_anchor(logits: Tensor, num_classes: int) -> Tensor:
 def _dense_candidate_scores(num_classes: int):
     """A dense teacher's own logits at the candidate anchors."""
 
-    def scores(features, class_logits, anchors, candidates):
+    def scores(features, class_logits, anchors, candidates, image_sizes):
         flat = cat([permute_to_N_HWA_K(x, num_classes) for x in class_logits], dim=1)
         return [flat[i, idx] for i, idx in enumerate(candidates)]
 
@@ -133,32 +139,45 @@ def _dense_candidate_scores(num_classes: int):
 
 def _roi_head_candidate_scores(roi_heads: nn.Module, num_classes: int):
     """
-    A two-stage teacher's second stage on the candidate anchors, taken as proposals: pooled from
-    its own levels, through its box head and classifier, as log-probabilities of the K classes
-    (ours: the softmax over K + 1 fixes what raw logits leave free per box, a shift).
+    A two-stage teacher's second stage on the candidate anchors, taken as proposals as detectron2
+    would take them (clipped to the image): pooled from its own levels, through its box head and
+    classifier. Its class probabilities (a softmax over K + 1) become log-odds, the scale of a
+    dense student's per-class sigmoid logits (ours), so that a softmax over the candidates ranks
+    both sides by odds; a sigmoid classifier's logits are log-odds already.
     """
-    if not isinstance(roi_heads, StandardROIHeads):
+    predictor = getattr(roi_heads, "box_predictor", None)
+    if not isinstance(roi_heads, StandardROIHeads) or isinstance(predictor, nn.ModuleList):
         raise ValueError(
-            'MODEL.DISTILL.RANK.TWO_STAGE_SCORES "roi_head" runs the teacher\'s StandardROIHeads '
-            f"box head on the candidate anchors; the teacher has {type(roi_heads).__name__} "
-            '(a single-class dataset may use "rpn")'
+            'MODEL.DISTILL.RANK.TWO_STAGE_SCORES "roi_head" runs the box head of the teacher\'s '
+            f"StandardROIHeads (one stage of boxes) on the candidate anchors; the teacher has "
+            f'{type(roi_heads).__name__} (a single-class dataset may use "rpn")'
         )
+    sigmoid = getattr(predictor, "use_sigmoid_ce", False)  # detectron2 after v0.6
     if roi_heads.num_classes != num_classes:
         raise ValueError(
             f"Rank Mimicking compares class scores: the teacher's ROI heads have "
             f"{roi_heads.num_classes} classes, the student {num_classes}"
         )
 
-    def scores(features, class_logits, anchors, candidates):
-        boxes = [anchors[idx] for idx in candidates]
+    def scores(features, class_logits, anchors, candidates, image_sizes):
+        boxes = []
+        for idx, size in zip(candidates, image_sizes):
+            image_boxes = anchors[idx].clone()
+            image_boxes.clip(size)  # as the RPN clips its proposals
+            boxes.append(image_boxes)
         counts = [len(b) for b in boxes]
         if sum(counts) == 0:
             empty = anchors.tensor.new_zeros((0, num_classes))
             return [empty for _ in candidates]
         pooled = roi_heads.box_pooler([features[f] for f in roi_heads.box_in_features], boxes)
-        logits, _ = roi_heads.box_predictor(roi_heads.box_head(pooled))
-        log_probs = F.log_softmax(logits.float(), dim=1)[:, :num_classes]  # background is last
-        return list(log_probs.split(counts))
+        logits, _ = predictor(roi_heads.box_head(pooled))
+        logits = logits.float()[:, : num_classes + 1]  # background is column K
+        if sigmoid:
+            class_logits = logits[:, :num_classes]
+        else:
+            probs = F.softmax(logits, dim=1)[:, :num_classes]
+            class_logits = torch.logit(probs, eps=1e-6)
+        return list(class_logits.split(counts))
 
     return scores
 

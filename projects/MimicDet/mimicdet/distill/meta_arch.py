@@ -253,7 +253,9 @@ class Distiller(nn.Module):
                 f"teacher's: the student must be a dense detector (RetinaNet, FCOS), got "
                 f"{type(student).__name__}"
             )
-        view = dense_view(teacher, student.num_classes, self.rank_two_stage_scores)
+        # the teacher's second stage is read (and checked) only for Rank Mimicking
+        scores = self.rank_two_stage_scores if "rank" in self.weights else None
+        view = dense_view(teacher, student.num_classes, scores)
         if view.in_features != list(student.head_in_features) or not same_anchors(
             view.anchor_generator, student.anchor_generator
         ):
@@ -380,7 +382,7 @@ class Distiller(nn.Module):
             )
         if "rank" in self.weights:
             losses["loss_kd_rank"] = self._rank_loss(
-                anchors, s_logits, t_features, t_logits, gt_instances
+                anchors, s_logits, t_features, t_logits, t_images.image_sizes, gt_instances
             )
 
         scale = 0.0 if get_event_storage().iter < self.warmup_iters else 1.0
@@ -389,13 +391,17 @@ class Distiller(nn.Module):
         prefix = len("loss_kd_")
         return {k: v * self.weights.get(k[prefix:], 0.0) * scale for k, v in losses.items()}
 
-    def _rank_loss(self, anchors, s_logits, t_features, t_logits, gt_instances) -> Tensor:
+    def _rank_loss(
+        self, anchors, s_logits, t_features, t_logits, image_sizes, gt_instances
+    ) -> Tensor:
         """Rank Mimicking over the teacher's positives of each GT, at the GT's class."""
         view = self.teacher_dense
         matches = candidate_matches(view.assigner, anchors, gt_instances)
         candidates = [(matched >= 0).nonzero().squeeze(1) for matched in matches]
         with torch.no_grad():
-            t_scores = view.candidate_scores(t_features, t_logits, Boxes.cat(anchors), candidates)
+            t_scores = view.candidate_scores(
+                t_features, t_logits, Boxes.cat(anchors), candidates, image_sizes
+            )
         num_classes = self.student.num_classes
         s_flat = cat([permute_to_N_HWA_K(x, num_classes) for x in s_logits], dim=1)
         teacher_scores, student_scores = [], []
