@@ -171,13 +171,12 @@ def _roi_head_candidate_scores(roi_heads: nn.Module, num_classes: int):
             return [empty for _ in candidates]
         pooled = roi_heads.box_pooler([features[f] for f in roi_heads.box_in_features], boxes)
         logits, _ = predictor(roi_heads.box_head(pooled))
-        logits = logits.float()[:, : num_classes + 1]  # background is column K
+        logits = logits.float()  # K classes, then the background (column K)
         if sigmoid:
-            class_logits = logits[:, :num_classes]
+            log_odds = logits[:, :num_classes]
         else:
-            probs = F.softmax(logits, dim=1)[:, :num_classes]
-            class_logits = torch.logit(probs, eps=1e-6)
-        return list(class_logits.split(counts))
+            log_odds = torch.logit(F.softmax(logits, dim=1)[:, :num_classes], eps=1e-6)
+        return list(log_odds.split(counts))
 
     return scores
 
