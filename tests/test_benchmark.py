@@ -380,6 +380,15 @@ def test_a_row_that_does_not_run_on_a_dataset_reads_not_applicable(tmp_path, mon
     assert "| RetinaNet + RM + PFI | 9.0 (9.9) | n/a | 100 |" in text
     assert "| MimicDet | – | 40.0 (44.0)* | – |" in text
     assert "1200 iterations on DeepForest, 3600 iterations on Fashion scenes" in text
+    # the legend explains each mark the table uses
+    for used in ("* only the tuning run", "–: not run yet", "n/a: the row does not run"):
+        assert used in text
+    # and none it does not: with RM + PFI on both datasets again, no cell reads n/a
+    monkeypatch.undo()
+    benchmark_report.write_report(tmp_path, "today", readme=readme)
+    text = readme.read_text()
+    assert "| RetinaNet + RM + PFI | 9.0 (9.9) | – | 100 |" in text
+    assert "n/a" not in text and "–: not run yet" in text and "raw" not in text
 
 
 def test_targets_say_met_not_met_or_pending_with_the_measured_difference(tmp_path):

@@ -485,20 +485,7 @@ def readme_table(summary):
     if not datasets:
         return "No benchmark run is committed yet: `python tools/benchmark.py`."
     first = datasets[0]
-    lines = [
-        f"`python tools/benchmark.py --report`, {summary['date']}, from the runs committed under "
-        "`benchmarks/runs/`: val AP (AP50), mean of the reported seeds, at batch 2 for "
-        + ", ".join(
-            f"{summary['datasets'][d]['max_iter']} iterations on {short_title(d)}" for d in datasets
-        )
-        + "; * only the tuning run (seed 0) so far; n/a: the row does not run on that dataset; "
-        "ms: deploy model, batch 1, "
-        f"{short_title(first)}, on the CPU unless marked, on one scale across sittings († raw: "
-        "timed before that scale existed).",
-        "",
-        "| detector | " + " | ".join(short_title(d) for d in datasets) + " | ms/img |",
-        "|---" * (len(datasets) + 2) + "|",
-    ]
+    table, used = [], set()  # the marks the table uses: only they are explained
     for name in ROWS:
         cells, ms = [], None
         for dataset in datasets:
@@ -516,7 +503,30 @@ def readme_table(summary):
                 ms += "" if device_of(r["machine"]) == "CPU" else f" ({device_of(r['machine'])})"
         if all(c in ("–", "n/a") for c in cells):
             continue
-        lines.append(f"| {ROWS[name].title} | " + " | ".join(cells) + f" | {ms or '–'} |")
+        used |= {m for m in ("*", "†") if any(m in c for c in cells + [ms or ""])}
+        used |= {c for c in cells if c in ("–", "n/a")}
+        table.append(f"| {ROWS[name].title} | " + " | ".join(cells) + f" | {ms or '–'} |")
+    legend = {
+        "*": "* only the tuning run (seed 0) so far",
+        "–": "–: not run yet",
+        "n/a": "n/a: the row does not run on that dataset",
+    }
+    lines = [
+        f"`python tools/benchmark.py --report`, {summary['date']}, from the runs committed under "
+        "`benchmarks/runs/`: val AP (AP50), mean of the reported seeds, at batch 2 for "
+        + ", ".join(
+            f"{summary['datasets'][d]['max_iter']} iterations on {short_title(d)}" for d in datasets
+        )
+        + "".join(f"; {text}" for mark, text in legend.items() if mark in used)
+        + f"; ms: deploy model, batch 1, {short_title(first)}, on the CPU unless marked, on one "
+        "scale across sittings"
+        + (" († raw: timed before that scale existed)" if "†" in used else "")
+        + ".",
+        "",
+        "| detector | " + " | ".join(short_title(d) for d in datasets) + " | ms/img |",
+        "|---" * (len(datasets) + 2) + "|",
+        *table,
+    ]
     lines += ["", f"![AP vs iteration, {first}](benchmarks/{first}_ap_curves.png)"]
     return "\n".join(lines)
 
