@@ -62,7 +62,7 @@ def add_distill_config(cfg):
     # a two-stage teacher's score of each candidate anchor at the GT's class (ours): "roi_head"
     # runs its box head and classifier on the candidates as proposals (the class probability as
     # log-odds, the scale of a dense student's sigmoid logits); "rpn" reads its class-agnostic
-    # objectness, for one class only (the DeepForest benchmark's RM+PFI row before 2026-12-03).
+    # objectness, for one class only (the DeepForest benchmark's RM+PFI row until 2026-12-03).
     # PFI always compares the RPN's objectness with the student's largest class logit per anchor
     # (ours; the logit itself with one class)
     _C.MODEL.DISTILL.RANK.TWO_STAGE_SCORES = "roi_head"
