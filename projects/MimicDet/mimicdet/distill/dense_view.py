@@ -28,6 +28,7 @@ __all__ = [
     "candidate_matches",
     "dense_view",
     "anchor_generator_of",
+    "per_anchor_logits",
 ]
 
 # where a two-stage teacher's class scores for Rank Mimicking come from (RANK.TWO_STAGE_SCORES)
@@ -127,11 +128,18 @@ def _best_class_per_anchor(logits: Tensor, num_classes: int) -> Tensor:
     return logits.view(n, -1, num_classes, h, w).amax(dim=2)
 
 
+def per_anchor_logits(logits: List[Tensor], num_classes: int) -> Tensor:
+    """Per level ``(N, A*K, H, W)`` dense logits -> ``(N, R, K)``, one row per anchor in the
+    order of the anchor generator's ``Boxes.cat`` (levels, then H, W, A): detectron2's own
+    flattening."""
+    return cat([permute_to_N_HWA_K(x, num_classes) for x in logits], dim=1)
+
+
 def _dense_candidate_scores(num_classes: int):
     """A dense teacher's own logits at the candidate anchors."""
 
     def scores(features, class_logits, anchors, candidates, image_sizes):
-        flat = cat([permute_to_N_HWA_K(x, num_classes) for x in class_logits], dim=1)
+        flat = per_anchor_logits(class_logits, num_classes)
         return [flat[i, idx] for i, idx in enumerate(candidates)]
 
     return scores

@@ -7,16 +7,22 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from detectron2.config import LazyConfig, configurable, instantiate
-from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.modeling.backbone import Backbone
-from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
 from ..config import get_mimicdet_cfg
-from .dense_view import DenseView, anchor_generator_of, candidate_matches, dense_view, same_anchors
+from .dense_view import (
+    DenseView,
+    anchor_generator_of,
+    candidate_matches,
+    dense_view,
+    per_anchor_logits,
+    same_anchors,
+)
 from .losses import defeat_losses, fgfi_loss, pfi_loss, rank_mimic_loss
 from .masks import defeat_foreground_masks, fgfi_masks
 from .teacher import FrozenTeacher, load_teacher_weights
@@ -403,7 +409,7 @@ class Distiller(nn.Module):
                 t_features, t_logits, Boxes.cat(anchors), candidates, image_sizes
             )
         num_classes = self.student.num_classes
-        s_flat = cat([permute_to_N_HWA_K(x, num_classes) for x in s_logits], dim=1)
+        s_flat = per_anchor_logits(s_logits, num_classes)
         teacher_scores, student_scores = [], []
         for i, (matched, idx, gt) in enumerate(zip(matches, candidates, gt_instances)):
             owner = matched[idx]  # the GT each candidate belongs to
