@@ -127,9 +127,10 @@ def test_dry_run_runs_every_cpu_step_and_writes_a_valid_report(tmp_path):
     assert [row["op"] for row in rows] == ["conv2d", "mimicdet", "torchvision"]
     assert all(row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 for row in rows)
     assert rows[2]["fwd_vs_torchvision"] == 1.0
-    # the benchmark's smoke sweep of MimicDet: one run, packed into one file
+    # the benchmark's smoke sweep of MimicDet on Fashion scenes (composed from the stand-in
+    # photos): one run, packed into one file
     (run,) = results["benchmark"]["runs"]
-    assert run["run"] == "deepforest/mimicdet/lr0.005-seed0.json" and run["max_iter"] == 3
+    assert run["run"] == "fashion_scenes/mimicdet/lr0.005-seed0.json" and run["max_iter"] == 3
     assert run["train_s_per_iter"] > 0 and run["infer_ms"] > 0
 
     assert {"gpu_check.log", "deform_conv_gpu.json", "benchmark_runs.json"} <= set(report["files"])

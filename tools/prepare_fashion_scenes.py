@@ -8,6 +8,11 @@ its 60,000 training photos, val scenes from its 10,000 test photos); the scenes 
 
     apt-get install dataset-fashion-mnist          # the source, once (root)
     python tools/prepare_fashion_scenes.py         # -> datasets/fashion_scenes (seconds)
+    python tools/prepare_fashion_scenes.py --photo-subset DIR   # also: the photos they use
+
+``--photo-subset DIR`` writes Fashion-MNIST's four files again with every photo that the scenes
+never read made black, all labels kept: ``--source DIR`` then composes the very same scenes, from
+3 MiB instead of 30 (how ``tools/gpu_check.sh`` carries the set to a machine without the package).
 
 Output layout::
 
@@ -26,11 +31,12 @@ import numpy as np
 from PIL import Image
 
 from mimicdet.data.fashion_scenes import (
-    DEBIAN_SOURCE,
     FASHION_CLASSES,
     FASHION_FILES,
     compose_scene,
+    default_fashion_source,
     load_fashion_mnist,
+    write_idx,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +48,34 @@ from prepare_deepforest import atomic_write, atomic_write_json, outputs_match, s
 FORMAT_VERSION = 1
 # scene split -> (Fashion-MNIST split its photos come from, seed offset)
 SPLITS = {"train": ("train", 0), "val": ("test", 1)}
+
+
+class PhotoReads:
+    """A split's photos as :func:`compose_scene` sees them, noting the index of every photo it
+    reads (a photo drawn and then left out counts: it was read, and it steered the random draws)."""
+
+    def __init__(self, photos):
+        self.photos, self.read = photos, set()
+
+    def __len__(self):
+        return len(self.photos)
+
+    def __getitem__(self, index):
+        self.read.add(int(index))
+        return self.photos[index]
+
+
+def write_photo_subset(folder, data, reads):
+    """Fashion-MNIST's four files in ``folder``, every photo not in ``reads[split]`` black."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, (photos, labels) in data.items():
+        kept = np.zeros_like(photos)
+        index = np.fromiter(sorted(reads[split]), dtype=np.int64)
+        kept[index] = photos[index]
+        image_file, label_file = FASHION_FILES[split]
+        write_idx(folder / image_file, kept)
+        write_idx(folder / label_file, labels.astype(np.uint8))
+        print(f"  photo subset: {len(index)} of {len(photos)} {split} photos -> {folder}")
 
 
 def write_split(split, photos, labels, output, count, image_size, seed):
@@ -120,8 +154,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--source",
         type=Path,
-        default=DEBIAN_SOURCE,
-        help=f"folder with Fashion-MNIST's four *-ubyte.gz files (default: {DEBIAN_SOURCE})",
+        default=default_fashion_source(),
+        help="folder with Fashion-MNIST's four *-ubyte.gz files (default: $MIMICDET_FASHION_MNIST "
+        f"if set, else Debian's {default_fashion_source()})",
     )
     parser.add_argument(
         "--output",
@@ -136,6 +171,12 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=int, default=512, help="square scene side, pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if outputs match")
+    parser.add_argument(
+        "--photo-subset",
+        type=Path,
+        help="also write the source files again into this folder, the photos the scenes never "
+        "read made black (composes the scenes even if outputs match)",
+    )
     args = parser.parse_args(argv)
     for key in ("train_images", "val_images"):
         if getattr(args, key) < 1:
@@ -152,7 +193,9 @@ def main(argv=None):
     # load first: a missing source fails with its install hint before anything is written
     data = {split: load_fashion_mnist(source, src) for split, (src, _) in SPLITS.items()}
     manifest = expected_manifest(source, args)
-    if not args.force and outputs_match(output, manifest, SPLITS):
+    if args.photo_subset is not None and args.photo_subset.resolve() == source:
+        raise SystemExit(f"--photo-subset {args.photo_subset} is the --source: it would be lost")
+    if args.photo_subset is None and not args.force and outputs_match(output, manifest, SPLITS):
         print(f"{output} is up to date ({json.dumps(manifest['params'])}); --force to rebuild")
         return
     print(f"Composing fashion scenes from {source} into {output}")
@@ -160,11 +203,13 @@ def main(argv=None):
     (output / "manifest.json").unlink(missing_ok=True)
     files = {}
     counts = {"train": args.train_images, "val": args.val_images}
+    reads = {}
     for split, (src, seed_offset) in SPLITS.items():
         photos, labels = data[split]
+        reads[src] = PhotoReads(photos)
         stats = write_split(
             split,
-            photos,
+            reads[src],
             labels,
             output,
             counts[split],
@@ -177,6 +222,10 @@ def main(argv=None):
             f"boxes ({stats['small']} small, {stats['medium']} medium, {stats['large']} large)"
         )
     atomic_write_json(output / "manifest.json", {**manifest, "files": files})
+    if args.photo_subset is not None:
+        # keyed by Fashion-MNIST's split, whose file names the subset keeps
+        sources = {src: data[split] for split, (src, _) in SPLITS.items()}
+        write_photo_subset(args.photo_subset, sources, {src: reads[src].read for src in reads})
     print(f"Done in {time.perf_counter() - start:.1f}s")
 
 

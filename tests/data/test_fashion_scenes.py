@@ -1,6 +1,8 @@
 """tools/prepare_fashion_scenes.py, the scene composer and the registration of its output."""
 
 import gzip
+import json
+import os
 import struct
 import subprocess
 import sys
@@ -16,17 +18,10 @@ from mimicdet.data.fashion_scenes import (
     compose_scene,
     read_idx,
     register_fashion_scenes,
+    write_idx,
 )
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "prepare_fashion_scenes.py"
-
-
-def write_idx(path, array):
-    """An IDX file as Fashion-MNIST ships them (gzipped, big-endian header)."""
-    magic = 2051 if array.ndim == 3 else 2049
-    header = struct.pack(f">i{array.ndim}i", magic, *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 def fake_source(root, train_labels=range(5), test_labels=range(5, 10), count=20):
@@ -40,12 +35,53 @@ def fake_source(root, train_labels=range(5), test_labels=range(5, 10), count=20)
             y0, x0 = rng.randint(0, 8, size=2)
             photo[y0 : y0 + 14 + rng.randint(6), x0 : x0 + 14 + rng.randint(6)] = 200
         write_idx(root / f"{split}-images-idx3-ubyte.gz", photos)
-        write_idx(root / f"{split}-labels-idx1-ubyte.gz", rng.choice(list(labels), size=count))
+        labels = rng.choice(list(labels), size=count).astype(np.uint8)
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels)
     return root
 
 
-def run_tool(*args):
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True)
+def run_tool(*args, env=None):
+    return subprocess.run(
+        [sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env
+    )
+
+
+def files_of(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*.*")}
+
+
+def test_the_photo_subset_composes_the_very_same_scenes(tmp_path):
+    """What tools/gpu_check.sh carries instead of the 30 MiB source: black photos where the scenes
+    never read one. Scenes of 96 px are crowded, so some photos are drawn, steer the random draws,
+    and are then left out for lack of room: the subset must keep those too."""
+    source = fake_source(tmp_path / "src", count=400)
+    sizes = ["--image-size", "96", "--train-images", "12", "--val-images", "6"]
+    full, subset = tmp_path / "full", tmp_path / "subset"
+    made = run_tool(
+        "--source", str(source), "--output", str(full), "--photo-subset", str(subset), *sizes
+    )
+    assert made.returncode == 0, made.stderr
+
+    for split, src in (("train", "train"), ("val", "t10k")):
+        photos = read_idx(subset / f"{src}-images-idx3-ubyte.gz")
+        original = read_idx(source / f"{src}-images-idx3-ubyte.gz")
+        kept = {int(i) for i in np.flatnonzero(photos.reshape(len(photos), -1).any(axis=1))}
+        annotations = json.loads((full / "annotations" / f"{split}.json").read_text())
+        pasted = {a["source_photo"] for a in annotations["annotations"]}
+        # every pasted photo kept as it was, some drawn-but-dropped ones too, most made black
+        assert pasted < kept and len(kept) < len(original) // 2
+        assert all((photos[i] == original[i]).all() for i in kept)
+        labels = f"{src}-labels-idx1-ubyte.gz"
+        assert (read_idx(subset / labels) == read_idx(source / labels)).all()
+
+    # from the subset, named by the environment as on the GPU machine: byte for byte the same
+    env = {**os.environ, "MIMICDET_FASHION_MNIST": str(subset)}
+    again = run_tool("--output", str(tmp_path / "again"), *sizes, env=env)
+    assert again.returncode == 0, again.stderr
+    first, second = files_of(full), files_of(tmp_path / "again")
+    first.pop("manifest.json"), second.pop("manifest.json")  # it names the source's hashes
+    assert sorted(first) == sorted(second) and len(first) == 2 + 12 + 6
+    assert all(first[name] == second[name] for name in first)
 
 
 def test_prepared_scenes_are_valid_coco_with_split_disjoint_photos(tmp_path):
@@ -84,6 +120,7 @@ def test_missing_source_says_how_to_install_it_and_writes_nothing(tmp_path):
     assert result.returncode != 0
     assert "train-images-idx3-ubyte.gz is missing" in result.stderr
     assert "apt-get install dataset-fashion-mnist" in result.stderr
+    assert "$MIMICDET_FASHION_MNIST" in result.stderr
     assert not (tmp_path / "out").exists()
 
 

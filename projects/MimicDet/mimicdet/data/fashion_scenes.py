@@ -17,6 +17,7 @@ over P3..P7 as in COCO), this set does. Its parts:
 """
 
 import gzip
+import os
 import struct
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -30,9 +31,11 @@ from .synthetic_coco import COCO_SIZE_MIX
 __all__ = [
     "FASHION_CLASSES",
     "compose_scene",
+    "default_fashion_source",
     "load_fashion_mnist",
     "read_idx",
     "register_fashion_scenes",
+    "write_idx",
 ]
 
 # Fashion-MNIST's label order (label k is FASHION_CLASSES[k]); COCO category ids are k + 1
@@ -55,6 +58,14 @@ FASHION_FILES = {
 }
 DEBIAN_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 _IDX_MAGIC = {2049: 1, 2051: 3}  # labels: 1-d, images: 3-d (n, rows, cols), unsigned bytes
+_IDX_MAGIC_OF_NDIM = {ndim: magic for magic, ndim in _IDX_MAGIC.items()}
+
+
+def default_fashion_source() -> Path:
+    """Folder of Fashion-MNIST's four files: ``$MIMICDET_FASHION_MNIST`` if set (a machine without
+    Debian's package, such as the GPU check's, points it at a carried copy), else Debian's."""
+    env = os.environ.get("MIMICDET_FASHION_MNIST")
+    return Path(env).expanduser() if env else DEBIAN_SOURCE
 
 
 def read_idx(path) -> np.ndarray:
@@ -76,6 +87,20 @@ def read_idx(path) -> np.ndarray:
     return body.reshape(shape)
 
 
+def write_idx(path, array: np.ndarray):
+    """Writes ``array`` (uint8, 1-d labels or 3-d images) as a gzipped IDX file, as Fashion-MNIST
+    ships them; the gzip header carries no time stamp, so equal arrays give equal files."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim not in _IDX_MAGIC_OF_NDIM:
+        raise ValueError(
+            f"{path}: IDX needs uint8 labels (1-d) or images (3-d), got {array.dtype} of "
+            f"shape {array.shape}"
+        )
+    header = struct.pack(f">i{array.ndim}i", _IDX_MAGIC_OF_NDIM[array.ndim], *array.shape)
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        f.write(header + array.tobytes())
+
+
 def load_fashion_mnist(source_dir, split: str) -> Tuple[np.ndarray, np.ndarray]:
     """``(images (N, 28, 28) uint8, labels (N,) int64)`` of one source split, "train" or "test"."""
     source_dir = Path(source_dir)
@@ -84,8 +109,9 @@ def load_fashion_mnist(source_dir, split: str) -> Tuple[np.ndarray, np.ndarray]:
         if not path.is_file():
             raise FileNotFoundError(
                 f"Fashion-MNIST file {path} is missing. Install Debian's package "
-                f"(`apt-get install dataset-fashion-mnist`, files in {DEBIAN_SOURCE}) or pass "
-                "--source with a folder holding the four *-ubyte.gz files."
+                f"(`apt-get install dataset-fashion-mnist`, files in {DEBIAN_SOURCE}), or pass "
+                "--source (or set $MIMICDET_FASHION_MNIST to) a folder holding the four "
+                "*-ubyte.gz files."
             )
     images, labels = read_idx(image_file), read_idx(label_file)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
