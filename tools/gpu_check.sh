@@ -184,6 +184,8 @@ PY
     # the scenes read compose them byte for byte (checked here, before anything is carried)
     local scenes
     scenes=$(mktemp -d "${TMPDIR:-/tmp}/fashion_scenes.XXXXXX") || die "mktemp failed"
+    # shellcheck disable=SC2064  # the folder's name, fixed now
+    trap "rm -rf '$scenes'" EXIT  # ~200 MiB of scenes, also when a check below dies
     "$VENV_PY" tools/prepare_fashion_scenes.py --output "$scenes/full" \
         --photo-subset "$fresh/fashion_mnist" >/dev/null || die "could not write the photo subset"
     MIMICDET_FASHION_MNIST=$fresh/fashion_mnist "$VENV_PY" tools/prepare_fashion_scenes.py \
@@ -347,6 +349,11 @@ step_install_gpu() {
         echo "$CARRY missing: run tools/gpu_check.sh --prepare first and name it in carry"
         return 2
     }
+    [[ -d $CARRY/fashion_mnist ]] || {
+        echo "$CARRY has no fashion_mnist/ (prepared before the benchmark moved to Fashion scenes):"
+        echo "run tools/gpu_check.sh --prepare again"
+        return 2
+    }
     run "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$SITE" "$CARRY"/wheels/*.whl || return
     run cp -r "$CARRY"/site/. "$SITE"/ || return
@@ -363,9 +370,10 @@ step_data() {
     run "$PY" tools/prepare_fashion_scenes.py --output "$MIMICDET_DATASETS/fashion_scenes"
 }
 
-step_data_dry() {
-    # no Fashion-MNIST on a CPU machine without Debian's package: grey blobs in its four files
-    run "$PY" - "$MIMICDET_FASHION_MNIST" <<'PY' || return
+# no Fashion-MNIST on a CPU machine without Debian's package: grey blobs in its four files
+write_fashion_stand_in() {
+    [[ -d $MIMICDET_FASHION_MNIST ]] && return
+    run "$PY" - "$MIMICDET_FASHION_MNIST" <<'PY'
 import sys
 from pathlib import Path
 
@@ -382,6 +390,10 @@ for images, labels in FASHION_FILES.values():
     write_idx(root / labels, rng.randint(0, 10, size=100).astype(np.uint8))
 print(f"stand-in Fashion-MNIST in {root}")
 PY
+}
+
+step_data_dry() {
+    write_fashion_stand_in || return
     step_data
 }
 
@@ -478,21 +490,21 @@ benchmark_and_pack() {
         echo "only ${STEP_LIMIT} s left for this step: no benchmark run fits (rerun it with --only)"
         return 3
     fi
-    if ((!DRY_RUN)); then
-        # the committed runs, so that none is trained again and the sweeps' choices stand; they
-        # are taken out again before packing, which brings back this machine's runs only
-        mkdir -p "$results" && run cp -r benchmarks/runs "$results/runs" || return
-        seeded=$WORK/seeded_runs.txt
-        (cd "$results/runs" && find . -name '*-seed*.json') >"$seeded"
-        echo "$(wc -l <"$seeded") committed runs are not trained again"
-    fi
+    # the committed runs, so that none is trained again and the sweeps' choices stand; the
+    # copies still equal to their committed file are taken out again before packing, so the pack
+    # holds this machine's runs only (a run retrained here, of another schedule, stays)
+    mkdir -p "$results" && run cp -r benchmarks/runs "$results/runs" || return
+    seeded=$WORK/seeded_runs.txt
+    (cd "$results/runs" && find . -name '*-seed*.json') >"$seeded"
+    echo "$(wc -l <"$seeded") committed runs (both datasets) are not trained again"
     # shellcheck disable=SC2086  # BENCHMARK_ARGS is a list of words
     run timeout --kill-after=5 "$box" "$PY" tools/benchmark.py \
         $BENCHMARK_ARGS "$@" --results "$results" --output "$WORK/benchmark_out"
     rc=$?
-    if [[ -n ${seeded:-} ]]; then
-        (cd "$results/runs" && xargs -r rm -f <"$seeded") || return
-    fi
+    local name
+    while read -r name; do
+        cmp -s "$results/runs/$name" "benchmarks/runs/$name" && rm -f "$results/runs/$name"
+    done <"$seeded"
     # every finished run, one file (the run tool brings back at most 8): on this machine,
     # `python tools/benchmark.py --unpack benchmark_runs.json` adds them to benchmarks/runs/
     run "$PY" tools/benchmark.py --report --results "$results" \
@@ -508,11 +520,12 @@ step_benchmark_gpu() {
 }
 
 step_benchmark_dry() {
+    write_fashion_stand_in || return
     # the same code path in seconds: one learning rate, 3 iterations, 160 px, one timed image
     benchmark_and_pack --device cpu --smoke
 }
 
-export -f run check_imports check_library benchmark_and_pack step_data
+export -f run check_imports check_library benchmark_and_pack step_data write_fashion_stand_in
 export COCO_COST SKIP_RC BENCHMARK_ARGS PACK_RESERVE_S MIN_BENCHMARK_S
 
 STARTED=$(date +%s)
