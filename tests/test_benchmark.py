@@ -229,6 +229,61 @@ def test_the_report_averages_the_reported_seeds_that_learned_and_names_the_other
     assert "benchmarks/deepforest_ap_curves.png" in text
 
 
+def test_mimicdets_two_heads_are_compared_over_the_seeds_whose_t_head_was_scored(tmp_path):
+    """The teacher/student table: the T-head's metrics beside the S-head's of the same runs;
+    a run from before T-heads were scored counts in the main table, not in this one."""
+    fake_result(tmp_path, "fashion_scenes", "mimicdet", "lr0.005", 0, 40.0, max_iter=3600)
+    summary = benchmark_report.write_report(tmp_path, "today")
+    assert summary["datasets"]["fashion_scenes"]["rows"]["mimicdet"]["heads"] is None
+    assert "MimicDet's two heads" not in (tmp_path / "fashion_scenes.md").read_text()
+
+    for seed, s_ap, t_ap in ((1, 48.0, 55.0), (2, 50.0, None)):
+        result = fake_result(tmp_path, "fashion_scenes", "mimicdet", "lr0.005", seed, s_ap,
+                             max_iter=3600)  # fmt: skip
+        if t_ap is not None:
+            result["t_head_final"] = {k: t_ap + i for i, k in enumerate(benchmark.FINAL_KEYS)}
+            path = benchmark.result_path(tmp_path, "fashion_scenes", "mimicdet", "lr0.005", seed)
+            path.write_text(json.dumps(result))
+    row = benchmark_report.write_report(tmp_path, "today")["datasets"]["fashion_scenes"]["rows"]
+    heads = row["mimicdet"]["heads"]
+    assert row["mimicdet"]["AP"] == pytest.approx(49.0)  # both seeds
+    assert heads["seeds"] == [1]  # seed 2's T-head was not scored
+    assert heads["s_head"]["AP"] == 48.0 and heads["t_head"]["AP"] == 55.0
+    table = (tmp_path / "fashion_scenes.md").read_text()
+    # the gap is the teacher's AP less the student's; sizes are AP_s / AP_m / AP_l
+    assert "| MimicDet | 1 | 48.0 | 55.0 | +7.0 |" in table
+    assert "| 62.4 / 67.2 / 72.0 | 58.0 / 59.0 / 60.0 |" in table
+
+
+def test_a_mimicdet_runs_t_head_is_scored_on_its_final_checkpoint_with_its_options(
+    tmp_path, monkeypatch
+):
+    commands = []
+
+    def evaluate_teacher(command, **kwargs):
+        commands.append(command)
+        output = Path(command[command.index("--output") + 1])
+        output.write_text(json.dumps({"s_head": {"AP": 40.0}, "t_head": {"AP": 45.0}}))
+
+    monkeypatch.setattr(benchmark.subprocess, "run", evaluate_teacher)
+    bench = benchmark.Benchmark(tmp_path / "results", tmp_path / "out")
+    out = tmp_path / "out" / "run"
+    out.mkdir(parents=True)
+    opts = ["MODEL.MIMICDET.STAGGERED", "False", "SOLVER.BASE_LR", "0.005"]
+    row = ROWS["mimicdet_same_level"]
+    assert bench.evaluate_t_head("fashion_scenes", row, opts, out) == {"AP": 45.0}
+    (command,) = commands
+    assert command[1] == "tools/evaluate_teacher.py"
+    assert command[command.index("--config-file") + 1] == benchmark.config_path(
+        "fashion_scenes", row
+    )
+    # the run's own options (its ablation switch included), then its final checkpoint
+    assert command[-len(opts) - 2 :] == opts + ["MODEL.WEIGHTS", str(out / "model_final.pth")]
+    # a detector without a T-head is not evaluated again
+    assert bench.evaluate_t_head("fashion_scenes", ROWS["faster_rcnn"], opts, out) is None
+    assert len(commands) == 1
+
+
 def test_packed_runs_unpack_into_results_and_never_replace_another(tmp_path, capsys):
     """A GPU machine's runs come back in one --pack file; --unpack adds them here."""
     gpu = tmp_path / "gpu"

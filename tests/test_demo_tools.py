@@ -214,7 +214,7 @@ def test_evaluate_teacher_scores_both_heads_and_refuses_a_deploy_checkpoint(
     results = evaluate_teacher(args + opts + ["MODEL.WEIGHTS", full])
     written = json.loads(out.read_text())
     for head in ("s_head", "t_head"):
-        assert set(results[head]) == {"AP", "AP50", "AP75"}
+        assert set(results[head]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
         assert written[head] == pytest.approx(results[head], nan_ok=True)
     assert written["dataset"] == name
 

@@ -132,6 +132,11 @@ def test_dry_run_runs_every_cpu_step_and_writes_a_valid_report(tmp_path):
     (run,) = results["benchmark"]["runs"]
     assert run["run"] == "fashion_scenes/mimicdet/lr0.005-seed0.json" and run["max_iter"] == 3
     assert run["train_s_per_iter"] > 0 and run["infer_ms"] > 0
+    # MimicDet's T-head was scored as a detector on the run's final checkpoint, like its S-head
+    packed = json.loads((out.parent / "benchmark_runs.json").read_text())["runs"][run["run"]]
+    assert set(packed["t_head_final"]) == set(packed["final"]) == {
+        "AP", "AP50", "AP75", "APs", "APm", "APl"
+    }  # fmt: skip
 
     assert {"gpu_check.log", "deform_conv_gpu.json", "benchmark_runs.json"} <= set(report["files"])
     combined = (out.parent / "gpu_check.log").read_text()

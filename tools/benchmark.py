@@ -278,6 +278,8 @@ def finished(metrics_file, max_iter):
 
 # written into a run's output folder before its training starts: the train_net.py arguments
 RUN_COMMAND_FILE = "benchmark_command.json"
+# written into a MimicDet run's output folder after its training: both heads' val metrics
+T_HEAD_FILE = "t_head_eval.json"
 
 
 def recorded_command(out):
@@ -823,6 +825,8 @@ class Benchmark:
             # below CONTENDED_SHARE, other work slowed this training: its s/iter is flagged
             "train_cpu_share": share,
             **self.time_inference(dataset, row, variant.opts, out),
+            # MimicDet's T-head scored as a detector: None for the rows without one
+            "t_head_final": self.evaluate_t_head(dataset, row, train_opts, out),
             # the checkpoints stay on the machine that trained them (no weights in git): their
             # digests let MODEL_ZOO.md name the files a published run must match
             "sha256": {
@@ -905,6 +909,23 @@ class Benchmark:
             self.device,
             row.deploy,
         )
+
+    def evaluate_t_head(self, dataset, row, train_opts, out):
+        """
+        A MimicDet run's final COCO metrics of its T-head, run as a two-stage detector on the
+        refined boxes of its final checkpoint (``tools/evaluate_teacher.py``, the same val split
+        and COCOEvaluator as the run's own): how far the deployed S-head is from its teacher.
+        None for a row without a T-head.
+        """
+        if not row.t_head:
+            return None
+        path = out / T_HEAD_FILE
+        command = [sys.executable, "tools/evaluate_teacher.py"]
+        command += ["--config-file", config_path(dataset, row), "--output", str(path)]
+        command += [*train_opts, "MODEL.WEIGHTS", str(out / "model_final.pth")]
+        print(f"[benchmark] scoring the T-head of {out}", flush=True)
+        subprocess.run(command, cwd=REPO, check=True)
+        return json.loads(path.read_text())["t_head"]
 
     def write_timing(self, dataset, name, timing):
         """Writes a re-timing pass's ``timing`` to ``runs/<dataset>/<name>``; returns it."""

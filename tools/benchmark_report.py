@@ -131,7 +131,21 @@ def summarize(runs, row_name):
     }
     for key in COLUMNS:
         row[key] = _mean([r["final"].get(key) for r in learned])
+    row["heads"] = two_heads(learned)
     return row
+
+
+def two_heads(learned):
+    """MimicDet's deployed S-head beside its training-only T-head, means over the learned runs
+    whose T-head was scored (``t_head_final``; none before 2026-12-04): None if there are none."""
+    paired = [r for r in learned if r.get("t_head_final")]
+    if not paired:
+        return None
+    return {
+        "seeds": [r["seed"] for r in paired],
+        "s_head": {key: _mean([r["final"].get(key) for r in paired]) for key in COLUMNS},
+        "t_head": {key: _mean([r["t_head_final"].get(key) for r in paired]) for key in COLUMNS},
+    }
 
 
 def train_timing_clean(row):
@@ -366,6 +380,7 @@ def markdown(
     for goal in goals:
         status = goal["status"] + (" (provisional)" if goal.get("provisional") else "")
         lines.append(f"| {goal['target']} | {status} | {goal['detail']} |")
+    lines += heads_table(rows)
     if sweeps:
         lines += ["", "Tuning (seed 0, final val AP of each variant):", ""]
         lines += ["| detector | " + " | ".join(["variant: AP"]) + " |", "|---|---|"]
@@ -373,6 +388,38 @@ def markdown(
             cells = ", ".join(f"{v}: {_fmt(ap)}" for v, ap in variants.items())
             lines.append(f"| {ROWS[name].title} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+def signed(value, digits=1):
+    return "n/a" if value is None else f"{value:+.{digits}f}"
+
+
+def heads_table(rows):
+    """Markdown lines comparing each MimicDet row's two heads, or none if no row has both."""
+    paired = {name: r["heads"] for name, r in rows.items() if r.get("heads")}
+    if not paired:
+        return []
+    lines = [
+        "",
+        "MimicDet's two heads: the deployed S-head, and the T-head that trains beside it and is "
+        "dropped at inference, run as a two-stage detector on the same checkpoint's refined boxes "
+        "(`tools/evaluate_teacher.py`, the same val split and COCOEvaluator). T - S is what "
+        "mimicking has left to transfer; means over the seeds named:",
+        "",
+        "| row | seeds | S-head AP | T-head AP | T - S | S-head AP_s / AP_m / AP_l "
+        "| T-head AP_s / AP_m / AP_l |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, heads in paired.items():
+        s_head, t_head = heads["s_head"], heads["t_head"]
+        gap = None if None in (s_head["AP"], t_head["AP"]) else t_head["AP"] - s_head["AP"]
+        sizes = [" / ".join(_fmt(h[k]) for k in ("APs", "APm", "APl")) for h in (s_head, t_head)]
+        lines.append(
+            f"| {rows[name]['title']} | {', '.join(map(str, heads['seeds']))} "
+            f"| {_fmt(s_head['AP'])} | {_fmt(t_head['AP'])} | {signed(gap)} "
+            f"| {sizes[0]} | {sizes[1]} |"
+        )
+    return lines
 
 
 def plot_curves(path, dataset, runs, rows):

@@ -108,6 +108,9 @@ class Row:
     seeds: int = 1  # reported seeds (1..seeds); seed 0 is the tuning sweep's
     paper: str = ""  # what the row stands for, for the tables
     deploy: bool = False  # MimicDet: time and count the deploy model (no T-head)
+    # MimicDet: also score its training-only T-head as a two-stage detector after training, to
+    # tell a student that lags its teacher from a teacher that lags (tools/evaluate_teacher.py)
+    t_head: bool = False
     # the datasets it runs on: every one, unless its method cannot apply
     datasets: Tuple[str, ...] = ("deepforest", "fashion_scenes")
     # a distilled row that reads the teacher per student anchor (RM+PFI)
@@ -131,33 +134,33 @@ ROWS = {
             "mimicdet", "MimicDet", "mimicdet_MNV2_FPN.yaml",
             # the paper's 4 x stride, or DeepForest's one 8 x stride anchor (a 64 px P3 anchor)
             key=Key("anchor_scale", "MODEL.MIMICDET.REFINE.ANCHOR_SIZE_PER_STRIDE", (4.0, 8.0)),
-            seeds=2, deploy=True, paper="MimicDet",
+            seeds=2, deploy=True, t_head=True, paper="MimicDet",
         ),
         Row(
             "mimicdet_nomimic", "MimicDet, no mimicking", "mimicdet_MNV2_FPN.yaml",
             parent="mimicdet", opts=("MODEL.MIMICDET.MIMIC.ENABLED", "False"),
-            seeds=2, deploy=True, paper="ablation: mimicking off",
+            seeds=2, deploy=True, t_head=True, paper="ablation: mimicking off",
         ),
         Row(
             "mimicdet_cls_only", "MimicDet, cls mimic only", "mimicdet_MNV2_FPN.yaml",
             parent="mimicdet", opts=("MODEL.MIMICDET.MIMIC.PATHS", "['cls']"),
-            deploy=True, paper="ablation: single path",
+            deploy=True, t_head=True, paper="ablation: single path",
         ),
         Row(
             "mimicdet_reg_only", "MimicDet, reg mimic only", "mimicdet_MNV2_FPN.yaml",
             parent="mimicdet", opts=("MODEL.MIMICDET.MIMIC.PATHS", "['reg']"),
-            deploy=True, paper="ablation: single path",
+            deploy=True, t_head=True, paper="ablation: single path",
         ),
         Row(
             "mimicdet_same_level", "MimicDet, T-head on the S-head's level",
             "mimicdet_MNV2_FPN.yaml",
             parent="mimicdet", opts=("MODEL.MIMICDET.STAGGERED", "False"),
-            deploy=True, paper="ablation: staggered off",
+            deploy=True, t_head=True, paper="ablation: staggered off",
         ),
         Row(
             "mimicdet_separate", "MimicDet, separate T-head backbone", "mimicdet_MNV2_FPN.yaml",
             parent="mimicdet", opts=("MODEL.MIMICDET.T_HEAD.BACKBONE", "separate_joint"),
-            deploy=True, paper="ablation: shared vs separate backbone",
+            deploy=True, t_head=True, paper="ablation: shared vs separate backbone",
         ),
         Row("retinanet", "RetinaNet", "retinanet_MNV2_FPN.yaml", key=ANCHOR_KEY,
             paper="one-stage"),

@@ -104,8 +104,9 @@ def build_numbers(step, log):
 
 
 def benchmark_numbers(packed_file):
-    """Each run of tools/benchmark.py's ``--pack`` file, in short: name, final AP and AP50,
-    seconds per iteration, inference ms and wall time (the whole results come back beside it)."""
+    """Each run of tools/benchmark.py's ``--pack`` file, in short: name, final AP and AP50, the
+    T-head's AP, seconds per iteration, inference ms and wall time (the whole results come back
+    beside it)."""
     packed = load_json(packed_file)
     if packed is None:
         return None
@@ -118,6 +119,8 @@ def benchmark_numbers(packed_file):
                 "max_iter": result.get("max_iter"),
                 "AP": final.get("AP"),
                 "AP50": final.get("AP50"),
+                # MimicDet's T-head scored as a detector (None for other rows)
+                "t_head_AP": (result.get("t_head_final") or {}).get("AP"),
                 "train_s_per_iter": result.get("train_s_per_iter"),
                 "infer_ms": result.get("infer_ms"),
                 "wall_s": result.get("wall_s"),
