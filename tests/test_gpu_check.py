@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import gpu_check_report  # noqa: E402
 
-STEPS = ["env", "install", "data", "build", "cuda_tests", "bench", "coco_cost", "benchmark"]
+STEPS = ["env", "install", "build", "data", "cuda_tests", "bench", "coco_cost", "benchmark"]
 STEPS += ["layer_tests"]
 
 

@@ -31,7 +31,8 @@ SITE=/tmp/site
 CARRY_LIMIT_MIB=50
 GPU_BUDGET_S=480
 DRY_RUN_BUDGET_S=300
-STEPS="env install data build cuda_tests bench coco_cost benchmark layer_tests"
+# data after build: tools/prepare_fashion_scenes.py imports mimicdet, which loads mimicdet._C.
+STEPS="env install build data cuda_tests bench coco_cost benchmark layer_tests"
 
 die() {
     echo "gpu_check: $*" >&2
@@ -583,8 +584,8 @@ echo "[gpu_check] mode=$MODE budget=${BUDGET_S}s python=$PY work=$WORK report=$O
 # layer tests (they compile the op a second time) come last.
 step env 30 step_env step_env "versions, GPU, compiler"
 step install 90 step_install_gpu step_install_dry "install the carried wheels into $SITE"
-step data 120 step_data step_data_dry "DeepForest's tiles, Fashion scenes into \$MIMICDET_DATASETS"
 step build 240 step_build_gpu step_build_dry "build mimicdet._C with CUDA in place (sm_90)"
+step data 120 step_data step_data_dry "DeepForest's tiles, Fashion scenes into \$MIMICDET_DATASETS"
 step cuda_tests 120 step_cuda_tests step_cuda_tests "pytest -m cuda tests/"
 step bench 120 step_bench_gpu step_bench_dry "deform_conv2d vs torchvision, fp32/fp16"
 step coco_cost 150 step_coco_cost_gpu step_coco_cost_dry "COCO train-step cost vs baselines"

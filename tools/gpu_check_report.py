@@ -24,8 +24,8 @@ SCHEMA_VERSION = 1
 STEPS = (
     "env",
     "install",
-    "data",
     "build",
+    "data",
     "cuda_tests",
     "bench",
     "coco_cost",

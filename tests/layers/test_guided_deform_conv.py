@@ -352,3 +352,27 @@ def test_deform_conv2d_at_follows_the_op_under_autocast_and_for_non_finite_offse
     assert sparse.dtype == dense.dtype == torch.bfloat16
     assert torch.isfinite(sparse).all()
     assert_close_rel(sparse.float(), dense.float(), rtol=1e-2, name="output")
+
+
+def test_missing_compiled_op_names_the_build_command():
+    """Without a build of mimicdet._C for this Python (the GPU check's Python 3.12 before its build
+    step, 2026-12-04), importing mimicdet said only "circular import"."""
+    script = textwrap.dedent("""
+        import importlib.abc, sys
+
+        class NoCompiledOp(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "mimicdet._C":
+                    raise ImportError("No module named 'mimicdet._C'")
+
+        sys.meta_path.insert(0, NoCompiledOp())
+        import mimicdet
+    """)
+    package_root = os.path.join(os.path.dirname(__file__), "..", "..", "projects", "MimicDet")
+    python_path = f"{package_root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = dict(os.environ, PYTHONPATH=python_path)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert "mimicdet._C) could not be imported for Python" in message, result.stderr[-2000:]
+    assert "python setup.py build_ext --inplace" in message

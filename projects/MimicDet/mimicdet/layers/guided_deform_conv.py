@@ -12,13 +12,23 @@ kernels; without them a CUDA input raises an error naming the rebuild command.
 """
 
 import math
+import os
+import sys
 from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from mimicdet import _C  # importing the extension registers torch.ops.mimicdet
+try:
+    from mimicdet import _C  # importing the extension registers torch.ops.mimicdet
+except ImportError as exc:
+    # Otherwise Python reports a "circular import" of mimicdet, which hides the missing build.
+    raise ImportError(
+        f"mimicdet's compiled op (mimicdet._C) could not be imported for Python "
+        f"{sys.version.split()[0]} from {os.path.dirname(os.path.dirname(__file__))} ({exc}). "
+        "Build it: `make setup`, or `python setup.py build_ext --inplace` in the repository root."
+    ) from exc
 
 __all__ = ["deform_conv2d", "deform_conv2d_at", "GuidedDeformConv", "BUILT_WITH_CUDA"]
 
