@@ -420,15 +420,41 @@ assert has_cuda or not torch.cuda.is_available(), "mimicdet._C was built without
 PY
 }
 
+# A failing TORCH_CHECK inside the library must reach Python as a RuntimeError. On the H200
+# (2026-12-04) it crashed the process instead (SIGSEGV, in every build variant of that machine's
+# setup.py build; a CPU-only build by /usr/bin/g++ raised). If it crashes, say so and log what
+# tells builds apart: the compiler, how libstdc++ is linked, the native frames of the crash.
+check_errors_raise() {
+    local probe='import torch, mimicdet.layers
+x, w = torch.randn(1, 4, 7, 9), torch.randn(5, 4, 3, 3)
+try:
+    torch.ops.mimicdet.deform_conv2d(x, torch.randn(1, 10, 7, 9), w, None, 1, 1, 1, 1, 1, 1)
+except RuntimeError as exc:
+    print("RAISES", str(exc).splitlines()[0][:80])
+else:
+    raise SystemExit("a bad offset shape was accepted")'
+    run "$PY" -X faulthandler -c "$probe" && return
+    echo "mimicdet._C crashes where it should raise; compiler: ${CXX:-c++}:"
+    "${CXX:-c++}" --version | head -1
+    ldd projects/MimicDet/mimicdet/_C*.so | grep -E "libstdc|libgcc" || echo "(no libstdc++ in ldd)"
+    if command -v cuda-gdb >/dev/null; then
+        timeout 60 cuda-gdb -q -batch -ex run -ex "bt 14" --args "$PY" -c "$probe" 2>&1 |
+            grep -E "^#" | cut -c1-300
+    fi
+    return 1
+}
+
 step_build_gpu() {
     run env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
         "$PY" setup.py build_ext --inplace || return
-    check_library
+    check_library || return
+    check_errors_raise
 }
 
 step_build_dry() {
     echo "dry run: not building; checking the library and weights that this Python resolves"
-    check_library
+    check_library || return
+    check_errors_raise
 }
 
 step_cuda_tests() {
@@ -526,7 +552,7 @@ step_benchmark_dry() {
     benchmark_and_pack --device cpu --smoke
 }
 
-export -f run check_imports check_library benchmark_and_pack step_data write_fashion_stand_in
+export -f run check_imports check_library check_errors_raise benchmark_and_pack step_data write_fashion_stand_in
 export COCO_COST SKIP_RC BENCHMARK_ARGS PACK_RESERVE_S MIN_BENCHMARK_S
 
 STARTED=$(date +%s)
@@ -589,7 +615,7 @@ step data 120 step_data step_data_dry "DeepForest's tiles, Fashion scenes into \
 step cuda_tests 120 step_cuda_tests step_cuda_tests "pytest -m cuda tests/"
 step bench 120 step_bench_gpu step_bench_dry "deform_conv2d vs torchvision, fp32/fp16"
 step coco_cost 150 step_coco_cost_gpu step_coco_cost_dry "COCO train-step cost vs baselines"
-step benchmark 300 step_benchmark_gpu step_benchmark_dry "benchmark: Fashion runs not committed"
+step benchmark 600 step_benchmark_gpu step_benchmark_dry "benchmark: Fashion runs not committed"
 step layer_tests 600 step_layer_tests_gpu - "pytest tests/layers (nvcc build test too)"
 
 # one combined log: the run tool brings back at most 8 files
