@@ -421,9 +421,9 @@ PY
 }
 
 # A failing TORCH_CHECK inside the library must reach Python as a RuntimeError. On the H200
-# (2026-12-04) it crashed the process instead (SIGSEGV, in every build variant of that machine's
-# setup.py build; a CPU-only build by /usr/bin/g++ raised). If it crashes, say so and log what
-# tells builds apart: the compiler, how libstdc++ is linked, the native frames of the crash.
+# (2026-12-04) it crashed the process instead (SIGSEGV, for CPU and CUDA tensors alike; a CPU-only
+# build by /usr/bin/g++ raised). If it crashes, say so and log what tells builds apart: the
+# compiler, how libstdc++ is linked, the native frames of the crash.
 check_errors_raise() {
     local probe='import torch, mimicdet.layers
 x, w = torch.randn(1, 4, 7, 9), torch.randn(5, 4, 3, 3)
@@ -444,11 +444,24 @@ else:
     return 1
 }
 
+build_in_place() {
+    run env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" "$@" \
+        "$PY" setup.py build_ext --inplace --force
+}
+
 step_build_gpu() {
-    run env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
-        "$PY" setup.py build_ext --inplace || return
+    build_in_place || return
     check_library || return
-    check_errors_raise
+    check_errors_raise && return
+    # The lead from 2026-12-04: the image's compiler wrapper linked libstdc++ statically. Rebuild
+    # with the system compiler, so the later steps run on a library that raises, and the log
+    # says whether the compiler was the cause. The step still fails: the default build crashes.
+    if [[ -x /usr/bin/g++ && ${CXX:-} != /usr/bin/g++ ]]; then
+        echo "rebuilding with CXX=/usr/bin/g++ CC=/usr/bin/gcc (CXX was ${CXX:-unset})"
+        build_in_place CXX=/usr/bin/g++ CC=/usr/bin/gcc && check_library &&
+            check_errors_raise && echo "the /usr/bin/g++ build raises: the compiler was the cause"
+    fi
+    return 1
 }
 
 step_build_dry() {
