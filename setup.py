@@ -41,7 +41,11 @@ def get_extensions():
             include_dirs=[os.path.abspath(CSRC_DIR)],
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,
-            extra_link_args=["-fopenmp"],
+            # -lstdc++ before the driver's own: a compiler that links libstdc++ statically (the
+            # H200 image's did: ldd listed none) then links the shared one, as torch does. A static
+            # copy breaks c10's message formatting: TORCH_CHECK messages stopped at the first shape
+            # here, and crashed the process there (docs/gpu_check.md, section 4).
+            extra_link_args=["-fopenmp", "-lstdc++"],
         )
     ]
 
