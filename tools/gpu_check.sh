@@ -421,9 +421,10 @@ PY
 }
 
 # A failing TORCH_CHECK inside the library must reach Python as a RuntimeError. On the H200
-# (2026-12-04) it crashed the process instead (SIGSEGV, for CPU and CUDA tensors alike; a CPU-only
-# build by /usr/bin/g++ raised). If it crashes, say so and log what tells builds apart: the
-# compiler, how libstdc++ is linked, the native frames of the crash.
+# (2026-12-04) it crashed the process instead (SIGSEGV, for CPU and CUDA tensors alike): that
+# build had libstdc++ linked in statically, which setup.py now prevents (reproduced and fixed on
+# the CPU). If it still crashes, say so and log what tells builds apart: the compiler, how
+# libstdc++ is linked, the native frames of the crash.
 check_errors_raise() {
     local probe='import torch, mimicdet.layers
 x, w = torch.randn(1, 4, 7, 9), torch.randn(5, 4, 3, 3)
@@ -453,9 +454,9 @@ step_build_gpu() {
     build_in_place || return
     check_library || return
     check_errors_raise && return
-    # The lead from 2026-12-04: the image's compiler wrapper linked libstdc++ statically. Rebuild
-    # with the system compiler, so the later steps run on a library that raises, and the log
-    # says whether the compiler was the cause. The step still fails: the default build crashes.
+    # Rebuild with the system compiler (the image's CXX is a wrapper), so that the later steps
+    # run on a library that raises and the log says whether the compiler is still the cause. The
+    # step still fails: the default build crashes.
     if [[ -x /usr/bin/g++ && ${CXX:-} != /usr/bin/g++ ]]; then
         echo "rebuilding with CXX=/usr/bin/g++ CC=/usr/bin/gcc (CXX was ${CXX:-unset})"
         build_in_place CXX=/usr/bin/g++ CC=/usr/bin/gcc && check_library &&
@@ -565,7 +566,8 @@ step_benchmark_dry() {
     benchmark_and_pack --device cpu --smoke
 }
 
-export -f run check_imports check_library check_errors_raise benchmark_and_pack step_data write_fashion_stand_in
+export -f run check_imports check_library check_errors_raise benchmark_and_pack step_data \
+    write_fashion_stand_in
 export COCO_COST SKIP_RC BENCHMARK_ARGS PACK_RESERVE_S MIN_BENCHMARK_S
 
 STARTED=$(date +%s)
