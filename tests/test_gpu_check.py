@@ -93,6 +93,20 @@ def test_validate_rejects_a_broken_report():
     assert "results: keys []" in problems
 
 
+def test_benchmark_without_time_for_a_run_is_skipped_not_started(tmp_path):
+    """A run cut by the deadline is lost, so a box shorter than one run starts none and the report
+    says why, rather than failing or spending the time."""
+    out = tmp_path / "out" / "gpu_check.json"
+    result = run_script("--dry-run", "--only", "benchmark", "--budget", "60", "--out", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    step = next(s for s in report["steps"] if s["name"] == "benchmark")
+    assert step["status"] == "skipped (no time left)", step
+    assert "--only install,build,data,benchmark" in step["log_tail"]
+    assert not (out.parent / "benchmark_runs.json").exists()
+    assert report["valid"], report.get("problems")
+
+
 @pytest.mark.slow
 def test_dry_run_runs_every_cpu_step_and_writes_a_valid_report(tmp_path):
     out = tmp_path / "out" / "gpu_check.json"
