@@ -16,9 +16,10 @@ def test_fcos_losses_under_autocast_with_float32_box_deltas():
     from detectron2.utils.events import EventStorage
 
     args = coco_cost_benchmark.parse_args(["--device", "cpu"])
-    args.height, args.width = 128, 192
+    # --amp is refused on the CPU (it means float16 on CUDA); set after parsing, it makes build()
+    # wrap FCOS's losses exactly as it does for --device cuda --amp
+    args.amp, args.height, args.width = True, 128, 192
     model = coco_cost_benchmark.build("fcos", args)
-    model.losses = coco_cost_benchmark.float32_box_losses(model.losses)
     model.train()
     with EventStorage(), torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model(coco_cost_benchmark.make_batch(args))
