@@ -31,7 +31,6 @@ one training step); CUDA, torch.cuda.max_memory_allocated around that model's ru
 """
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -104,7 +103,12 @@ def build_cfg(name, args):
     from detectron2.config import LazyConfig, get_cfg
 
     if name == "fcos":
+        from mimicdet.modeling import Float32BoxFCOS
+
         cfg = LazyConfig.load(model_zoo.get_config_file("COCO-Detection/fcos_R_50_FPN_1x.py"))
+        # as the project's FCOS configs: detectron2's FCOS, which fails with --amp, with its box
+        # outputs decoded in float32 (identical in float32)
+        cfg.model._target_ = Float32BoxFCOS
         # v0.6's head probes get_norm(norm, 1), which GroupNorm(32, 1) refuses on current torch
         cfg.model.head.norm = _group_norm
         return cfg
@@ -132,24 +136,7 @@ def build(name, args):
     cfg = build_cfg(name, args)
     torch.manual_seed(0)
     model = instantiate(cfg.model) if name == "fcos" else build_model(cfg)
-    if name == "fcos" and args.amp:
-        model.losses = float32_box_losses(model.losses)
     return model.to(args.device)
-
-
-def float32_box_losses(losses):
-    """FCOS's ``losses`` on float32 box deltas. detectron2's FCOS decodes boxes in the deltas'
-    dtype (``Box2BoxTransformLinear``, unlike ``Box2BoxTransform``, does not cast to float32), so
-    under float16 autocast fvcore's ``giou_loss`` meets float16 boxes and float32 ground truth and
-    fails ("Index put requires the source and destination dtypes match"; found on the H200,
-    2026-12-04). RetinaNet and MimicDet already decode in float32."""
-
-    @functools.wraps(losses)
-    def wrapped(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness):
-        deltas = [d.float() for d in pred_anchor_deltas]
-        return losses(anchors, pred_logits, gt_labels, deltas, gt_boxes, pred_centerness)
-
-    return wrapped
 
 
 def make_batch(args, seed=0):

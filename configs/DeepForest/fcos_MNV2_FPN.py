@@ -26,7 +26,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import FPN
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
-from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
+from detectron2.modeling.meta_arch.fcos import FCOSHead
 from detectron2.solver import WarmupParamScheduler
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from fvcore.common.param_scheduler import MultiStepParamScheduler
@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 
 from mimicdet import add_mimicdet_config
 from mimicdet.backbone import mobilenet_v2_bottom_up
+from mimicdet.modeling import Float32BoxFCOS
 
 BASE_YAML = os.path.join(os.path.dirname(__file__), "Base-DeepForest-MNV2.yaml")
 base = get_cfg()
@@ -49,7 +50,8 @@ def group_norm(channels):
     return nn.GroupNorm(min(32, channels), channels)
 
 
-model = L(FCOS)(
+# detectron2's FCOS, its boxes decoded in float32 so that it also trains with AMP
+model = L(Float32BoxFCOS)(
     backbone=L(FPN)(
         bottom_up=L(mobilenet_v2_bottom_up)(
             norm=base.MODEL.MOBILENET.NORM,

@@ -1,3 +1,4 @@
+from .fcos import Float32BoxFCOS
 from .level_assignment import LevelAssigner
 from .meta_arch import MimicDet
 from .mimic_loss import cosine_mimic_loss, dual_path_mimic_losses, sample_mimic_boxes
@@ -6,6 +7,7 @@ from .s_head import SHead
 from .t_head import MimicTHead
 
 __all__ = [
+    "Float32BoxFCOS",
     "LevelAssigner",
     "MimicDet",
     "MimicTHead",
