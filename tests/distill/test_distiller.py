@@ -112,6 +112,22 @@ def test_a_training_step_adds_every_kd_term_and_leaves_the_teacher_untouched(
     assert model.student.backbone.fpn_output3.weight.grad.abs().sum() > 0
 
 
+def test_a_training_step_under_autocast_keeps_every_kd_term_finite_and_training(
+    teacher_files, make_inputs
+):
+    """SOLVER.AMP.ENABLED runs teacher, student and KD terms under autocast; CPU bfloat16 takes
+    the path that CUDA's float16 takes."""
+    torch.manual_seed(0)
+    model = build_model(_distiller_cfg(teacher_files)).train()
+    with EventStorage(0), torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(make_inputs(num_images=2))
+    assert {"loss_cls", "loss_box_reg"} | KD_TERMS == set(losses)
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values()), losses
+    sum(losses.values()).backward()
+    assert all(a.weight.grad.abs().sum() > 0 for a in model.kd_adapters.values())
+    assert torch.isfinite(model.student.backbone.fpn_output3.weight.grad).all()
+
+
 def test_the_teacher_loads_its_checkpoint_and_stays_out_of_the_state_dict(teacher_files):
     model = build_model(_distiller_cfg(teacher_files))
     saved = torch.load(teacher_files[1], weights_only=True)["model"]
