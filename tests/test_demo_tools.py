@@ -10,6 +10,7 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
+from detectron2.modeling.meta_arch.fcos import FCOS
 from PIL import Image
 
 import mimicdet  # noqa: F401 registers the backbones and datasets
@@ -59,7 +60,7 @@ def test_yaml_configs_build(name):
 def test_fcos_config_builds_and_matches_the_shared_values():
     cfg, base = lazy_fcos(), yaml_cfg("Base-DeepForest-MNV2.yaml")
     model = instantiate(cfg.model)
-    assert type(model).__name__ == "FCOS"
+    assert isinstance(model, FCOS)  # detectron2's (as Float32BoxFCOS, test_fcos.py)
     train_aug = cfg.dataloader.train.mapper.augmentations[0]
     assert tuple(train_aug.short_edge_length) == tuple(base.INPUT.MIN_SIZE_TRAIN)
     assert train_aug.max_size == base.INPUT.MAX_SIZE_TRAIN
