@@ -9,7 +9,6 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling.meta_arch.fcos import FCOS
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from mimicdet.modeling import Float32BoxFCOS
@@ -30,28 +29,16 @@ def build_fcos(config="FashionScenes/fcos_MNV2_FPN.py"):
     return instantiate(cfg.model).train()
 
 
-def batch(num_classes=10, size=(128, 160)):
-    """Two images with a few boxes each, sized for P3..P7, in DatasetMapper's format."""
-    generator = torch.Generator().manual_seed(1)
-    inputs = []
-    for boxes in ([[8, 10, 40, 60], [60, 20, 150, 120]], [[30, 30, 62, 50]]):
-        instances = Instances(size, gt_boxes=Boxes(torch.tensor(boxes, dtype=torch.float32)))
-        instances.gt_classes = torch.randint(0, num_classes, (len(boxes),), generator=generator)
-        image = torch.randint(0, 256, (3, *size), generator=generator).float()
-        inputs.append({"image": image, "instances": instances, "height": size[0], "width": size[1]})
-    return inputs
-
-
 @pytest.mark.parametrize("config", FCOS_CONFIGS)
 def test_every_fcos_config_builds_the_float32_box_fcos(config):
     assert type(build_fcos(config)) is Float32BoxFCOS
 
 
-def test_in_float32_it_trains_as_detectron2s_fcos_does():
+def test_in_float32_it_trains_as_detectron2s_fcos_does(make_inputs):
     ours = build_fcos()
     theirs = FCOS.__new__(FCOS)
     theirs.__dict__.update(copy.deepcopy(ours.__dict__))
-    inputs = batch()
+    inputs = make_inputs(num_images=2, size=128)  # 128 px: P3..P7
     with EventStorage():
         ours_losses, their_losses = ours(inputs), theirs(inputs)
     assert set(ours_losses) == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}
@@ -72,10 +59,10 @@ def float32_bottom_up(model):
     return model
 
 
-def test_trains_and_infers_under_autocast_with_float32_boxes():
+def test_trains_and_infers_under_autocast_with_float32_boxes(make_inputs):
     model = float32_bottom_up(build_fcos())
     with EventStorage(), torch.autocast("cpu", dtype=torch.bfloat16):
-        losses = model(batch())
+        losses = model(make_inputs(num_images=2, size=128))
     assert all(torch.isfinite(v) and v > 0 for v in losses.values()), losses
     sum(losses.values()).backward()
     grad = model.head.bbox_pred.weight.grad
@@ -83,5 +70,5 @@ def test_trains_and_infers_under_autocast_with_float32_boxes():
 
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        boxes = model(batch())[0]["instances"].pred_boxes.tensor
+        boxes = model(make_inputs(num_images=1, size=128))[0]["instances"].pred_boxes.tensor
     assert len(boxes) > 0 and boxes.dtype == torch.float32
