@@ -179,6 +179,12 @@ def test_the_plan_lists_what_is_left_in_training_order_with_its_time(tmp_path, c
     out.mkdir(parents=True)
     (out / "model_final.pth").touch()
     assert bench.missing("deepforest", rows) == [("retinanet_rm_pfi", "lr0.005-anchor16", 1)]
+    # a student whose result is committed needs no teacher, whether or not its checkpoint is here
+    fake_result(tmp_path, "deepforest", "retinanet_rm_pfi", "lr0.005-anchor16", 1, 12.0)
+    (out / "model_final.pth").unlink()
+    assert bench.missing("deepforest", rows) == []
+    (out / "model_final.pth").touch()
+    (tmp_path / "runs/deepforest/retinanet_rm_pfi/lr0.005-anchor16-seed1.json").unlink()
     # its time: RetinaNet's committed s/iter (fake_result: 1.0 at seed 0) x 1200 steps, a lower
     # bound for a student that also runs its teacher
     capsys.readouterr()

@@ -1085,12 +1085,11 @@ class Benchmark:
                 add_sweep(row.teacher)
             chosen = self.chosen(dataset, row_name)
             for seed in self.seeds(row_name):
+                if chosen is not None and self.result(dataset, row_name, chosen.name, seed):
+                    continue  # done: its teacher is not needed again either
                 if row.teacher is not None:  # trained first, with the student's seed
                     add_teacher(row, chosen, seed)
-                if chosen is None:
-                    add(row_name, "the chosen variant", seed)
-                elif self.result(dataset, row_name, chosen.name, seed) is None:
-                    add(row_name, chosen.name, seed)
+                add(row_name, "the chosen variant" if chosen is None else chosen.name, seed)
         return todo
 
     @staticmethod
