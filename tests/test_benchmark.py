@@ -179,7 +179,8 @@ def test_the_plan_lists_what_is_left_in_training_order_with_its_time(tmp_path, c
     out.mkdir(parents=True)
     (out / "model_final.pth").touch()
     assert bench.missing("deepforest", rows) == [("retinanet_rm_pfi", "lr0.005-anchor16", 1)]
-    # a student whose result is committed needs no teacher, whether or not its checkpoint is here
+    # a student whose result is committed needs no teacher, whether or not the teacher's
+    # checkpoint is here
     fake_result(tmp_path, "deepforest", "retinanet_rm_pfi", "lr0.005-anchor16", 1, 12.0)
     (out / "model_final.pth").unlink()
     assert bench.missing("deepforest", rows) == []

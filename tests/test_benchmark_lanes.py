@@ -1,9 +1,9 @@
 """tools/benchmark_lanes.py: the committed stages, lanes side by side, and commits as runs land."""
 
-import re
-import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,13 +14,17 @@ import benchmark_lanes  # noqa: E402
 from benchmark_lanes import Command, parse_stages  # noqa: E402
 from benchmark_rows import ROWS  # noqa: E402
 
+TRAINS_NOTHING = ("--retime-training", "--retime", "--report", "--plan")
+
 
 def seeds_of(command):
-    """(seed from, seed to) a command trains: --sweep-only is seed 0, --seeds N is 1..N, and
-    no flag is the sweep and the row's own seeds."""
-    if "--sweep-only" in command.flags:
-        return 0, 0
+    """The (first, last) seed a command trains, None if it trains nothing: --sweep-only is seed
+    0, --seeds N is 1..N, and no such flag the sweep and the row's own seeds."""
     flags = list(command.flags)
+    if any(flag in flags for flag in TRAINS_NOTHING):
+        return None
+    if "--sweep-only" in flags:
+        return 0, 0
     if "--seeds" not in flags:
         return 0, ROWS[command.row].seeds
     return 1, int(flags[flags.index("--seeds") + 1])
@@ -31,24 +35,21 @@ def test_the_committed_stages_train_every_first_reported_seed_alone():
     assert stages, "the committed stages file is empty"
     alone = set()  # (dataset, row) whose seed 1 has trained alone in an earlier stage
     for stage in stages:
-        for lane in stage:
-            for command in lane:
-                first, last = seeds_of(command)
-                key = (command.dataset, command.row)
-                if len(stage) > 1 and last >= 1:
-                    # side by side, its timing is off: seed 1 must be trained already, alone
-                    assert key in alone, f"{command} trains seed 1 beside another lane"
-        for lane in stage:
-            for command in lane:
-                if len(stage) == 1 and seeds_of(command)[1] >= 1:
-                    alone.add((command.dataset, command.row))
+        commands = [command for lane in stage for command in lane]
+        for command in commands:
+            seeds = seeds_of(command)
+            if len(stage) > 1 and seeds and seeds[1] >= 1:
+                # side by side, its timing is off: seed 1 must be trained already, alone
+                assert (command.dataset, command.row) in alone, f"{command}: seed 1 in a lane"
+        if len(stage) == 1:
+            alone.update((c.dataset, c.row) for c in commands if (seeds_of(c) or (0, 0))[1] >= 1)
 
 
 def test_a_stage_line_splits_into_lanes_of_commands_and_bad_lines_name_their_place():
     stages = parse_stages(
         "# a comment\n\n"
         "deepforest fcos --sweep-only | deepforest retinanet --seeds 2 ; deepforest mimicdet\n"
-        "fashion_scenes faster_rcnn --seeds 1  # trailing comment\n"
+        "fashion_scenes all --retime-training  # trailing comment\n"
     )
     assert stages == [
         (
@@ -58,22 +59,32 @@ def test_a_stage_line_splits_into_lanes_of_commands_and_bad_lines_name_their_pla
                 Command("deepforest", "mimicdet"),
             ),
         ),
-        ((Command("fashion_scenes", "faster_rcnn", ("--seeds", "1")),),),
+        ((Command("fashion_scenes", "all", ("--retime-training",)),),),
     ]
+    # "all" runs benchmark.py without --rows; a row is passed as the only --rows
+    assert "--rows" not in stages[1][0][0].argv("out")
+    assert stages[0][1][0].argv("out")[-4:] == ["--rows", "retinanet", "--seeds", "2"]
     with pytest.raises(ValueError, match=r"plan.txt:2: 'deepforest yolo'.*rows: mimicdet"):
         parse_stages("deepforest fcos\ndeepforest yolo | deepforest fcos", source="plan.txt")
     with pytest.raises(ValueError, match=r":1: 'coco fcos'.*datasets: deepforest"):
         parse_stages("coco fcos")
+    with pytest.raises(ValueError, match=r":1: 'deepforest fcos retinanet': one row a command"):
+        parse_stages("deepforest fcos retinanet")
+    with pytest.raises(ValueError, match=r"--output is set by benchmark_lanes.py"):
+        parse_stages("deepforest fcos --seeds 1 --output=/tmp/elsewhere")
 
 
 def test_lanes_share_the_cores_out():
     assert benchmark_lanes.lane_threads(2, 2) == 1
     assert benchmark_lanes.lane_threads(2, 16) == 8
+    assert benchmark_lanes.lane_threads(1, 2) == 2
     assert benchmark_lanes.lane_threads(3, 2) == 1  # never zero
 
 
+@pytest.fixture
 def fake_benchmark(tmp_path, monkeypatch):
-    """Commands that record their thread setting and start/end order, and fail for row 'fcos'."""
+    """Commands that write their thread setting and their start and end to a trace; row 'fcos'
+    fails at once, the others take 0.5 s."""
     trace = tmp_path / "trace.txt"
 
     def argv(command, output):
@@ -82,70 +93,104 @@ def fake_benchmark(tmp_path, monkeypatch):
             f"trace = open({str(trace)!r}, 'a')\n"
             "threads = os.environ.get('OMP_NUM_THREADS', '-')\n"
             f"trace.write('start {command.row} ' + threads + '\\n')\n"
-            "trace.flush(); time.sleep(0.5)\n"
+            f"trace.flush(); sys.exit(1) if {command.row == 'fcos'} else time.sleep(0.5)\n"
             f"trace.write('end {command.row}\\n')\n"
-            f"sys.exit({int(command.row == 'fcos')})\n"
         )
         return [sys.executable, "-c", code]
 
     monkeypatch.setattr(Command, "argv", argv)
     monkeypatch.setattr(benchmark_lanes.os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the caller's: a stage sets its own
     return trace
 
 
-def test_a_stage_runs_its_lanes_side_by_side_and_reports_a_failed_command(tmp_path, monkeypatch):
-    trace = fake_benchmark(tmp_path, monkeypatch)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+def run_stage(stage, tmp_path):
+    return benchmark_lanes.run_stage(stage, tmp_path, tmp_path, commit=False, poll_s=0.05)
+
+
+def test_a_stage_runs_its_lanes_side_by_side_one_thread_each(tmp_path, fake_benchmark):
     stage = (
         (Command("deepforest", "retinanet"), Command("deepforest", "mimicdet")),
         (Command("deepforest", "faster_rcnn"),),
     )
-    assert benchmark_lanes.run_stage(stage, tmp_path, tmp_path, False, tmp_path, poll_s=0.05)
-    lines = trace.read_text().splitlines()
+    assert run_stage(stage, tmp_path)
+    lines = fake_benchmark.read_text().splitlines()
     # the second lane started before the first lane's first command ended; one thread each
     assert lines.index("start faster_rcnn 1") < lines.index("end retinanet")
     assert lines.index("end retinanet") < lines.index("start mimicdet 1")
     assert (tmp_path / "deepforest_retinanet.log").is_file()
-    # a failed command fails the stage, but the other lane's runs still finish
-    trace.unlink()
-    stage = ((Command("deepforest", "fcos"),), (Command("deepforest", "retinanet"),))
-    assert not benchmark_lanes.run_stage(stage, tmp_path, tmp_path, False, tmp_path, poll_s=0.05)
-    assert "end retinanet" in trace.read_text()
-    # alone, a command keeps the caller's threads
-    trace.unlink()
-    stage = ((Command("deepforest", "mimicdet"),),)
-    assert benchmark_lanes.run_stage(stage, tmp_path, tmp_path, False, tmp_path, poll_s=0.05)
-    assert "start mimicdet -" in trace.read_text()
+    # alone, a command gets every core, whatever the caller's environment said
+    fake_benchmark.unlink()
+    assert run_stage(((Command("deepforest", "mimicdet"),),), tmp_path)
+    assert "start mimicdet 2" in fake_benchmark.read_text()
+
+
+def test_a_failed_command_ends_its_lane_while_the_other_lanes_finish(tmp_path, fake_benchmark):
+    stage = (
+        (Command("deepforest", "fcos"), Command("deepforest", "mimicdet")),
+        (Command("deepforest", "retinanet"), Command("deepforest", "faster_rcnn")),
+    )
+    assert not run_stage(stage, tmp_path)
+    trace = fake_benchmark.read_text()
+    assert "start mimicdet" not in trace  # it may need the failed command's result
+    assert "end retinanet" in trace and "end faster_rcnn" in trace
+
+
+def test_stopping_the_orchestrator_stops_the_trainings_it_started(tmp_path, monkeypatch):
+    marker = tmp_path / "still_running"
+
+    def argv(command, output):  # a training that would write its marker after 3 s
+        code = f"import time, pathlib; time.sleep(3); pathlib.Path({str(marker)!r}).touch()"
+        return [sys.executable, "-c", code]
+
+    monkeypatch.setattr(Command, "argv", argv)
+    ticks = iter(range(3))
+
+    def sleep(seconds):  # the orchestrator is interrupted at its second poll
+        if next(ticks) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmark_lanes, "time", SimpleNamespace(sleep=sleep, strftime=str))
+    stage = ((Command("deepforest", "retinanet"),), (Command("deepforest", "fcos"),))
+    with pytest.raises(KeyboardInterrupt):
+        benchmark_lanes.run_stage(stage, tmp_path, tmp_path, poll_s=0.05)
+    time.sleep(3.5)
+    assert not marker.exists()
+
+
+def test_one_orchestrator_at_a_time_per_output(tmp_path):
+    held = benchmark_lanes.lock(tmp_path / "out")
+    with pytest.raises(SystemExit, match="another tools/benchmark_lanes.py is running on"):
+        benchmark_lanes.lock(tmp_path / "out")
+    held.close()
+    benchmark_lanes.lock(tmp_path / "out").close()  # free again once the holder is gone
 
 
 def git(repo, *args):
-    return subprocess.run(
-        ["git", *args], cwd=repo, capture_output=True, text=True, check=True
-    ).stdout
+    return benchmark_lanes.git(repo, *args)
 
 
-def test_each_run_result_that_lands_is_committed_with_the_tables_once(tmp_path):
+def test_a_run_result_is_committed_alone_as_it_lands_and_never_what_a_person_staged(tmp_path):
     git(tmp_path, "init", "--quiet")
     git(tmp_path, "config", "user.email", "bench@example.com")
     git(tmp_path, "config", "user.name", "bench")
-    results = tmp_path / "benchmarks"
-    run = results / "runs" / "fashion_scenes" / "fcos" / "lr0.005-seed0.json"
+    (tmp_path / "notes.txt").write_text("a person's work")
+    git(tmp_path, "add", "notes.txt")
+    run = tmp_path / "benchmarks" / "runs" / "fashion_scenes" / "fcos" / "lr0.005-seed0.json"
     run.parent.mkdir(parents=True)
-    assert benchmark_lanes.commit_results(tmp_path, results) == []
+    assert benchmark_lanes.commit_results(tmp_path) == []
     run.write_text("{}")
-    (results / "fashion_scenes.md").write_text("| table |")
-    (tmp_path / "README.md").write_text("readme")
-    landed = benchmark_lanes.commit_results(tmp_path, results)
+    (run.parent / "lr0.01-seed0.json.tmp").write_text("{")  # a result still being written
+    landed = benchmark_lanes.commit_results(tmp_path)
     assert landed == ["benchmarks/runs/fashion_scenes/fcos/lr0.005-seed0.json"]
-    message = git(tmp_path, "log", "-1", "--format=%s")
-    assert re.fullmatch(r"benchmark: fcos lr0.005-seed0 finished\n", message)
-    committed = git(tmp_path, "show", "--name-only", "--format=", "HEAD").split()
-    assert sorted(committed) == [
-        "README.md", "benchmarks/fashion_scenes.md",
-        "benchmarks/runs/fashion_scenes/fcos/lr0.005-seed0.json",
-    ]  # fmt: skip
-    assert git(tmp_path, "status", "--porcelain") == ""
-    assert benchmark_lanes.commit_results(tmp_path, results) == []  # nothing new: no commit
+    assert git(tmp_path, "log", "-1", "--format=%s") == (
+        "benchmark: fashion_scenes/fcos lr0.005-seed0 finished\n"
+    )
+    assert git(tmp_path, "show", "--name-only", "--format=", "HEAD").split() == landed
+    assert git(tmp_path, "diff", "--cached", "--name-only").split() == ["notes.txt"]
+    assert benchmark_lanes.commit_results(tmp_path) == []  # nothing new: no commit
+    run.unlink()  # a deleted result is a person's business, not a finished run
+    assert benchmark_lanes.commit_results(tmp_path) == []
 
 
 def test_the_dry_run_prints_the_stages_and_output_is_required_to_train(

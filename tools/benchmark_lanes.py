@@ -8,27 +8,38 @@ Runs the benchmark's remaining parts on a many-sitting CPU: a committed list of 
 
 The stages file (``tools/benchmark_stages.txt`` by default) has one stage a line; a stage starts
 when the one before it has ended. In a line, ``|`` separates *lanes* that run side by side, each
-at ``cores // lanes`` threads, and ``;`` separates the commands a lane runs in turn. A command is
-``DATASET ROW [benchmark.py flags]``. Every command is idempotent (``benchmark.py`` never trains
-a run whose result exists, and resumes an interrupted one from its checkpoint in ``--output``), so
-after a stop the same command line goes on where the last sitting ended: nothing to edit.
+at ``cores // lanes`` threads, and ``;`` separates the commands a lane runs in turn; a failed
+command ends its lane and, once the other lanes are done, the whole run. A command is ``DATASET
+ROW [benchmark.py flags]`` (ROW ``all``: every row). Training commands are idempotent
+(``benchmark.py`` never trains a run whose result exists, and resumes an interrupted one from its
+checkpoint in ``--output``), so after a stop the same command line goes on where the last sitting
+ended: nothing to edit.
 
 Why lanes: two RetinaNet trainings side by side at one thread each took 1.53 s a step each on the
 2-core CPU, against 0.91 s for one at two threads (2026-12-04): 1.31 against 1.10 steps a second.
 But a run's inference is timed after its training, and on one thread beside another training its
 ratio to the yardstick rose from 1.8 to 2.0. The tables take their ms from a row's first reported
 seed (seed 1), so the stages train every seed-1 run alone and put only tuning runs (seed 0) and
-seeds 2.. into lanes.
+seeds 2.. into lanes. Their step times are re-measured side by side at the end
+(``--retime-training``), as the tables prefer.
+
+With ``--commit``, each run result is committed alone as it lands, and after each command the
+tables (``benchmark.py --report``: ``benchmarks/*.md``, plots, README, MODEL_ZOO) are rebuilt and
+committed: only those paths, whatever else the index holds. One orchestrator at a time may use an
+``--output`` (a lock file there); stopping it (Ctrl-C, SIGTERM) stops its trainings too, which
+resume from their checkpoints next time.
 """
 
 import argparse
+import fcntl
 import os
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple
+from typing import Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -36,8 +47,14 @@ sys.path.insert(0, str(REPO / "tools"))
 from benchmark_rows import DATASETS, ROWS  # noqa: E402
 
 DEFAULT_STAGES = REPO / "tools" / "benchmark_stages.txt"
-# what a commit takes along with the run results: the tables that follow them
-COMMITTED = ("benchmarks", "README.md", "MODEL_ZOO.md")
+RUNS = "benchmarks/runs"
+# what --report writes from the run results: committed after each command
+TABLES = ("benchmarks/*.md", "benchmarks/*.png", "benchmarks/results.json", "README.md",
+          "MODEL_ZOO.md")  # fmt: skip
+# a command's row that means every row (benchmark.py without --rows), e.g. for --retime-training
+ALL_ROWS = "all"
+# the orchestrator's own flags: a stage line may not override them
+RESERVED_FLAGS = ("--dataset", "--rows", "--output", "--results")
 
 
 @dataclass(frozen=True)
@@ -47,9 +64,10 @@ class Command:
     flags: Tuple[str, ...] = ()
 
     def argv(self, output):
+        rows = [] if self.row == ALL_ROWS else ["--rows", self.row]
         return [
             sys.executable, str(REPO / "tools" / "benchmark.py"), "--output", str(output),
-            "--dataset", self.dataset, "--rows", self.row, *self.flags,
+            "--dataset", self.dataset, *rows, *self.flags,
         ]  # fmt: skip
 
     def __str__(self):
@@ -60,26 +78,35 @@ Lane = Tuple[Command, ...]
 Stage = Tuple[Lane, ...]
 
 
+def parse_command(text, where):
+    words = text.split()
+    if len(words) < 2 or words[0] not in DATASETS or words[1] not in (*ROWS, ALL_ROWS):
+        raise ValueError(
+            f"{where}: {text.strip()!r} is not 'DATASET ROW [flags]'"
+            f" (datasets: {', '.join(DATASETS)}; rows: {', '.join(ROWS)}, or {ALL_ROWS})"
+        )
+    flags = tuple(words[2:])
+    if flags and not flags[0].startswith("-"):
+        raise ValueError(f"{where}: {text.strip()!r}: one row a command, then benchmark.py flags")
+    reserved = [flag.split("=")[0] for flag in flags if flag.split("=")[0] in RESERVED_FLAGS]
+    if reserved:
+        raise ValueError(f"{where}: {text.strip()!r}: {reserved[0]} is set by benchmark_lanes.py")
+    return Command(words[0], words[1], flags)
+
+
 def parse_stages(text, source="stages"):
-    """The stages of ``text``; a line that names no dataset and row is an error naming it."""
+    """The stages of ``text``; a line that is no stage is an error naming its place."""
     stages = []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        lanes = []
-        for lane_text in line.split("|"):
-            commands = []
-            for command_text in lane_text.split(";"):
-                words = command_text.split()
-                if len(words) < 2 or words[0] not in DATASETS or words[1] not in ROWS:
-                    raise ValueError(
-                        f"{source}:{number}: {command_text.strip()!r} is not 'DATASET ROW [flags]'"
-                        f" (datasets: {', '.join(DATASETS)}; rows: {', '.join(ROWS)})"
-                    )
-                commands.append(Command(words[0], words[1], tuple(words[2:])))
-            lanes.append(tuple(commands))
-        stages.append(tuple(lanes))
+        if line:
+            where = f"{source}:{number}"
+            stages.append(
+                tuple(
+                    tuple(parse_command(command, where) for command in lane.split(";"))
+                    for lane in line.split("|")
+                )
+            )
     return stages
 
 
@@ -88,68 +115,128 @@ def lane_threads(lanes, cores):
     return max(1, cores // max(1, lanes))
 
 
-def new_results(repo, results):
-    """Run results under ``results`` that git does not have yet, or has older versions of."""
-    status = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=all", "--", str(results / "runs")],
-        cwd=repo, capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    return sorted(line[3:] for line in status.splitlines() if line[3:].endswith(".json"))
+def git(repo, *args):
+    return subprocess.run(
+        ["git", *args], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout
 
 
-def commit_results(repo, results):
-    """Commits the run results that landed since the last call, with the tables that follow
-    them, in one commit."""
-    landed = new_results(repo, results)
-    if not landed:
-        return []
-    present = [path for path in COMMITTED if (Path(repo) / path).exists()]
-    subprocess.run(["git", "add", "--", *present], cwd=repo, check=True)
-    names = ", ".join(Path(p).parent.name + " " + Path(p).stem for p in landed)
-    message = f"benchmark: {names} finished\n\nCommitted by tools/benchmark_lanes.py."
-    subprocess.run(["git", "commit", "--quiet", "-m", message], cwd=repo, check=True)
+def changed(repo, pathspecs):
+    """Files matching ``pathspecs`` that are new or modified against HEAD (deleted ones are a
+    person's business, not a finished run's)."""
+    status = git(repo, "status", "--porcelain", "--untracked-files=all", "--", *pathspecs)
+    return sorted(line[3:] for line in status.splitlines() if "D" not in line[:2])
+
+
+def commit_paths(repo, paths, message):
+    """Commits exactly ``paths``, leaving anything else a person staged out of it."""
+    git(repo, "add", "--", *paths)
+    git(repo, "commit", "--quiet", "-m", message, "--", *paths)
+
+
+def commit_results(repo):
+    """Commits the run results that landed since the last call; returns their paths."""
+    landed = [path for path in changed(repo, [RUNS]) if path.endswith(".json")]
+    if landed:
+        names = ", ".join("/".join(Path(p).parts[-3:-1]) + " " + Path(p).stem for p in landed)
+        commit_paths(repo, landed, f"benchmark: {names} finished\n\nBy tools/benchmark_lanes.py.")
     return landed
+
+
+def commit_tables(repo, after):
+    """Rebuilds the tables from the committed results and commits what changed."""
+    subprocess.run(
+        [sys.executable, str(REPO / "tools" / "benchmark.py"), "--report"],
+        cwd=repo, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    tables = changed(repo, TABLES)
+    if tables:
+        message = f"benchmark: tables after {after}\n\nBy tools/benchmark_lanes.py."
+        commit_paths(repo, tables, message)
+    return tables
 
 
 def log(text):
     print(f"[lanes {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def run_stage(stage, output, logs, commit, results, poll_s=30):
-    """Runs a stage's lanes side by side, each lane's commands in turn; returns False if a
-    command failed (the other lanes finish first: their runs are worth keeping)."""
-    threads = lane_threads(len(stage), os.cpu_count() or 1)
-    env = dict(os.environ)
-    if len(stage) > 1:
-        env["OMP_NUM_THREADS"] = str(threads)
+def stop(process):
+    """Ends a lane's command with the training it started (its own process group)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def run_stage(stage, output, logs, commit=False, poll_s=30):
+    """
+    Runs a stage's lanes side by side, each lane's commands in turn. A failed command ends its
+    lane (what follows it may need its result); the other lanes go on, their runs are worth
+    keeping. Returns False if a command failed.
+    """
+    cores = os.cpu_count() or 1
+    threads = lane_threads(len(stage), cores)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     queues = [list(lane) for lane in stage]
     running = [None] * len(stage)
     ok = True
-    while any(queues) or any(running):
-        for i, queue in enumerate(queues):
-            if running[i] is not None and running[i][0].poll() is not None:
-                process, command = running[i]
-                log(f"lane {i + 1}: {command} ended, exit {process.returncode}")
-                ok = ok and process.returncode == 0
-                running[i] = None
-            if running[i] is None and queue:
-                command = queue.pop(0)
-                path = logs / (str(command).replace(" ", "_").replace("/", "-") + ".log")
-                with open(path, "a") as out:
-                    process = subprocess.Popen(
-                        command.argv(output), cwd=REPO, env=env, stdout=out,
-                        stderr=subprocess.STDOUT,
-                    )  # fmt: skip
-                log(f"lane {i + 1}: {command} ({threads} threads), log {path}")
-                running[i] = (process, command)
-        if commit:
-            try:
-                for path in commit_results(REPO, results):
-                    log(f"committed {path}")
-            except subprocess.CalledProcessError as error:  # say, a git lock held by a person
-                log(f"commit failed ({error}); trying again at the next poll")
-        time.sleep(poll_s if any(running) else 0)
+    try:
+        while any(queues) or any(running):
+            for i, queue in enumerate(queues):
+                if running[i] is not None and running[i][0].poll() is not None:
+                    process, command = running[i]
+                    log(f"lane {i + 1}: {command} ended, exit {process.returncode}")
+                    running[i] = None
+                    if process.returncode != 0:
+                        ok = False
+                        queue.clear()
+                    if commit:  # its last result, then the tables rebuilt with it
+                        commit_safely(lambda: commit_results(REPO))
+                        commit_safely(lambda: commit_tables(REPO, str(command)))
+                if running[i] is None and queue:
+                    command = queue.pop(0)
+                    path = logs / (str(command).replace(" ", "_").replace("/", "-") + ".log")
+                    with open(path, "a") as out:
+                        process = subprocess.Popen(
+                            command.argv(output), cwd=REPO, env=env, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                        )  # fmt: skip
+                    log(f"lane {i + 1}: {command} ({threads} threads), log {path}")
+                    running[i] = (process, command)
+            if commit:
+                commit_safely(lambda: commit_results(REPO))
+            if any(running):
+                time.sleep(poll_s)
+    finally:
+        for entry in running:
+            if entry is not None:
+                stop(entry[0])
     return ok
+
+
+def commit_safely(step):
+    """A failed commit (say, a git lock a person holds) is logged and tried again later: the
+    results stay in the work tree."""
+    try:
+        for path in step():
+            log(f"committed {path}")
+    except subprocess.CalledProcessError as error:
+        log(f"commit failed ({error}: {(error.stderr or '').strip()}); trying again later")
+
+
+def lock(output):
+    """Holds ``output``'s lock for this process's life: two orchestrators would train the same
+    run into the same folder."""
+    output.mkdir(parents=True, exist_ok=True)
+    handle = open(output / ".benchmark_lanes.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"another tools/benchmark_lanes.py is running on {output}") from None
+    return handle
 
 
 def parse_args(argv=None):
@@ -171,18 +258,20 @@ def main(argv=None):
     stages = parse_stages(stages_path.read_text(), source=str(stages_path))
     cores = os.cpu_count() or 1
     for number, stage in enumerate(stages, 1):
-        threads = lane_threads(len(stage), cores) if len(stage) > 1 else cores
         lanes = " | ".join("; ".join(str(c) for c in lane) for lane in stage)
+        threads = lane_threads(len(stage), cores)
         print(f"stage {number} ({len(stage)} lane(s), {threads} threads each): {lanes}")
     if args.dry_run:
         return 0
     output = Path(args.output).resolve()
+    held = lock(output)  # noqa: F841 released when the process ends
     logs = Path(args.logs or output).resolve()
     logs.mkdir(parents=True, exist_ok=True)
-    results = REPO / "benchmarks"
+    # SIGTERM unwinds like Ctrl-C, so that run_stage stops the trainings it started
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     for number, stage in enumerate(stages, 1):
         log(f"stage {number}/{len(stages)}")
-        if not run_stage(stage, output, logs, args.commit, results):
+        if not run_stage(stage, output, logs, commit=args.commit):
             log(f"stage {number} had a failed command: stopping (see its log in {logs})")
             return 1
     log("every stage ended")
