@@ -170,14 +170,20 @@ def git(repo, *args):
     return benchmark_lanes.git(repo, *args)
 
 
+def init_repo(repo):
+    """A git repository with a person's work staged, and the folder of Fashion FCOS results."""
+    git(repo, "init", "--quiet")
+    git(repo, "config", "user.email", "bench@example.com")
+    git(repo, "config", "user.name", "bench")
+    (repo / "notes.txt").write_text("a person's work")
+    git(repo, "add", "notes.txt")
+    runs = repo / "benchmarks" / "runs" / "fashion_scenes" / "fcos"
+    runs.mkdir(parents=True)
+    return runs
+
+
 def test_a_run_result_is_committed_alone_as_it_lands_and_never_what_a_person_staged(tmp_path):
-    git(tmp_path, "init", "--quiet")
-    git(tmp_path, "config", "user.email", "bench@example.com")
-    git(tmp_path, "config", "user.name", "bench")
-    (tmp_path / "notes.txt").write_text("a person's work")
-    git(tmp_path, "add", "notes.txt")
-    run = tmp_path / "benchmarks" / "runs" / "fashion_scenes" / "fcos" / "lr0.005-seed0.json"
-    run.parent.mkdir(parents=True)
+    run = init_repo(tmp_path) / "lr0.005-seed0.json"
     assert benchmark_lanes.commit_results(tmp_path) == []
     run.write_text("{}")
     (run.parent / "lr0.01-seed0.json.tmp").write_text("{")  # a result still being written
@@ -191,6 +197,29 @@ def test_a_run_result_is_committed_alone_as_it_lands_and_never_what_a_person_sta
     assert benchmark_lanes.commit_results(tmp_path) == []  # nothing new: no commit
     run.unlink()  # a deleted result is a person's business, not a finished run
     assert benchmark_lanes.commit_results(tmp_path) == []
+
+
+def test_the_tables_rebuilt_after_a_command_are_committed_without_the_results_or_staged_work(
+    tmp_path,
+):
+    runs = init_repo(tmp_path)
+    (runs / "lr0.01-seed0.json").write_text("{}")  # landed after the last poll: not a table
+
+    def rebuild(repo):
+        (repo / "README.md").write_text("the headline table")
+        (repo / "benchmarks" / "fashion_scenes.md").write_text("| fcos |")
+        (repo / "benchmarks" / "fashion_scenes_ap_curves.png").write_bytes(b"png")
+
+    tables = benchmark_lanes.commit_tables(tmp_path, "fashion_scenes fcos --seeds 1", rebuild)
+    assert tables == [
+        "README.md", "benchmarks/fashion_scenes.md", "benchmarks/fashion_scenes_ap_curves.png",
+    ]  # fmt: skip
+    assert git(tmp_path, "show", "--name-only", "--format=%s", "HEAD").split() == [
+        "benchmark:", "tables", "after", "fashion_scenes", "fcos", "--seeds", "1", *tables,
+    ]  # fmt: skip
+    assert git(tmp_path, "diff", "--cached", "--name-only").split() == ["notes.txt"]
+    # unchanged tables: no commit
+    assert benchmark_lanes.commit_tables(tmp_path, "again", rebuild) == []
 
 
 def test_the_dry_run_prints_the_stages_and_output_is_required_to_train(

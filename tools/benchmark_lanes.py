@@ -138,17 +138,27 @@ def commit_results(repo):
     """Commits the run results that landed since the last call; returns their paths."""
     landed = [path for path in changed(repo, [RUNS]) if path.endswith(".json")]
     if landed:
-        names = ", ".join("/".join(Path(p).parts[-3:-1]) + " " + Path(p).stem for p in landed)
-        commit_paths(repo, landed, f"benchmark: {names} finished\n\nBy tools/benchmark_lanes.py.")
+        message = f"benchmark: {describe(landed)} finished\n\nBy tools/benchmark_lanes.py."
+        commit_paths(repo, landed, message)
     return landed
 
 
-def commit_tables(repo, after):
-    """Rebuilds the tables from the committed results and commits what changed."""
+def describe(results):
+    """'dataset/row variant-seedK, ...' for run result paths."""
+    return ", ".join("/".join(Path(p).parts[-3:-1]) + " " + Path(p).stem for p in results)
+
+
+def report(repo):
+    """benchmark.py --report: the tables, plots, README and MODEL_ZOO from the results."""
     subprocess.run(
         [sys.executable, str(REPO / "tools" / "benchmark.py"), "--report"],
         cwd=repo, capture_output=True, text=True, check=True,
     )  # fmt: skip
+
+
+def commit_tables(repo, after, rebuild=report):
+    """Rebuilds the tables from the results and commits those that changed."""
+    rebuild(repo)
     tables = changed(repo, TABLES)
     if tables:
         message = f"benchmark: tables after {after}\n\nBy tools/benchmark_lanes.py."
@@ -207,7 +217,10 @@ def run_stage(stage, output, logs, commit=False, poll_s=30):
                     log(f"lane {i + 1}: {command} ({threads} threads), log {path}")
                     running[i] = (process, command)
             if commit:
-                commit_safely(lambda: commit_results(REPO))
+                # a sweep is one command of several runs: the tables follow each result
+                landed = commit_safely(lambda: commit_results(REPO))
+                if landed:
+                    commit_safely(lambda: commit_tables(REPO, describe(landed)))
             if any(running):
                 time.sleep(poll_s)
     finally:
@@ -221,10 +234,13 @@ def commit_safely(step):
     """A failed commit (say, a git lock a person holds) is logged and tried again later: the
     results stay in the work tree."""
     try:
-        for path in step():
-            log(f"committed {path}")
+        committed = step()
     except subprocess.CalledProcessError as error:
         log(f"commit failed ({error}: {(error.stderr or '').strip()}); trying again later")
+        return []
+    for path in committed:
+        log(f"committed {path}")
+    return committed
 
 
 def lock(output):
