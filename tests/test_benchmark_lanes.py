@@ -199,7 +199,7 @@ def test_a_run_result_is_committed_alone_as_it_lands_and_never_what_a_person_sta
     assert benchmark_lanes.commit_results(tmp_path) == []
 
 
-def test_the_tables_rebuilt_after_a_command_are_committed_without_the_results_or_staged_work(
+def test_the_tables_rebuilt_after_a_result_are_committed_without_the_results_or_staged_work(
     tmp_path,
 ):
     runs = init_repo(tmp_path)

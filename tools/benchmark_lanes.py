@@ -23,11 +23,11 @@ seed (seed 1), so the stages train every seed-1 run alone and put only tuning ru
 seeds 2.. into lanes. Their step times are re-measured side by side at the end
 (``--retime-training``), as the tables prefer.
 
-With ``--commit``, each run result is committed alone as it lands, and after each command the
-tables (``benchmark.py --report``: ``benchmarks/*.md``, plots, README, MODEL_ZOO) are rebuilt and
-committed: only those paths, whatever else the index holds. One orchestrator at a time may use an
-``--output`` (a lock file there); stopping it (Ctrl-C, SIGTERM) stops its trainings too, which
-resume from their checkpoints next time.
+With ``--commit``, each run result is committed alone as it lands, then the tables
+(``benchmark.py --report``: ``benchmarks/*.md``, plots, README, MODEL_ZOO) are rebuilt from it
+and committed: only those paths, whatever else the index holds. One orchestrator at a time may
+use an ``--output`` (a lock file there); stopping it (Ctrl-C, SIGTERM) stops its trainings too,
+which resume from their checkpoints next time.
 """
 
 import argparse
@@ -48,7 +48,7 @@ from benchmark_rows import DATASETS, ROWS  # noqa: E402
 
 DEFAULT_STAGES = REPO / "tools" / "benchmark_stages.txt"
 RUNS = "benchmarks/runs"
-# what --report writes from the run results: committed after each command
+# what --report writes from the run results: committed after each result that lands
 TABLES = ("benchmarks/*.md", "benchmarks/*.png", "benchmarks/results.json", "README.md",
           "MODEL_ZOO.md")  # fmt: skip
 # a command's row that means every row (benchmark.py without --rows), e.g. for --retime-training
@@ -203,9 +203,6 @@ def run_stage(stage, output, logs, commit=False, poll_s=30):
                     if process.returncode != 0:
                         ok = False
                         queue.clear()
-                    if commit:  # its last result, then the tables rebuilt with it
-                        commit_safely(lambda: commit_results(REPO))
-                        commit_safely(lambda: commit_tables(REPO, str(command)))
                 if running[i] is None and queue:
                     command = queue.pop(0)
                     path = logs / (str(command).replace(" ", "_").replace("/", "-") + ".log")
@@ -216,8 +213,7 @@ def run_stage(stage, output, logs, commit=False, poll_s=30):
                         )  # fmt: skip
                     log(f"lane {i + 1}: {command} ({threads} threads), log {path}")
                     running[i] = (process, command)
-            if commit:
-                # a sweep is one command of several runs: the tables follow each result
+            if commit:  # each result as it lands (a sweep is one command of several runs)
                 landed = commit_safely(lambda: commit_results(REPO))
                 if landed:
                     commit_safely(lambda: commit_tables(REPO, describe(landed)))
