@@ -90,6 +90,14 @@ PATCHES = [
         'torch.meshgrid(shifts_y, shifts_x, indexing="ij")',
         1,
     ),
+    # RetinaNetHead probed its norm's type with get_norm(norm, 1): GroupNorm(32, 1) raises, so
+    # MODEL.RETINANET.NORM "GN" could not build (upstream 330dd329, "get GN type in retinanet").
+    (
+        "detectron2/modeling/meta_arch/retinanet.py",
+        "norm_name = str(type(get_norm(norm, 1)))",
+        "norm_name = str(type(get_norm(norm, 32)))",
+        1,
+    ),
     # setuptools >= 81 no longer ships pkg_resources; the configs sit beside model_zoo.py.
     ("detectron2/model_zoo/model_zoo.py", "import pkg_resources\n", "", 1),
     (
