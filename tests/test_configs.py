@@ -291,3 +291,29 @@ def test_the_fashion_scenes_fcos_is_the_deepforest_fcos_on_the_scenes():
     assert fashion.model == deepforest.model and fashion.train == deepforest.train
     assert fashion.dataloader == deepforest.dataloader
     assert fashion.lr_multiplier == deepforest.lr_multiplier
+
+
+def _subnet_layers(subnet):
+    """(type, channels, GroupNorm groups) of each layer of a dense head's conv tower."""
+    return [
+        (type(m).__name__, getattr(m, "out_channels", getattr(m, "num_channels", None)),
+         getattr(m, "num_groups", None))
+        for m in subnet
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("folder", ["DeepForest", "FashionScenes"])
+def test_the_benchmarks_retinanet_head_is_fcos_tower_with_its_group_norm(folder):
+    """RetinaNet and FCOS differ in anchors and assignment, not in their conv towers: without
+    FCOS's GroupNorm, RetinaNet's std-0.01 convs shrink the signal ~4x each on the 128-channel
+    FPN and its classifier barely learned (docs/benchmark_log.md, 2026-12-05)."""
+    cfg = get_mimicdet_cfg(os.path.join(CONFIGS, folder, "retinanet_MNV2_FPN.yaml"))
+    cfg.MODEL.DEVICE, cfg.MODEL.MOBILENET.IMAGENET_WEIGHTS = "cpu", ""
+    retinanet = build_model(cfg).head
+    fcos_cfg = LazyConfig.load(os.path.join(CONFIGS, folder, "fcos_MNV2_FPN.py"))
+    fcos_cfg.model.backbone.bottom_up.imagenet_weights = ""
+    fcos = instantiate(fcos_cfg.model).head
+    for tower in ("cls_subnet", "bbox_subnet"):
+        layers = _subnet_layers(getattr(retinanet, tower))
+        assert layers == _subnet_layers(getattr(fcos, tower)), tower
+        assert ("GroupNorm", 128, 32) in layers

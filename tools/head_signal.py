@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""
+How much of the image reaches a dense head's classifier: for a RetinaNet or FCOS config (yaml or
+LazyConfig), the standard deviation of the features entering its class tower, after each of the
+tower's ReLUs, and of the class logits over each image's positions (their mean, the prior's
+-4.6 at initialization, says nothing about the image), on a few images of the config's test split.
+
+A tower whose signal shrinks layer by layer gives every position nearly the same logits, and its
+first convs nearly no gradient: that is how detectron2's RetinaNet head (no norm, std-0.01 convs)
+started on the benchmark's 128-channel FPN, before its GroupNorm (docs/benchmark_log.md).
+
+    python tools/head_signal.py --config-file configs/FashionScenes/retinanet_MNV2_FPN.yaml
+    python tools/head_signal.py --config-file configs/FashionScenes/retinanet_MNV2_FPN.yaml \
+        MODEL.RETINANET.NORM ""
+    python tools/head_signal.py --config-file configs/FashionScenes/fcos_MNV2_FPN.py \
+        --weights output/fashion_scenes/fcos_MNV2_FPN/model_final.pth
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "projects" / "MimicDet"))
+
+
+def build(config_file, opts):
+    """The config's model (yacs with the project's keys, or LazyConfig) and its test split."""
+    if config_file.endswith(".py"):
+        from detectron2.config import LazyConfig, instantiate
+
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), opts)
+        return instantiate(cfg.model), cfg.dataloader.test.dataset.names
+    from detectron2.modeling import build_model
+
+    from mimicdet import get_mimicdet_cfg
+
+    cfg = get_mimicdet_cfg(config_file, opts)
+    cfg.MODEL.DEVICE = "cpu"
+    return build_model(cfg), cfg.DATASETS.TEST[0]
+
+
+def tower_signal(model, images):
+    """{level: (feature std, [std after each ReLU], std of the logits over positions)}."""
+    head = model.head
+    if not hasattr(head, "cls_subnet"):
+        raise SystemExit(f"{type(model).__name__}'s head has no cls_subnet: not a RetinaNet/FCOS")
+    with torch.no_grad():
+        batch = model.preprocess_image([{"image": image} for image in images])
+        features = model.backbone(batch.tensor)
+        signal = {}
+        for level in model.head_in_features:
+            x, after_relu = features[level], []
+            feature_std = x.std().item()
+            for layer in head.cls_subnet:
+                x = layer(x)
+                if isinstance(layer, torch.nn.ReLU):
+                    after_relu.append(x.std().item())
+            logits = head.cls_score(x)
+            signal[level] = (feature_std, after_relu, logits.std(dim=(2, 3)).mean().item())
+    return signal
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--weights", default="", help="a checkpoint; none: the initialization")
+    parser.add_argument("--images", type=int, default=2, help="test images (default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="of the initialization")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides")
+    args = parser.parse_args(argv)
+
+    import mimicdet  # noqa: F401 registers the project's datasets and modules
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import read_image
+
+    torch.manual_seed(args.seed)
+    model, split = build(args.config_file, args.opts)
+    if args.weights:
+        if not Path(args.weights).is_file():
+            raise SystemExit(f"--weights {args.weights}: no such file")
+        DetectionCheckpointer(model).load(args.weights)
+    model.eval()
+    dicts = DatasetCatalog.get(split)[: args.images]
+    images = [
+        torch.as_tensor(read_image(d["file_name"], "RGB").transpose(2, 0, 1).copy()) for d in dicts
+    ]
+    weights = args.weights or f"initialization (seed {args.seed})"
+    print(f"{args.config_file} {' '.join(args.opts)}: {weights}, {len(images)} {split} images")
+    for level, (feature_std, after_relu, logit_std) in tower_signal(model, images).items():
+        relus = " ".join(f"{s:.3g}" for s in after_relu)
+        print(
+            f"  {level}: features {feature_std:.3g} | after each ReLU {relus} | "
+            f"logits over positions {logit_std:.3g}"
+        )
+
+
+if __name__ == "__main__":
+    main()
