@@ -719,6 +719,68 @@ def test_a_finished_run_is_read_back_only_under_the_command_that_trained_it(tmp_
     assert "--resume" in trainings[-1]
 
 
+def test_a_run_folder_of_an_earlier_config_is_trained_anew(tmp_path, monkeypatch):
+    """The config's resolved content is part of a run's command: after a config change (a
+    GroupNorm added to a head), its interrupted run starts over instead of loading the old
+    checkpoint into the new model, and its finished run is trained again. A folder recorded
+    before the digest was resumes on the rest of its command."""
+    trainings = []
+
+    def train_net(command, **kwargs):
+        trainings.append(command)
+        out = Path(command[command.index("OUTPUT_DIR") + 1])
+        (out / "model_final.pth").write_bytes(b"weights")
+        (out / "metrics.json").write_text(json.dumps({"iteration": 1200, "bbox/AP": 9.0}) + "\n")
+
+    monkeypatch.setattr(benchmark.subprocess, "run", train_net)
+    bench = benchmark.Benchmark(tmp_path / "results", tmp_path / "out")
+    row = ROWS["retinanet"]
+    variant = bench.sweep("deepforest", "retinanet")[0]
+    out = bench.run_dir("deepforest", row.name, variant.name, 0)
+    bench.train("deepforest", row, variant, 0, out)
+    recorded = benchmark.recorded_command(out)
+    digests = [a for a in recorded if a.startswith(benchmark.CONFIG_DIGEST_ARGUMENT)]
+    digest = benchmark.config_digest("deepforest", row)
+    assert digests == [benchmark.CONFIG_DIGEST_ARGUMENT + digest]
+
+    def interrupted(record):
+        (out / "model_final.pth").unlink(missing_ok=True)
+        (out / "last_checkpoint").write_text("model_0000599.pth")
+        (out / benchmark.RUN_COMMAND_FILE).write_text(json.dumps(record))
+        bench.train("deepforest", row, variant, 0, out)
+        return "--resume" in trainings[-1]
+
+    assert interrupted(recorded)
+    earlier_config = [a for a in recorded if a not in digests] + ["config_sha256=0123456789abcdef"]
+    assert not interrupted(earlier_config)
+    assert interrupted([a for a in recorded if a not in digests])  # recorded before digests
+
+    # finished under an earlier config: trained again, not read back
+    (out / benchmark.RUN_COMMAND_FILE).write_text(json.dumps(earlier_config))
+    before = len(trainings)
+    bench.train("deepforest", row, variant, 0, out)
+    assert len(trainings) == before + 1 and "--resume" not in trainings[-1]
+
+    # the digest follows the config's content, the files it reads included
+    benchmark.load_config.cache_clear()
+    retinanet = benchmark.config_digest("deepforest", row)
+    assert retinanet != benchmark.config_digest("deepforest", ROWS["faster_rcnn"])
+    # a LazyConfig loads under a random package name each time: its digest must not follow it
+    fcos = benchmark.config_digest("deepforest", ROWS["fcos"])
+    benchmark.load_config.cache_clear()
+    assert benchmark.config_digest("deepforest", ROWS["fcos"]) == fcos
+    real = benchmark.load_config.__wrapped__
+
+    def with_other_norm(dataset, row_):
+        cfg = real(dataset, row_).clone()
+        cfg.defrost()
+        cfg.MODEL.RETINANET.NORM = ""
+        return cfg
+
+    monkeypatch.setattr(benchmark, "load_config", with_other_norm)
+    assert benchmark.config_digest("deepforest", row) != retinanet
+
+
 def test_a_committed_teachers_weights_teach_as_they_are(tmp_path, monkeypatch):
     """The teacher folder that holds its committed run's weights is read back even when the
     benchmark's commands changed since: a committed model is never deleted and retrained. Other

@@ -34,6 +34,7 @@ Outputs of --report (also written after every run): ``<results>/results.json``,
 import argparse
 import datetime
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -178,6 +179,26 @@ def load_config(dataset, row):
     return get_mimicdet_cfg(path)
 
 
+def config_digest(dataset, row):
+    """
+    A digest of the row's config as train_net.py resolves it before the run's overrides: its file,
+    the files it reads and the project's defaults. Part of what defines a run, so a run folder of
+    an earlier config is neither resumed nor read back: its checkpoint would load into the new
+    model with a warning for each missing or unexpected key (RetinaNet's head gained GroupNorm
+    while its runs were under way, 2026-12-05).
+    """
+    cfg = load_config(dataset, row)
+    if is_lazy(row):
+        from omegaconf import OmegaConf
+
+        # a LazyConfig holds callables (targets, norm functions): named, not repr'd with an address
+        named = lambda o: getattr(o, "__qualname__", type(o).__name__)  # noqa: E731
+        text = json.dumps(OmegaConf.to_container(cfg), sort_keys=True, default=named)
+    else:
+        text = cfg.dump()
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def config_value(dataset, row):
     """The value of ``row.key`` in the row's config, as one of the key's candidates."""
     node = load_config(dataset, row)
@@ -294,6 +315,19 @@ def recorded_command(out):
         return "unreadable"
 
 
+CONFIG_DIGEST_ARGUMENT = "config_sha256="
+
+
+def same_command(recorded, arguments):
+    """Whether a run folder's recorded arguments are ``arguments``. A folder recorded before the
+    config digest was (2026-12-05) matches on the rest of its arguments."""
+    if isinstance(recorded, list) and not any(
+        str(a).startswith(CONFIG_DIGEST_ARGUMENT) for a in recorded
+    ):
+        arguments = [a for a in arguments if not a.startswith(CONFIG_DIGEST_ARGUMENT)]
+    return recorded == list(arguments)
+
+
 def resumable(out, arguments):
     """
     Whether ``out`` holds an interrupted training of exactly ``arguments`` (train_net.py's, and
@@ -304,7 +338,7 @@ def resumable(out, arguments):
     then records ``arguments``.
     """
     recorded = recorded_command(out)
-    resume = (out / "last_checkpoint").is_file() and recorded == list(arguments)
+    resume = (out / "last_checkpoint").is_file() and same_command(recorded, arguments)
     if not resume and out.exists():
         why = "another command" if recorded is not None else f"no {RUN_COMMAND_FILE}"
         print(f"[benchmark] {out}: an earlier training of {why}: from scratch", flush=True)
@@ -766,11 +800,12 @@ class Benchmark:
         train_opts += smoke_opts(row) if self.smoke else []
         command = [sys.executable, "train_net.py", "--config-file", config_path(dataset, row)]
         command += train_opts + seed_opts(row, seed, out)
-        arguments = command[1:] + ([f"teacher_sha256={teacher_sha256}"] if teacher_sha256 else [])
+        arguments = command[1:] + [CONFIG_DIGEST_ARGUMENT + config_digest(dataset, row)]
+        arguments += [f"teacher_sha256={teacher_sha256}"] if teacher_sha256 else []
         if (out / "model_final.pth").is_file():
             recorded = recorded_command(out)
             # a checkpoint from before commands were recorded (2026-12-03) is taken as it is
-            same = recorded is None or recorded == arguments
+            same = recorded is None or same_command(recorded, arguments)
             if same and finished(out / "metrics.json", max_iter):
                 print(f"[benchmark] {out} finished training earlier: reading it", flush=True)
                 return command, train_opts, None
@@ -812,6 +847,7 @@ class Benchmark:
             "variant": variant.name,
             "seed": seed,
             "config": config_path(dataset, row),
+            "config_sha256": config_digest(dataset, row),
             # the output folder is this machine's; results are portable without it
             "opts": [portable(o) for o in train_opts],
             "command": "python " + portable(shlex.join(command[1:])),
