@@ -17,6 +17,7 @@ started on the benchmark's 128-channel FPN, before its GroupNorm (docs/benchmark
 """
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def main(argv=None):
         torch.as_tensor(read_image(d["file_name"], "RGB").transpose(2, 0, 1).copy()) for d in dicts
     ]
     weights = args.weights or f"initialization (seed {args.seed})"
-    print(f"{args.config_file} {' '.join(args.opts)}: {weights}, {len(images)} {split} images")
+    print(f"{args.config_file} {shlex.join(args.opts)}: {weights}, {len(images)} {split} images")
     for level, (feature_std, after_relu, logit_std) in tower_signal(model, images).items():
         relus = " ".join(f"{s:.3g}" for s in after_relu)
         print(
