@@ -527,7 +527,8 @@ def short_title(dataset):
 
 def readme_table(summary):
     """The README's headline: one table, a line per row and a column per dataset (AP and AP50),
-    with the inference time on the first dataset, the command, the date and one plot."""
+    with the inference time on the first dataset, the command, the date and one plot. Every row
+    is listed, "–" where it has no run yet."""
     datasets = list(summary["datasets"])
     if not datasets:
         return "No benchmark run is committed yet: `python tools/benchmark.py`."
@@ -548,8 +549,7 @@ def readme_table(summary):
             if dataset == first:
                 ms = _fmt(r["infer_ms"], 0) + ("" if r["infer_normalized"] else "†")
                 ms += "" if device_of(r["machine"]) == "CPU" else f" ({device_of(r['machine'])})"
-        if all(c in ("–", "n/a") for c in cells):
-            continue
+        # a row with no run yet stays listed: the table names every row the benchmark has
         used |= {m for m in ("*", "†") if any(m in c for c in cells + [ms or ""])}
         used |= {c for c in cells if c in ("–", "n/a")}
         table.append(f"| {ROWS[name].title} | " + " | ".join(cells) + f" | {ms or '–'} |")
