@@ -442,6 +442,12 @@ def test_a_row_that_does_not_run_on_a_dataset_reads_not_applicable(tmp_path, mon
     assert "| RetinaNet + RM + PFI | 9.0 (9.9) | n/a | 100 |" in text
     assert "| MimicDet | – | 40.0 (44.0)* | – |" in text
     assert "| FCOS | – | – | – |" in text  # no run on either dataset yet, still a row
+    # a row whose runs exist but did not learn is not "not run yet"
+    fake_result(tmp_path, "deepforest", "faster_rcnn", "lr0.005", 0, 0.0)
+    benchmark_report.write_report(tmp_path, "today", readme=readme)
+    text = readme.read_text()
+    assert "| Faster R-CNN | none learned | – | – |" in text
+    assert "none learned: its runs" in text
     assert "1200 iterations on DeepForest, 3600 iterations on Fashion scenes" in text
     # the legend explains each mark the table uses
     for used in ("* only the tuning run", "–: not run yet", "n/a: the row does not run"):
@@ -762,23 +768,20 @@ def test_a_run_folder_of_an_earlier_config_is_trained_anew(tmp_path, monkeypatch
     bench.train("deepforest", row, variant, 0, out)
     assert len(trainings) == before + 1 and "--resume" not in trainings[-1]
 
-    # the digest follows the config's content, the files it reads included
-    benchmark.load_config.cache_clear()
+    # the digest follows the config's content as read now, the files it reads included
     retinanet = benchmark.config_digest("deepforest", row)
     assert retinanet != benchmark.config_digest("deepforest", ROWS["faster_rcnn"])
     # a LazyConfig loads under a random package name each time: its digest must not follow it
     fcos = benchmark.config_digest("deepforest", ROWS["fcos"])
-    benchmark.load_config.cache_clear()
     assert benchmark.config_digest("deepforest", ROWS["fcos"]) == fcos
-    real = benchmark.load_config.__wrapped__
+    real = benchmark.read_config
 
     def with_other_norm(dataset, row_):
-        cfg = real(dataset, row_).clone()
-        cfg.defrost()
+        cfg = real(dataset, row_)
         cfg.MODEL.RETINANET.NORM = ""
         return cfg
 
-    monkeypatch.setattr(benchmark, "load_config", with_other_norm)
+    monkeypatch.setattr(benchmark, "read_config", with_other_norm)
     assert benchmark.config_digest("deepforest", row) != retinanet
 
 

@@ -165,10 +165,9 @@ def unpack_runs(packed, results, benchmark_schedule=True):
     return [path for path, _ in writes]
 
 
-@functools.lru_cache(maxsize=None)
-def load_config(dataset, row):
-    """The row's config as train_net.py reads it (yacs with the project's keys, or LazyConfig);
-    parsed once per process, and only read."""
+def read_config(dataset, row):
+    """The row's config as train_net.py reads it now (yacs with the project's keys, or
+    LazyConfig)."""
     path = str(REPO / config_path(dataset, row))
     if is_lazy(row):
         from detectron2.config import LazyConfig
@@ -179,15 +178,23 @@ def load_config(dataset, row):
     return get_mimicdet_cfg(path)
 
 
+# parsed once per process, and only read
+load_config = functools.lru_cache(maxsize=None)(read_config)
+
+
 def config_digest(dataset, row):
     """
     A digest of the row's config as train_net.py resolves it before the run's overrides: its file,
     the files it reads and the project's defaults. Part of what defines a run, so a run folder of
     an earlier config is neither resumed nor read back: its checkpoint would load into the new
     model with a warning for each missing or unexpected key (RetinaNet's head gained GroupNorm
-    while its runs were under way, 2026-12-05).
+    while its runs were under way, 2026-12-05). Read afresh: a sweep's process outlives edits.
+
+    It errs on the side of training again: any new project key or detectron2 version changes
+    every yacs row's digest. A LazyConfig's callables count by name only, so an edit inside
+    one (FCOS's ``group_norm``) goes unseen. Results record it; they are not checked against it.
     """
-    cfg = load_config(dataset, row)
+    cfg = read_config(dataset, row)
     if is_lazy(row):
         from omegaconf import OmegaConf
 
@@ -320,7 +327,8 @@ CONFIG_DIGEST_ARGUMENT = "config_sha256="
 
 def same_command(recorded, arguments):
     """Whether a run folder's recorded arguments are ``arguments``. A folder recorded before the
-    config digest was (2026-12-05) matches on the rest of its arguments."""
+    config digest was (2026-12-05) matches on the rest of its arguments: the runs under way
+    then, FCOS's and RetinaNet's GroupNorm ones (RetinaNet's earlier folders were deleted)."""
     if isinstance(recorded, list) and not any(
         str(a).startswith(CONFIG_DIGEST_ARGUMENT) for a in recorded
     ):
@@ -789,18 +797,22 @@ class Benchmark:
     def run_dir(self, dataset, row_name, variant_name_, seed):
         return self.output / dataset / row_name / f"{variant_name_}-seed{seed}"
 
-    def train(self, dataset, row, variant, seed, out, extra_opts=(), teacher_sha256=None):
+    def train(
+        self, dataset, row, variant, seed, out, extra_opts=(), teacher_sha256=None, config=None
+    ):
         """train_net.py for one run into ``out`` (resumed if interrupted); returns the command,
         the options that define the run (without its seed and output folder) and the training's
         :func:`cpu_share` (None if it had finished earlier). A student's ``teacher_sha256`` is
-        part of what defines its run: a teacher trained again gives another run."""
+        part of what defines its run: a teacher trained again gives another run, as does a
+        config changed since (``config``: its :func:`config_digest`, read now if None)."""
         max_iter, eval_period = self.max_iter(dataset), self.eval_period(dataset)
         train_opts = [*row.opts, *variant.opts, *extra_opts]
         train_opts += schedule_opts(dataset, row, max_iter, eval_period, self.device)
         train_opts += smoke_opts(row) if self.smoke else []
         command = [sys.executable, "train_net.py", "--config-file", config_path(dataset, row)]
         command += train_opts + seed_opts(row, seed, out)
-        arguments = command[1:] + [CONFIG_DIGEST_ARGUMENT + config_digest(dataset, row)]
+        config = config or config_digest(dataset, row)
+        arguments = command[1:] + [CONFIG_DIGEST_ARGUMENT + config]
         arguments += [f"teacher_sha256={teacher_sha256}"] if teacher_sha256 else []
         if (out / "model_final.pth").is_file():
             recorded = recorded_command(out)
@@ -836,8 +848,9 @@ class Benchmark:
         if row.teacher is not None:
             teacher_opts, teacher = self.teacher(dataset, row, variant, seed)
         start, code = time.time(), code_version()  # the code the training is about to load
+        config = config_digest(dataset, row)  # and the config
         command, train_opts, share = self.train(
-            dataset, row, variant, seed, out, teacher_opts, teacher and teacher["sha256"]
+            dataset, row, variant, seed, out, teacher_opts, teacher and teacher["sha256"], config
         )
         max_iter = self.max_iter(dataset)
         portable = lambda text: text.replace(str(self.output), "<output>")  # noqa: E731
@@ -847,7 +860,7 @@ class Benchmark:
             "variant": variant.name,
             "seed": seed,
             "config": config_path(dataset, row),
-            "config_sha256": config_digest(dataset, row),
+            "config_sha256": config,
             # the output folder is this machine's; results are portable without it
             "opts": [portable(o) for o in train_opts],
             "command": "python " + portable(shlex.join(command[1:])),
