@@ -528,7 +528,7 @@ def short_title(dataset):
 def readme_table(summary):
     """The README's headline: one table, a line per row and a column per dataset (AP and AP50),
     with the inference time on the first dataset, the command, the date and one plot. Every row
-    is listed, "–" where it has no run yet."""
+    is listed, "–" where it has no run yet, "none learned" where no run of it learned."""
     datasets = list(summary["datasets"])
     if not datasets:
         return "No benchmark run is committed yet: `python tools/benchmark.py`."
@@ -541,8 +541,11 @@ def readme_table(summary):
             if dataset not in ROWS[name].datasets:
                 cells.append("n/a")
                 continue
-            if r is None or r["AP"] is None:
+            if r is None:
                 cells.append("–")
+                continue
+            if r["AP"] is None:  # runs, none of which learned: the tables say which
+                cells.append("none learned")
                 continue
             mark = "*" if r["tuning_run_only"] else ""
             cells.append(f"{_fmt(r['AP'])} ({_fmt(r['AP50'])}){mark}")
@@ -551,12 +554,14 @@ def readme_table(summary):
                 ms += "" if device_of(r["machine"]) == "CPU" else f" ({device_of(r['machine'])})"
         # a row with no run yet stays listed: the table names every row the benchmark has
         used |= {m for m in ("*", "†") if any(m in c for c in cells + [ms or ""])}
-        used |= {c for c in cells if c in ("–", "n/a")}
+        used |= {c for c in cells if c in ("–", "n/a", "none learned")}
         table.append(f"| {ROWS[name].title} | " + " | ".join(cells) + f" | {ms or '–'} |")
     legend = {
         "*": "* only the tuning run (seed 0) so far",
         "–": "–: not run yet",
         "n/a": "n/a: the row does not run on that dataset",
+        "none learned": "none learned: its runs so far did not learn (the dataset's table names"
+        " them)",
     }
     lines = [
         f"`python tools/benchmark.py --report`, {summary['date']}, from the runs committed under "
