@@ -304,7 +304,8 @@ def _subnet_layers(subnet):
 
 @pytest.mark.parametrize("folder", ["DeepForest", "FashionScenes"])
 def test_the_benchmarks_retinanet_head_is_fcos_tower_with_its_group_norm(folder):
-    """RetinaNet and FCOS differ in anchors and assignment, not in their conv towers: without
+    """RetinaNet and FCOS differ in anchors, assignment and losses, not in their conv towers:
+    without
     FCOS's GroupNorm, RetinaNet's std-0.01 convs shrink the signal ~4x each on the 128-channel
     FPN and its classifier barely learned (docs/benchmark_log.md, 2026-12-05)."""
     cfg = get_mimicdet_cfg(os.path.join(CONFIGS, folder, "retinanet_MNV2_FPN.yaml"))
@@ -317,3 +318,28 @@ def test_the_benchmarks_retinanet_head_is_fcos_tower_with_its_group_norm(folder)
         layers = _subnet_layers(getattr(retinanet, tower))
         assert layers == _subnet_layers(getattr(fcos, tower)), tower
         assert ("GroupNorm", 128, 32) in layers
+
+
+def test_head_signal_shows_the_starved_tower_that_group_norm_fixes():
+    """tools/head_signal.py, the measurement behind RetinaNet's GroupNorm: at initialization the
+    tower without a norm passes a fraction of its input's spread on to the class logits, the GN
+    tower all of it, and a model without a dense tower is refused by name."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from head_signal import tower_signal
+
+    torch.manual_seed(0)
+    images = [torch.randint(0, 256, (3, 256, 320), dtype=torch.uint8) for _ in range(2)]
+    signal = {}
+    for norm in ("", "GN"):
+        cfg = get_mimicdet_cfg(
+            os.path.join(CONFIGS, "DeepForest", "retinanet_MNV2_FPN.yaml"),
+            ["MODEL.RETINANET.NORM", norm, "MODEL.MOBILENET.IMAGENET_WEIGHTS", ""],
+        )
+        cfg.MODEL.DEVICE = "cpu"
+        signal[norm] = tower_signal(build_model(cfg).eval(), images)["p3"]
+    (_, plain, plain_logits), (_, normed, normed_logits) = signal[""], signal["GN"]
+    assert len(plain) == len(normed) == 4  # one value after each ReLU of the four convs
+    assert plain[-1] < 0.1 * plain[0] and normed[-1] > 0.5 * normed[0]
+    assert normed_logits > 20 * plain_logits
+    with pytest.raises(SystemExit, match="no dense head"):
+        tower_signal(nn.Linear(1, 1), images)

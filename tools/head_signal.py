@@ -28,26 +28,31 @@ sys.path.insert(0, str(REPO / "projects" / "MimicDet"))
 
 
 def build(config_file, opts):
-    """The config's model (yacs with the project's keys, or LazyConfig) and its test split."""
+    """The config's model (yacs with the project's keys, or LazyConfig), its test split and its
+    test mapper (resize and format as at evaluation)."""
     if config_file.endswith(".py"):
         from detectron2.config import LazyConfig, instantiate
 
         cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), opts)
-        return instantiate(cfg.model), cfg.dataloader.test.dataset.names
+        names = cfg.dataloader.test.dataset.names
+        split = names if isinstance(names, str) else names[0]
+        return instantiate(cfg.model), split, instantiate(cfg.dataloader.test.mapper)
+    from detectron2.data import DatasetMapper
     from detectron2.modeling import build_model
 
     from mimicdet import get_mimicdet_cfg
 
     cfg = get_mimicdet_cfg(config_file, opts)
     cfg.MODEL.DEVICE = "cpu"
-    return build_model(cfg), cfg.DATASETS.TEST[0]
+    return build_model(cfg), cfg.DATASETS.TEST[0], DatasetMapper(cfg, is_train=False)
 
 
 def tower_signal(model, images):
-    """{level: (feature std, [std after each ReLU], std of the logits over positions)}."""
-    head = model.head
+    """{level: (feature std, [std after each ReLU], std of the logits over positions)} for
+    ``images``, CHW tensors as the model's test mapper gives them."""
+    head = getattr(model, "head", None)
     if not hasattr(head, "cls_subnet"):
-        raise SystemExit(f"{type(model).__name__}'s head has no cls_subnet: not a RetinaNet/FCOS")
+        raise SystemExit(f"{type(model).__name__} has no dense head with a cls_subnet tower")
     with torch.no_grad():
         batch = model.preprocess_image([{"image": image} for image in images])
         features = model.backbone(batch.tensor)
@@ -73,22 +78,18 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides")
     args = parser.parse_args(argv)
 
-    import mimicdet  # noqa: F401 registers the project's datasets and modules
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog
-    from detectron2.data.detection_utils import read_image
+
+    from mimicdet import WeightsOnlyCheckpointer  # also registers the project's datasets
 
     torch.manual_seed(args.seed)
-    model, split = build(args.config_file, args.opts)
+    model, split, mapper = build(args.config_file, args.opts)
     if args.weights:
         if not Path(args.weights).is_file():
             raise SystemExit(f"--weights {args.weights}: no such file")
-        DetectionCheckpointer(model).load(args.weights)
+        WeightsOnlyCheckpointer(model).load(args.weights)
     model.eval()
-    dicts = DatasetCatalog.get(split)[: args.images]
-    images = [
-        torch.as_tensor(read_image(d["file_name"], "RGB").transpose(2, 0, 1).copy()) for d in dicts
-    ]
+    images = [mapper(d)["image"] for d in DatasetCatalog.get(split)[: args.images]]
     weights = args.weights or f"initialization (seed {args.seed})"
     print(f"{args.config_file} {shlex.join(args.opts)}: {weights}, {len(images)} {split} images")
     for level, (feature_std, after_relu, logit_std) in tower_signal(model, images).items():
