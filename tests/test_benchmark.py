@@ -652,6 +652,22 @@ def test_a_distilled_row_trains_its_teacher_and_student_first_then_reports(tmp_p
     assert "re-timed in one interleaved pass" in (results / "deepforest.md").read_text()
 
 
+def finished_trainings(monkeypatch, weights=b"weights"):
+    """train_net.py replaced by one that finishes at once (``weights`` as model_final.pth, AP 9
+    at 1200); returns the list its commands are appended to."""
+    trainings = []
+
+    def train_net(command, **kwargs):
+        trainings.append(command)
+        out = Path(command[command.index("OUTPUT_DIR") + 1])
+        (out / "model_final.pth").write_bytes(weights)
+        final = {"iteration": 1200, "bbox/AP": 9.0}
+        (out / "metrics.json").write_text(json.dumps(final) + "\n")
+
+    monkeypatch.setattr(benchmark.subprocess, "run", train_net)
+    return trainings
+
+
 def test_an_interrupted_run_resumes_only_under_the_command_that_started_it(tmp_path):
     """A checkpoint resumes under the same train_net.py arguments; one of another command (a
     schedule grown since) or of an unknown one is removed, never finished on the new steps."""
@@ -681,16 +697,7 @@ def test_a_finished_run_is_read_back_only_under_the_command_that_trained_it(tmp_
     """A finished checkpoint counts as the run only for the same train_net.py arguments and, for
     a student, the same teacher weights: another schedule's, or a student of a teacher trained
     again since, is trained anew (not resumed)."""
-    trainings = []
-
-    def train_net(command, **kwargs):
-        trainings.append(command)
-        out = Path(command[command.index("OUTPUT_DIR") + 1])
-        (out / "model_final.pth").write_bytes(b"weights")
-        final = {"iteration": 1200, "bbox/AP": 9.0}
-        (out / "metrics.json").write_text(json.dumps(final) + "\n")
-
-    monkeypatch.setattr(benchmark.subprocess, "run", train_net)
+    trainings = finished_trainings(monkeypatch)
     bench = benchmark.Benchmark(tmp_path / "results", tmp_path / "out")
     row = ROWS["retinanet_fgfi"]
     variant = bench.sweep("deepforest", "retinanet")[0]
@@ -731,15 +738,7 @@ def test_a_run_folder_of_an_earlier_config_is_trained_anew(tmp_path, monkeypatch
     GroupNorm added to a head), its interrupted run starts over instead of loading the old
     checkpoint into the new model, and its finished run is trained again. A folder recorded
     before the digest was resumes on the rest of its command."""
-    trainings = []
-
-    def train_net(command, **kwargs):
-        trainings.append(command)
-        out = Path(command[command.index("OUTPUT_DIR") + 1])
-        (out / "model_final.pth").write_bytes(b"weights")
-        (out / "metrics.json").write_text(json.dumps({"iteration": 1200, "bbox/AP": 9.0}) + "\n")
-
-    monkeypatch.setattr(benchmark.subprocess, "run", train_net)
+    trainings = finished_trainings(monkeypatch)
     bench = benchmark.Benchmark(tmp_path / "results", tmp_path / "out")
     row = ROWS["retinanet"]
     variant = bench.sweep("deepforest", "retinanet")[0]
@@ -789,15 +788,7 @@ def test_a_committed_teachers_weights_teach_as_they_are(tmp_path, monkeypatch):
     """The teacher folder that holds its committed run's weights is read back even when the
     benchmark's commands changed since: a committed model is never deleted and retrained. Other
     weights in that folder are trained again under the current command."""
-    trainings = []
-
-    def train_net(command, **kwargs):
-        trainings.append(command)
-        out = Path(command[command.index("OUTPUT_DIR") + 1])
-        (out / "model_final.pth").write_bytes(b"retrained")
-        (out / "metrics.json").write_text(json.dumps({"iteration": 1200, "bbox/AP": 9.0}) + "\n")
-
-    monkeypatch.setattr(benchmark.subprocess, "run", train_net)
+    trainings = finished_trainings(monkeypatch, weights=b"retrained")
     bench = benchmark.Benchmark(tmp_path, tmp_path / "out")
     for row in ("retinanet", "faster_rcnn"):
         for variant in ("lr0.0025", "lr0.005", "lr0.01", "lr0.005-anchor16"):
