@@ -67,13 +67,17 @@ class Predictor:
             logger.warning("No MODEL.WEIGHTS given: the model runs with its initial weights")
         self.metadata = MetadataCatalog.get(self.dataset or "__unused")
 
-    @torch.no_grad()
-    def __call__(self, image_bgr):
+    def inputs(self, image_bgr):
+        """The model's input dict for one BGR image: resized and in the format, as at test."""
         image = image_bgr[:, :, ::-1] if self.input_format == "RGB" else image_bgr
         height, width = image.shape[:2]
         resized = self.aug.get_transform(image).apply_image(image)
         tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
-        return self.model([{"image": tensor, "height": height, "width": width}])[0]["instances"]
+        return {"image": tensor, "height": height, "width": width}
+
+    @torch.no_grad()
+    def __call__(self, image_bgr):
+        return self.model([self.inputs(image_bgr)])[0]["instances"]
 
 
 def _opt(opts, key, default):

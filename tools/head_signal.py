@@ -25,31 +25,12 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "projects" / "MimicDet"))
-
-
-def build(config_file, opts):
-    """The config's model (yacs with the project's keys, or LazyConfig), its test split and its
-    test mapper (resize and format as at evaluation)."""
-    if config_file.endswith(".py"):
-        from detectron2.config import LazyConfig, instantiate
-
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), opts)
-        names = cfg.dataloader.test.dataset.names
-        split = names if isinstance(names, str) else names[0]
-        return instantiate(cfg.model), split, instantiate(cfg.dataloader.test.mapper)
-    from detectron2.data import DatasetMapper
-    from detectron2.modeling import build_model
-
-    from mimicdet import get_mimicdet_cfg
-
-    cfg = get_mimicdet_cfg(config_file, opts)
-    cfg.MODEL.DEVICE = "cpu"
-    return build_model(cfg), cfg.DATASETS.TEST[0], DatasetMapper(cfg, is_train=False)
+sys.path.insert(0, str(REPO / "tools"))
 
 
 def tower_signal(model, images):
     """{level: (feature std, [std after each ReLU], std of the logits over positions)} for
-    ``images``, CHW tensors as the model's test mapper gives them."""
+    ``images``, CHW tensors as the model takes them at test."""
     head = getattr(model, "head", None)
     if not hasattr(head, "cls_subnet"):
         raise SystemExit(f"{type(model).__name__} has no dense head with a cls_subnet tower")
@@ -79,20 +60,23 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import read_image
 
-    from mimicdet import WeightsOnlyCheckpointer  # also registers the project's datasets
+    from demo import Predictor  # builds yaml and LazyConfig models, loads weights weights-only
 
+    if args.weights and not Path(args.weights).is_file():
+        raise SystemExit(f"--weights {args.weights}: no such file")
     torch.manual_seed(args.seed)
-    model, split, mapper = build(args.config_file, args.opts)
-    if args.weights:
-        if not Path(args.weights).is_file():
-            raise SystemExit(f"--weights {args.weights}: no such file")
-        WeightsOnlyCheckpointer(model).load(args.weights)
-    model.eval()
-    images = [mapper(d)["image"] for d in DatasetCatalog.get(split)[: args.images]]
+    predictor = Predictor(args.config_file, args.opts + ["MODEL.WEIGHTS", args.weights])
+    dicts = DatasetCatalog.get(predictor.dataset)[: args.images]
+    images = [predictor.inputs(read_image(d["file_name"], "BGR"))["image"] for d in dicts]
     weights = args.weights or f"initialization (seed {args.seed})"
-    print(f"{args.config_file} {shlex.join(args.opts)}: {weights}, {len(images)} {split} images")
-    for level, (feature_std, after_relu, logit_std) in tower_signal(model, images).items():
+    print(
+        f"{args.config_file} {shlex.join(args.opts)}: {weights}, {len(images)} "
+        f"{predictor.dataset} images"
+    )
+    signal = tower_signal(predictor.model, images)
+    for level, (feature_std, after_relu, logit_std) in signal.items():
         relus = " ".join(f"{s:.3g}" for s in after_relu)
         print(
             f"  {level}: features {feature_std:.3g} | after each ReLU {relus} | "
