@@ -305,9 +305,8 @@ def _subnet_layers(subnet):
 @pytest.mark.parametrize("folder", ["DeepForest", "FashionScenes"])
 def test_the_benchmarks_retinanet_head_is_fcos_tower_with_its_group_norm(folder):
     """RetinaNet and FCOS differ in anchors, assignment and losses, not in their conv towers:
-    without
-    FCOS's GroupNorm, RetinaNet's std-0.01 convs shrink the signal ~4x each on the 128-channel
-    FPN and its classifier barely learned (docs/benchmark_log.md, 2026-12-05)."""
+    without FCOS's GroupNorm, RetinaNet's std-0.01 convs shrink the signal ~4x each on the
+    128-channel FPN and its classifier barely learned (docs/benchmark_log.md, 2026-12-05)."""
     cfg = get_mimicdet_cfg(os.path.join(CONFIGS, folder, "retinanet_MNV2_FPN.yaml"))
     cfg.MODEL.DEVICE, cfg.MODEL.MOBILENET.IMAGENET_WEIGHTS = "cpu", ""
     retinanet = build_model(cfg).head

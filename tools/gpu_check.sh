@@ -515,8 +515,8 @@ step_coco_cost_dry() {
 }
 
 # The benchmark's longest schedules first (issue 17): Fashion scenes (3600 iterations a run, against
-# DeepForest's 1200, all committed but RetinaNet's), every run not committed yet in the benchmark's order, as many
-# as the step's time allows. The rehearsal trains one run of the same path.
+# DeepForest's 1200, all committed but RetinaNet's), every run not committed yet in the benchmark's
+# order, as many as the step's time allows. The rehearsal trains one run of the same path.
 if ((DRY_RUN)); then
     BENCHMARK_ARGS="--dataset fashion_scenes --rows mimicdet --sweep-only"
 else
