@@ -6,7 +6,9 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
+from conftest import assert_same_detections
 from mimicdet.modeling import MimicDet
+from mimicdet.modeling.meta_arch import HEADS
 
 ALL_LOSSES = {
     "loss_refine_cls",
@@ -174,6 +176,42 @@ def test_teacher_inference_scores_with_the_t_head_and_leaves_the_model_in_eval(c
         assert len(t["instances"]) == cfg.TEST.DETECTIONS_PER_IMAGE
         assert (t["instances"].scores > 0.99).all() and (t["instances"].pred_classes == 0).all()
         assert len(n["instances"]) == 0 and len(s["instances"]) > 0
+
+
+def _box_rows(outputs):
+    """Each image's detected boxes as a sorted list of rows: the detections as a set."""
+    return [sorted(map(tuple, o["instances"].pred_boxes.tensor.tolist())) for o in outputs]
+
+
+def test_mixed_inference_takes_one_heads_classes_and_the_other_heads_boxes(cfg, make_inputs):
+    cfg.MODEL.MIMICDET.S_HEAD.SCORE_WITH_OBJECTNESS = False
+    model = build_model(cfg).eval()
+    inputs = make_inputs(num_images=2, size=96)
+    with torch.no_grad():
+        # the S-head's classes and boxes are the deployed detector's detections
+        assert_same_detections(model(inputs), model.mixed_inference(inputs, "s_head", "s_head"))
+        # every refined box a detection (no NMS), the S-head sure of class 1 and the T-head of
+        # class 0, the T-head's boxes larger than the refined boxes
+        model.test_nms_thresh, model.max_detections_per_image = 1.0, 10**4
+        for predictor, label in [
+            (model.s_head.cls_score, 1), (model.roi_heads.box_predictor.cls_score, 0)
+        ]:  # fmt: skip
+            predictor.weight.zero_()
+            predictor.bias.fill_(-10.0)
+            predictor.bias[label] = 10.0
+        t_deltas = model.roi_heads.box_predictor.bbox_pred
+        t_deltas.weight.zero_()
+        t_deltas.bias.copy_(torch.tensor([0.0, 0.0, 1.0, 1.0]))
+        runs = {(c, b): model.mixed_inference(inputs, c, b) for c in HEADS for b in HEADS}
+    for classes_from, label in [("s_head", 1), ("t_head", 0)]:
+        for boxes_from in HEADS:
+            got = runs[classes_from, boxes_from]
+            assert all((o["instances"].pred_classes == label).all() for o in got)
+            assert _box_rows(got) == _box_rows(runs[boxes_from, boxes_from])
+    s_boxes, t_boxes = _box_rows(runs["s_head", "s_head"]), _box_rows(runs["t_head", "t_head"])
+    assert all(len(s) > 0 for s in s_boxes) and s_boxes != t_boxes
+    with pytest.raises(ValueError, match="name one of"):
+        model.mixed_inference(inputs, "t_head", "refinement")
 
 
 def test_teacher_inference_without_a_t_head_is_a_clear_error(cfg, make_inputs):

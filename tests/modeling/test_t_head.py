@@ -1,5 +1,7 @@
 """T-head: pools each box from its own level (k - 1 when staggered), two paths, losses."""
 
+import math
+
 import pytest
 import torch
 from detectron2.layers import ShapeSpec
@@ -74,6 +76,27 @@ def test_forward_pools_from_level_below_when_staggered(cfg, staggered):
     assert all(torch.isfinite(v) for v in losses.values())
     assert sampled[0].teacher_cls_logits.shape == (len(sampled[0]), 3)
     assert sampled[0].teacher_reg_feats.shape == (len(sampled[0]), 64)
+
+
+def test_predict_decodes_with_the_t_heads_own_box_weights(cfg):
+    # the S-head keeps (10, 10, 5, 5): decoded with those, the deltas below would grow each box
+    # 2 ** (2 / 5) times, not 4 times
+    cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+    head = build_roi_heads(cfg, SHAPES).eval()
+    logits = torch.tensor([2.0, 0.0, -1.0])  # two classes, then background
+    with torch.no_grad():
+        for layer, bias in [
+            (head.box_predictor.bbox_pred, [0.0, 0.0, math.log(2), math.log(2)]),
+            (head.box_predictor.cls_score, logits),
+        ]:  # fmt: skip
+            layer.weight.zero_()
+            layer.bias.copy_(torch.as_tensor(bias))
+    proposals = _proposals([4, 4, 5])
+    ((boxes, probs),) = head.predict(_features(), [proposals])
+    given, got = proposals.proposal_boxes, Boxes(boxes)
+    torch.testing.assert_close(got.area(), 4 * given.area())
+    torch.testing.assert_close(got.get_centers(), given.get_centers())
+    torch.testing.assert_close(probs, logits.softmax(0)[:2].expand(3, 2))
 
 
 def test_appended_gt_gets_the_refinements_level_and_no_anchor(cfg):

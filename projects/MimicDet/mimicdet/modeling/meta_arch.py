@@ -23,6 +23,9 @@ from .s_head import SHead
 
 __all__ = ["MimicDet"]
 
+# the heads whose predictions MimicDet.mixed_inference combines
+HEADS = ("s_head", "t_head")
+
 logger = logging.getLogger(__name__)
 
 
@@ -191,33 +194,75 @@ class MimicDet(DenseDetector):
         Returns:
             as :meth:`forward` at inference.
         """
-        if self.roi_heads is None:
+        return self.mixed_inference(batched_inputs, classes_from="t_head", boxes_from="t_head")
+
+    def mixed_inference(
+        self, batched_inputs: List[Dict[str, Tensor]], classes_from: str, boxes_from: str
+    ):
+        """
+        Detections on the top refined boxes whose class scores come from one head and whose
+        boxes from one head, each ``"s_head"`` or ``"t_head"``, with the S-head's
+        post-processing. ``("t_head", "t_head")`` is :meth:`teacher_inference`, ``("s_head",
+        "s_head")`` the deployed detector's own detections; the two mixes split the gap between
+        the heads into what the S-head's classification and its localization lose
+        (``tools/evaluate_teacher.py --mixed``). Each head's deltas are decoded with its own
+        box transform.
+
+        Returns:
+            as :meth:`forward` at inference.
+        """
+        heads = {classes_from, boxes_from}
+        if not heads <= set(HEADS):
+            raise ValueError(
+                f"classes_from and boxes_from each name one of {HEADS}; got {classes_from!r}, "
+                f"{boxes_from!r}"
+            )
+        if "t_head" in heads and self.roi_heads is None:
             raise RuntimeError(
-                "teacher_inference needs the T-head, but this model has none "
+                "the T-head's predictions need the T-head, but this model has none "
                 "(MODEL.MIMICDET.T_HEAD.ENABLED is False)"
             )
         if self.training:
-            raise RuntimeError("teacher_inference runs at inference only: call model.eval() first")
+            raise RuntimeError("mixed_inference runs at inference only: call model.eval() first")
         images = self.preprocess_image(batched_inputs)
-        # the T-head's pyramid (the shared one, or its own) builds the T-head's finer level only
-        # in training mode; batch norms stay in eval mode so that no running statistic moves and
-        # no batch statistic is used
+        t_features = self._t_head_features(images) if "t_head" in heads else None
+        if t_features is not None and self.t_backbone is None:
+            features = t_features  # the shared pyramid: its P3..P7 are the S-head's
+        else:
+            features = self.backbone(images.tensor)
+        refined, anchor_levels, delta_maps = self._top_refined_boxes(features, images.image_sizes)
+        # per head and image: the decoded boxes and the foreground class probabilities
+        predictions = {}
+        if "s_head" in heads:
+            s_outputs = self._s_head_at_refined(features, refined, anchor_levels, delta_maps)
+            predictions["s_head"] = [
+                self.s_head.predict(r.proposal_boxes.tensor, logits, deltas)
+                for r, (logits, deltas) in zip(refined, s_outputs)
+            ]
+        if "t_head" in heads:
+            predictions["t_head"] = self.roi_heads.predict(t_features, refined)
+        results = [
+            self._select_detections(r, boxes, scores)
+            for r, (boxes, _), (_, scores) in zip(
+                refined, predictions[boxes_from], predictions[classes_from]
+            )
+        ]
+        return self._postprocess(results, batched_inputs, images.image_sizes)
+
+    def _t_head_features(self, images: ImageList) -> Dict[str, Tensor]:
+        """The T-head's pyramid (the shared one, or its own), with its training-only finer
+        level, computed without training anything."""
+        # the pyramid builds the T-head's finer level only in training mode; batch norms stay
+        # in eval mode so that no running statistic moves and no batch statistic is used
         t_backbone = self.t_backbone if self.t_backbone is not None else self.backbone
         t_backbone.train()
         for m in t_backbone.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
         try:
-            t_features = t_backbone(images.tensor)
+            return t_backbone(images.tensor)
         finally:
             t_backbone.eval()
-        features = t_features if self.t_backbone is None else self.backbone(images.tensor)
-        refined, _, _ = self._top_refined_boxes(features, images.image_sizes)
-        results = [
-            self.inference_single_image(r, logits, deltas)
-            for r, (logits, deltas) in zip(refined, self.roi_heads.predict(t_features, refined))
-        ]
-        return self._postprocess(results, batched_inputs, images.image_sizes)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -339,9 +384,20 @@ class MimicDet(DenseDetector):
         return refined, anchor_levels, delta_maps
 
     def forward_inference(self, images: ImageList, features: Dict[str, Tensor]) -> List[Instances]:
+        refined, anchor_levels, delta_maps = self._top_refined_boxes(features, images.image_sizes)
+        s_outputs = self._s_head_at_refined(features, refined, anchor_levels, delta_maps)
+        return [
+            self.inference_single_image(r, logits, deltas)
+            for r, (logits, deltas) in zip(refined, s_outputs)
+        ]
+
+    def _s_head_at_refined(
+        self, features: Dict[str, Tensor], refined: List[Instances], anchor_levels, delta_maps
+    ) -> List[Tuple[Tensor, Tensor]]:
+        """Per image, the S-head's class logits ``(Ki, C + 1)`` and deltas ``(Ki, 4)`` at its top
+        refined boxes' anchor locations (:meth:`_top_refined_boxes`)."""
         # The refinement runs densely; the S-head only where its output is read, at the top
         # refined boxes' locations (the same values as the dense S-head there, see tests).
-        refined, anchor_levels, delta_maps = self._top_refined_boxes(features, images.image_sizes)
         dense = [features[f] for f in self.head_in_features]
         positions, order, image = _level_positions(
             refined, anchor_levels, dense, self.refinement.levels
@@ -349,10 +405,7 @@ class MimicDet(DenseDetector):
         s_logits, s_deltas = self.s_head.forward_at(dense, delta_maps, positions)
         # back to the refined boxes' order; sizes stay tensors so that a trace keeps them dynamic
         s_logits, s_deltas = s_logits[order], s_deltas[order]
-        return [
-            self.inference_single_image(r, s_logits[image == i], s_deltas[image == i])
-            for i, r in enumerate(refined)
-        ]
+        return [(s_logits[image == i], s_deltas[image == i]) for i in range(len(refined))]
 
     def inference_single_image(
         self, refined: Instances, pred_logits: Tensor, pred_deltas: Tensor
@@ -363,6 +416,11 @@ class MimicDet(DenseDetector):
             pred_logits: ``(K, C + 1)``; pred_deltas: ``(K, 4)``, the S-head at their locations.
         """
         boxes, scores = self.s_head.predict(refined.proposal_boxes.tensor, pred_logits, pred_deltas)
+        return self._select_detections(refined, boxes, scores)
+
+    def _select_detections(self, refined: Instances, boxes: Tensor, scores: Tensor) -> Instances:
+        """The test-time selection: ``boxes`` ``(K, 4)`` and class probabilities ``(K, C)``
+        predicted for the K refined boxes, to the kept detections."""
         if self.score_with_objectness:
             scores = (scores * refined.objectness_logits.sigmoid()[:, None]).sqrt()
         boxes = Boxes(boxes)
@@ -377,7 +435,6 @@ class MimicDet(DenseDetector):
             scores=scores[keep],
             pred_classes=classes[keep],
         )
-
 
 def _level_positions(
     refined: List[Instances], anchor_levels: Tensor, features: List[Tensor], levels: List[int]

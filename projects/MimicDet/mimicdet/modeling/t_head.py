@@ -5,6 +5,7 @@ import re
 from typing import Dict, List, Tuple
 
 import torch
+import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cat, nonzero_tuple
 from detectron2.modeling.box_regression import Box2BoxTransform
@@ -173,18 +174,23 @@ class MimicTHead(ROIHeads):
     ) -> List[Tuple[Tensor, Tensor]]:
         """
         The T-head as the box head of a two-stage detector, for diagnostics: what the S-head
-        is taught to match (:meth:`MimicDet.teacher_inference`).
+        is taught to match (:meth:`MimicDet.mixed_inference`).
 
         Args:
             features: pyramid maps including the training-only finer levels.
             boxes: per image, refined boxes with ``proposal_boxes`` and ``levels``.
 
         Returns:
-            per image, class logits ``(Ki, C + 1)`` and deltas ``(Ki, 4)``.
+            per image, the boxes its deltas give ``(Ki, 4)`` (decoded with its own
+            ``BBOX_REG_WEIGHTS``) and foreground class probabilities ``(Ki, C)``, as
+            :meth:`SHead.predict` returns the S-head's.
         """
         cls_logits, deltas, _ = self._box_head(features, boxes)
         num_per_image = [len(b) for b in boxes]
-        return list(zip(cls_logits.split(num_per_image), deltas.split(num_per_image)))
+        proposals = cat([b.proposal_boxes.tensor for b in boxes])
+        pred_boxes = self.box_predictor.box2box_transform.apply_deltas(deltas, proposals)
+        probs = F.softmax(cls_logits, dim=1)[:, : self.num_classes]
+        return list(zip(pred_boxes.split(num_per_image), probs.split(num_per_image)))
 
     def _append_gt(self, proposals: List[Instances], targets: List[Instances]) -> List[Instances]:
         out = []
