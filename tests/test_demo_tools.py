@@ -191,7 +191,7 @@ def test_demo_loop_keeps_memory_flat(tmp_path):
     assert result["growth_percent"] < 5, result
 
 
-def test_evaluate_teacher_scores_both_heads_and_refuses_a_deploy_checkpoint(
+def test_evaluate_teacher_scores_both_heads_and_their_mixes_and_refuses_a_deploy_checkpoint(
     tmp_path, tiny_coco, tiny_opts
 ):
     from convert_to_deploy import convert
@@ -213,8 +213,11 @@ def test_evaluate_teacher_scores_both_heads_and_refuses_a_deploy_checkpoint(
     out = tmp_path / "teacher.json"
     args = ["--config-file", yaml, "--output", str(out)]
     results = evaluate_teacher(args + opts + ["MODEL.WEIGHTS", full])
+    assert set(results) == {"s_head", "t_head"}
+    results = evaluate_teacher(args + ["--mixed"] + opts + ["MODEL.WEIGHTS", full])
     written = json.loads(out.read_text())
-    for head in ("s_head", "t_head"):
+    assert set(results) == {"s_head", "t_head", "t_classes_s_boxes", "s_classes_t_boxes"}
+    for head in results:
         assert set(results[head]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
         assert written[head] == pytest.approx(results[head], nan_ok=True)
     assert written["dataset"] == name
