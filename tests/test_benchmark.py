@@ -258,8 +258,32 @@ def test_mimicdets_two_heads_are_compared_over_the_seeds_whose_t_head_was_scored
     assert heads["s_head"]["AP"] == 48.0 and heads["t_head"]["AP"] == 55.0
     table = (tmp_path / "fashion_scenes.md").read_text()
     # the gap is the teacher's AP less the student's; sizes are AP_s / AP_m / AP_l
-    assert "| MimicDet | 1 | 48.0 | 55.0 | +7.0 |" in table
+    # no run was scored with the heads mixed (before 2026-12-05): those columns say so
+    assert "| MimicDet | 1 | 48.0 | 55.0 | +7.0 | – | – |" in table
     assert "| 62.4 / 67.2 / 72.0 | 58.0 / 59.0 / 60.0 |" in table
+
+
+def test_the_mixed_heads_gain_is_over_the_s_head_of_the_runs_scored_so(tmp_path):
+    """Each head's classes on the other's boxes, beside the S-head's AP of the same runs, with
+    the seeds named when some of the row's T-head runs were not scored so."""
+    fake_result(tmp_path, "fashion_scenes", "mimicdet", "lr0.005", 0, 40.0, max_iter=3600)
+    for seed, s_ap, mixed in ((1, 48.0, (52.0, 49.5)), (2, 50.0, None)):
+        result = fake_result(tmp_path, "fashion_scenes", "mimicdet", "lr0.005", seed, s_ap,
+                             max_iter=3600)  # fmt: skip
+        result["t_head_final"] = {k: 55.0 for k in benchmark.FINAL_KEYS}
+        if mixed:
+            result["mixed_heads_final"] = {
+                name: {"AP": ap} for name, ap in zip(benchmark_report.MIXED_HEADS, mixed)
+            }
+        path = benchmark.result_path(tmp_path, "fashion_scenes", "mimicdet", "lr0.005", seed)
+        path.write_text(json.dumps(result))
+    row = benchmark_report.write_report(tmp_path, "today")["datasets"]["fashion_scenes"]["rows"]
+    assert row["mimicdet"]["heads"]["mixed"] == {
+        "seeds": [1], "s_head_AP": 48.0, "t_classes_s_boxes": 52.0, "s_classes_t_boxes": 49.5
+    }  # fmt: skip
+    # T classes on S boxes gains 4.0 over seed 1's S-head (48.0), not over the row's 49.0
+    line = "| MimicDet | 1, 2 | 49.0 | 55.0 | +6.0 | 52.0 (+4.0, seeds 1) | 49.5 (+1.5, seeds 1) |"
+    assert line in (tmp_path / "fashion_scenes.md").read_text()
 
 
 def test_a_mimicdet_runs_t_head_is_scored_on_its_final_checkpoint_with_its_options(
@@ -270,7 +294,10 @@ def test_a_mimicdet_runs_t_head_is_scored_on_its_final_checkpoint_with_its_optio
     def evaluate_teacher(command, **kwargs):
         commands.append(command)
         output = Path(command[command.index("--output") + 1])
-        output.write_text(json.dumps({"s_head": {"AP": 40.0}, "t_head": {"AP": 45.0}}))
+        scored = {"s_head": {"AP": 40.0}, "t_head": {"AP": 45.0}}
+        if "--mixed" in command:
+            scored.update(t_classes_s_boxes={"AP": 43.0}, s_classes_t_boxes={"AP": 41.0})
+        output.write_text(json.dumps(scored))
 
     monkeypatch.setattr(benchmark.subprocess, "run", evaluate_teacher)
     bench = benchmark.Benchmark(tmp_path / "results", tmp_path / "out")
@@ -278,7 +305,10 @@ def test_a_mimicdet_runs_t_head_is_scored_on_its_final_checkpoint_with_its_optio
     out.mkdir(parents=True)
     opts = ["MODEL.MIMICDET.STAGGERED", "False", "SOLVER.BASE_LR", "0.005"]
     row = ROWS["mimicdet_same_level"]
-    assert bench.evaluate_t_head("fashion_scenes", row, opts, out) == {"AP": 45.0}
+    assert bench.evaluate_t_head("fashion_scenes", row, opts, out) == {
+        "t_head_final": {"AP": 45.0},
+        "mixed_heads_final": {"t_classes_s_boxes": {"AP": 43.0}, "s_classes_t_boxes": {"AP": 41.0}},
+    }
     (command,) = commands
     assert command[1] == "tools/evaluate_teacher.py"
     assert command[command.index("--config-file") + 1] == benchmark.config_path(
@@ -287,7 +317,10 @@ def test_a_mimicdet_runs_t_head_is_scored_on_its_final_checkpoint_with_its_optio
     # the run's own options (its ablation switch included), then its final checkpoint
     assert command[-len(opts) - 2 :] == opts + ["MODEL.WEIGHTS", str(out / "model_final.pth")]
     # a detector without a T-head is not evaluated again
-    assert bench.evaluate_t_head("fashion_scenes", ROWS["faster_rcnn"], opts, out) is None
+    assert bench.evaluate_t_head("fashion_scenes", ROWS["faster_rcnn"], opts, out) == {
+        "t_head_final": None,
+        "mixed_heads_final": None,
+    }
     assert len(commands) == 1
 
 

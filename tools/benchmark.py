@@ -874,8 +874,9 @@ class Benchmark:
             # below CONTENDED_SHARE, other work slowed this training: its s/iter is flagged
             "train_cpu_share": share,
             **self.time_inference(dataset, row, variant.opts, out),
-            # MimicDet's T-head scored as a detector: None for the rows without one
-            "t_head_final": self.evaluate_t_head(dataset, row, train_opts, out),
+            # MimicDet's T-head scored as a detector, and each head's classes on the other head's
+            # boxes: None for the rows without one
+            **self.evaluate_t_head(dataset, row, train_opts, out),
             # the checkpoints stay on the machine that trained them (no weights in git): their
             # digests let MODEL_ZOO.md name the files a published run must match
             "sha256": {
@@ -962,19 +963,31 @@ class Benchmark:
     def evaluate_t_head(self, dataset, row, train_opts, out):
         """
         A MimicDet run's final COCO metrics of its T-head, run as a two-stage detector on the
-        refined boxes of its final checkpoint (``tools/evaluate_teacher.py``, the same val split
-        and COCOEvaluator as the run's own): how far the deployed S-head is from its teacher.
-        None for a row without a T-head.
+        refined boxes of its final checkpoint, as ``t_head_final``: how far the deployed S-head
+        is from its teacher; and as ``mixed_heads_final``, each head's classes on the other
+        head's boxes, which split that gap into classification and localization
+        (``tools/evaluate_teacher.py --mixed``, the same val split and COCOEvaluator as the run's
+        own). Both None for a row without a T-head.
         """
+        from evaluate_teacher import MIXED  # its results' names with --mixed
+
         if not row.t_head:
-            return None
+            return {"t_head_final": None, "mixed_heads_final": None}
         path = out / T_HEAD_FILE
         command = [sys.executable, "tools/evaluate_teacher.py"]
+        # a smoke run (the GPU check's CPU rehearsal) checks that the heads are scored; the
+        # mixes would double that time on the full val split, and have tests of their own
+        mixed = not self.smoke
+        command += ["--mixed"] if mixed else []
         command += ["--config-file", config_path(dataset, row), "--output", str(path)]
         command += [*train_opts, "MODEL.WEIGHTS", str(out / "model_final.pth")]
         print(f"[benchmark] scoring the T-head of {out}", flush=True)
         subprocess.run(command, cwd=REPO, check=True)
-        return json.loads(path.read_text())["t_head"]
+        scored = json.loads(path.read_text())
+        return {
+            "t_head_final": scored["t_head"],
+            "mixed_heads_final": {name: scored[name] for name in MIXED} if mixed else None,
+        }
 
     def write_timing(self, dataset, name, timing):
         """Writes a re-timing pass's ``timing`` to ``runs/<dataset>/<name>``; returns it."""

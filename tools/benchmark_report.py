@@ -17,6 +17,8 @@ from pathlib import Path
 from benchmark_rows import DATASETS, LEARNING_RATES, ROWS, root_row, variant_name
 
 COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# tools/evaluate_teacher.py --mixed: the T-head's classes on the S-head's boxes, and the reverse
+MIXED_HEADS = ("t_classes_s_boxes", "s_classes_t_boxes")
 # a training that had less of the machine's CPU time than this shared it with other work: its
 # seconds per iteration are flagged (tools/benchmark.py's cpu_share)
 CONTENDED_SHARE = 0.85
@@ -141,11 +143,25 @@ def two_heads(learned):
     paired = [r for r in learned if r.get("t_head_final")]
     if not paired:
         return None
-    return {
+    heads = {
         "seeds": [r["seed"] for r in paired],
         "s_head": {key: _mean([r["final"].get(key) for r in paired]) for key in COLUMNS},
         "t_head": {key: _mean([r["t_head_final"].get(key) for r in paired]) for key in COLUMNS},
+        "mixed": None,
     }
+    # each head's classes on the other's boxes (``mixed_heads_final``; none before 2026-12-05),
+    # beside the S-head's AP of the same runs
+    mixed = [r for r in paired if r.get("mixed_heads_final")]
+    if mixed:
+        heads["mixed"] = {
+            "seeds": [r["seed"] for r in mixed],
+            "s_head_AP": _mean([r["final"].get("AP") for r in mixed]),
+            **{
+                name: _mean([r["mixed_heads_final"][name].get("AP") for r in mixed])
+                for name in MIXED_HEADS
+            },
+        }
+    return heads
 
 
 def train_timing_clean(row):
@@ -403,12 +419,15 @@ def heads_table(rows):
         "",
         "MimicDet's two heads: the deployed S-head, and the T-head that trains beside it and is "
         "dropped at inference, run as a two-stage detector on the same checkpoint's refined boxes "
-        "(`tools/evaluate_teacher.py`, the same val split and COCOEvaluator). T - S is what "
-        "mimicking has left to transfer; means over the seeds named:",
+        "(`tools/evaluate_teacher.py --mixed`, the same val split and COCOEvaluator). T - S is "
+        "what mimicking has left to transfer. The mixed columns score one head's classes on the "
+        "other head's boxes; in brackets, their gain over the S-head of the same runs: what the "
+        "S-head's classification (T classes on S boxes) and its localization (S classes on T "
+        "boxes) lose to the T-head's. Means over the seeds named:",
         "",
-        "| row | seeds | S-head AP | T-head AP | T - S | S-head AP_s / AP_m / AP_l "
-        "| T-head AP_s / AP_m / AP_l |",
-        "|---|---|---|---|---|---|---|",
+        "| row | seeds | S-head AP | T-head AP | T - S | T classes on S boxes "
+        "| S classes on T boxes | S-head AP_s / AP_m / AP_l | T-head AP_s / AP_m / AP_l |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, heads in paired.items():
         s_head, t_head = heads["s_head"], heads["t_head"]
@@ -417,9 +436,25 @@ def heads_table(rows):
         lines.append(
             f"| {rows[name]['title']} | {', '.join(map(str, heads['seeds']))} "
             f"| {_fmt(s_head['AP'])} | {_fmt(t_head['AP'])} | {signed(gap)} "
-            f"| {sizes[0]} | {sizes[1]} |"
+            f"| {' | '.join(mixed_cells(heads))} | {sizes[0]} | {sizes[1]} |"
         )
     return lines
+
+
+def mixed_cells(heads):
+    """The heads table's mixed columns: AP (gain over the S-head of the same runs), with the
+    seeds named where they are not all the row's; "–" where no run was scored so."""
+    mixed = heads["mixed"]
+    if not mixed:
+        return ["–"] * len(MIXED_HEADS)
+    seeds = ""
+    if mixed["seeds"] != heads["seeds"]:
+        seeds = f", seeds {', '.join(map(str, mixed['seeds']))}"
+    cells = []
+    for name in MIXED_HEADS:
+        ap, s_ap = mixed[name], mixed["s_head_AP"]
+        cells.append(f"{_fmt(ap)} ({signed(None if None in (ap, s_ap) else ap - s_ap)}{seeds})")
+    return cells
 
 
 def plot_curves(path, dataset, runs, rows):
