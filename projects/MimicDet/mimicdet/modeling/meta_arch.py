@@ -200,13 +200,13 @@ class MimicDet(DenseDetector):
         self, batched_inputs: List[Dict[str, Tensor]], classes_from: str, boxes_from: str
     ):
         """
-        Detections on the top refined boxes whose class scores come from one head and whose
-        boxes from one head, each ``"s_head"`` or ``"t_head"``, with the S-head's
-        post-processing. ``("t_head", "t_head")`` is :meth:`teacher_inference`, ``("s_head",
-        "s_head")`` the deployed detector's own detections; the two mixes split the gap between
-        the heads into what the S-head's classification and its localization lose
-        (``tools/evaluate_teacher.py --mixed``). Each head's deltas are decoded with its own
-        box transform.
+        Detections on the top refined boxes, the class scores from the head ``classes_from``
+        names and the boxes from the head ``boxes_from`` names (``"s_head"`` or ``"t_head"``
+        each), with the S-head's post-processing. ``("t_head", "t_head")`` is
+        :meth:`teacher_inference`, ``("s_head", "s_head")`` the deployed detector's own
+        detections; the two mixes split the gap between the heads into what the S-head's
+        classification and its localization lose (``tools/evaluate_teacher.py --mixed``). Each
+        head's deltas are decoded with its own box transform.
 
         Returns:
             as :meth:`forward` at inference.
