@@ -969,10 +969,10 @@ class Benchmark:
         (``tools/evaluate_teacher.py --mixed``, the same val split and COCOEvaluator as the run's
         own). Both None for a row without a T-head.
         """
-        from evaluate_teacher import MIXED  # its results' names with --mixed
-
         if not row.t_head:
             return {"t_head_final": None, "mixed_heads_final": None}
+        from evaluate_teacher import MIXED  # its results' names with --mixed
+
         path = out / T_HEAD_FILE
         command = [sys.executable, "tools/evaluate_teacher.py"]
         # a smoke run (the GPU check's CPU rehearsal) checks that the heads are scored; the

@@ -436,6 +436,7 @@ class MimicDet(DenseDetector):
             pred_classes=classes[keep],
         )
 
+
 def _level_positions(
     refined: List[Instances], anchor_levels: Tensor, features: List[Tensor], levels: List[int]
 ) -> Tuple[List[Tensor], Tensor, Tensor]:

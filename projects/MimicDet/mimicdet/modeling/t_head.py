@@ -5,7 +5,6 @@ import re
 from typing import Dict, List, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cat, nonzero_tuple
 from detectron2.modeling.box_regression import Box2BoxTransform
@@ -185,12 +184,10 @@ class MimicTHead(ROIHeads):
             ``BBOX_REG_WEIGHTS``) and foreground class probabilities ``(Ki, C)``, as
             :meth:`SHead.predict` returns the S-head's.
         """
-        cls_logits, deltas, _ = self._box_head(features, boxes)
-        num_per_image = [len(b) for b in boxes]
-        proposals = cat([b.proposal_boxes.tensor for b in boxes])
-        pred_boxes = self.box_predictor.box2box_transform.apply_deltas(deltas, proposals)
-        probs = F.softmax(cls_logits, dim=1)[:, : self.num_classes]
-        return list(zip(pred_boxes.split(num_per_image), probs.split(num_per_image)))
+        predictions = self._box_head(features, boxes)[:2]  # class logits, deltas
+        pred_boxes = self.box_predictor.predict_boxes(predictions, boxes)
+        probs = self.box_predictor.predict_probs(predictions, boxes)
+        return [(b, p[:, : self.num_classes]) for b, p in zip(pred_boxes, probs)]
 
     def _append_gt(self, proposals: List[Instances], targets: List[Instances]) -> List[Instances]:
         out = []
