@@ -30,12 +30,13 @@ from detectron2.engine import defaults as engine_defaults
 from detectron2.engine import hooks, launch
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import locate
 
 from mimicdet import WeightsOnlyCheckpointer, get_mimicdet_cfg
 from mimicdet.data import MimicDetDatasetMapper, check_detection_dataset_dicts
 from mimicdet.distill import Distiller
-from mimicdet.evaluation import HAS_DETECTRON2_OPS
+from mimicdet.evaluation import HAS_DETECTRON2_OPS, EvaluateResumedCheckpoint
 
 logger = logging.getLogger("detectron2")
 
@@ -112,7 +113,15 @@ class Trainer(DefaultTrainer):
         self.checkpointer = WeightsOnlyCheckpointer(
             self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        return super().build_hooks()
+        ret = super().build_hooks()
+        # a resumed training first evaluates its checkpoint if the stop lost that evaluation
+        evaluate_lost = EvaluateResumedCheckpoint(
+            self.cfg.TEST.EVAL_PERIOD,
+            lambda: self.test(self.cfg, self.model),
+            os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"),
+        )
+        at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)), len(ret))
+        return ret[:at] + [evaluate_lost] + ret[at:]
 
     # detectron2 v0.6's DefaultTrainer checkpoints neither the optimizer (momentum) nor AMP's
     # grad scaler; upstream later added these two methods, the same as here
@@ -126,11 +135,19 @@ class Trainer(DefaultTrainer):
         self._trainer.load_state_dict(state_dict["_trainer"])
 
 
+def setup_project_logger(output_dir):
+    """default_setup sets up detectron2's and fvcore's loggers only: without this, this
+    project's messages (ImageNet weights loaded, teacher loaded, dataset checked, a lost
+    evaluation redone) would reach neither the console nor log.txt."""
+    setup_logger(output_dir, distributed_rank=comm.get_rank(), name="mimicdet")
+
+
 def setup_yaml(args):
     cfg = get_mimicdet_cfg(args.config_file, args.opts)
     cfg.MODEL.DEVICE = cpu_if_no_gpu(cfg.MODEL.DEVICE)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_project_logger(cfg.OUTPUT_DIR)
     return cfg
 
 
@@ -192,6 +209,11 @@ def do_train_lazy(args, cfg):
                 if comm.is_main_process()
                 else None
             ),
+            EvaluateResumedCheckpoint(
+                cfg.train.eval_period,
+                lambda: do_test_lazy(cfg, model),
+                os.path.join(cfg.train.output_dir, "metrics.json"),
+            ),
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test_lazy(cfg, model)),
             (
                 hooks.PeriodicWriter(
@@ -214,6 +236,7 @@ def main_lazy(args):
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     cfg.train.device = cpu_if_no_gpu(cfg.train.device)
     default_setup(cfg, args)
+    setup_project_logger(cfg.train.output_dir)
     if args.eval_only:
         target = cfg.model.get("_target_")
         if (locate(target) if isinstance(target, str) else target) is Distiller:

@@ -128,6 +128,72 @@ def test_a_missing_image_stops_training_with_the_file_named(tmp_path, tiny_coco,
     assert not os.path.exists(tmp_path / "out" / "model_final.pth")
 
 
+class _Stop(Exception):
+    """A simulated stop of the training process."""
+
+
+def _evaluated_iterations(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return sorted(r["iteration"] for r in records if "bbox/AP" in r)
+
+
+def test_a_resumed_training_evaluates_the_checkpoint_whose_evaluation_a_stop_lost(
+    tmp_path, tiny_coco, tiny_opts, monkeypatch
+):
+    name = tiny_coco("mimicdet_tiny_lost_eval")
+    out = str(tmp_path / "out")
+    opts = tiny_opts + _data_opts(name) + ["OUTPUT_DIR", out]
+    # a checkpoint and an evaluation after iterations 1, 3 and 5; the last evaluation, after
+    # training, is recorded one past the last step, under 6
+    opts[opts.index("TEST.EVAL_PERIOD") + 1] = "2"
+    opts += ["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "2"]
+
+    evaluated_at, stop = [], {}  # the iteration each evaluation is recorded under
+    test = train_net.Trainer.test.__func__
+
+    def stoppable_test(cls, cfg, model, evaluators=None):
+        from detectron2.utils.events import get_event_storage
+
+        evaluated_at.append(get_event_storage().iter)
+        if stop.get("evaluation") == len(evaluated_at):
+            raise _Stop
+        return test(cls, cfg, model, evaluators)
+
+    run_step = train_net.Trainer.run_step
+
+    def stoppable_run_step(self):
+        if stop.get("step") == self.iter:
+            raise _Stop
+        run_step(self)
+
+    monkeypatch.setattr(train_net.Trainer, "test", classmethod(stoppable_test))
+    monkeypatch.setattr(train_net.Trainer, "run_step", stoppable_run_step)
+
+    # stopped in the evaluation after iteration 3, whose checkpoint is written
+    stop.update(evaluation=2)
+    with pytest.raises(_Stop):
+        _run(["--config-file", YAML] + opts)
+    assert os.path.isfile(os.path.join(out, "model_0000003.pth"))
+    assert evaluated_at == [1, 3] and _evaluated_iterations(out) == [1]
+
+    # resumed: the lost evaluation comes first, under its iteration; then stopped in step 4
+    evaluated_at.clear()
+    stop.clear()
+    stop.update(step=4)
+    with pytest.raises(_Stop):
+        _run(["--config-file", YAML, "--resume"] + opts)
+    assert evaluated_at == [3] and _evaluated_iterations(out) == [1, 3]
+    with open(os.path.join(out, "log.txt")) as f:  # the project's logger reaches log.txt
+        assert "Evaluating the checkpoint of iteration 3" in f.read()
+
+    # resumed from the same checkpoint, whose evaluation is recorded now: none again
+    evaluated_at.clear()
+    stop.clear()
+    _run(["--config-file", YAML, "--resume"] + opts)
+    assert evaluated_at == [6] and _evaluated_iterations(out) == [1, 3, 6]
+
+
 def test_an_unknown_config_key_fails_with_its_name(tmp_path):
     # yacs names the key: an AssertionError for a command-line key, a KeyError for a yaml one
     opts = ["OUTPUT_DIR", str(tmp_path), "MODEL.MIMICDET.NO_SUCH_KEY", "1"]
