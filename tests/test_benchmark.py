@@ -766,6 +766,27 @@ def test_a_finished_run_is_read_back_only_under_the_command_that_trained_it(tmp_
     assert "--resume" in trainings[-1]
 
 
+def test_a_run_stopped_in_its_final_evaluation_resumes_into_that_evaluation(
+    tmp_path, monkeypatch
+):
+    """model_final.pth written, the evaluation after it lost: the run is resumed (train_net.py
+    then evaluates model_final.pth and trains no step), not trained again from scratch."""
+    trainings = finished_trainings(monkeypatch)
+    bench = benchmark.Benchmark(tmp_path / "results", tmp_path / "out")
+    row = ROWS["retinanet"]
+    variant = bench.sweep("deepforest", "retinanet")[0]
+    out = bench.run_dir("deepforest", row.name, variant.name, 0)
+    bench.train("deepforest", row, variant, 0, out)
+    assert "--resume" not in trainings[-1]
+
+    (out / "last_checkpoint").write_text("model_final.pth")
+    (out / "metrics.json").write_text(json.dumps({"iteration": 1199, "total_loss": 0.5}) + "\n")
+    (out / "log.txt").write_text("the stopped training's log")
+    bench.train("deepforest", row, variant, 0, out)
+    assert len(trainings) == 2 and "--resume" in trainings[-1]
+    assert (out / "log.txt").is_file(), "the run folder was emptied"
+
+
 def test_a_run_folder_of_an_earlier_config_is_trained_anew(tmp_path, monkeypatch):
     """The config's resolved content is part of a run's command: after a config change (a
     GroupNorm added to a head), its interrupted run starts over instead of loading the old

@@ -821,9 +821,8 @@ class Benchmark:
             if same and finished(out / "metrics.json", max_iter):
                 print(f"[benchmark] {out} finished training earlier: reading it", flush=True)
                 return command, train_opts, None
-            # of another command, or stopped in the evaluation after its last step: train again
-            print(f"[benchmark] {out}: not a finished run of this command: training", flush=True)
-            shutil.rmtree(out)
+            # of another command: resumable() starts it over. Of this one, stopped in the
+            # evaluation after its last step: resuming model_final.pth only evaluates it
         if resumable(out, arguments):
             command.insert(2, "--resume")
         print(f"[benchmark] training {dataset} {row.name} {variant.name} seed {seed}", flush=True)
