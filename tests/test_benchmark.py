@@ -766,17 +766,24 @@ def test_a_finished_run_is_read_back_only_under_the_command_that_trained_it(tmp_
     assert "--resume" in trainings[-1]
 
 
-def test_a_run_stopped_in_its_final_evaluation_resumes_into_that_evaluation(
-    tmp_path, monkeypatch
-):
-    """model_final.pth written, the evaluation after it lost: the run is resumed (train_net.py
-    then evaluates model_final.pth and trains no step), not trained again from scratch."""
+def trained_retinanet_run(tmp_path, monkeypatch):
+    """DeepForest RetinaNet's first variant, seed 0, trained by :func:`finished_trainings`' fake
+    train_net.py: its list of commands, the Benchmark, the row, the variant and the run folder."""
     trainings = finished_trainings(monkeypatch)
     bench = benchmark.Benchmark(tmp_path / "results", tmp_path / "out")
     row = ROWS["retinanet"]
     variant = bench.sweep("deepforest", "retinanet")[0]
     out = bench.run_dir("deepforest", row.name, variant.name, 0)
     bench.train("deepforest", row, variant, 0, out)
+    return trainings, bench, row, variant, out
+
+
+def test_a_run_stopped_in_its_final_evaluation_resumes_into_that_evaluation(
+    tmp_path, monkeypatch
+):
+    """model_final.pth written, the evaluation after it lost: the run is resumed (train_net.py
+    then evaluates model_final.pth and trains no step), not trained again from scratch."""
+    trainings, bench, row, variant, out = trained_retinanet_run(tmp_path, monkeypatch)
     assert "--resume" not in trainings[-1]
 
     (out / "last_checkpoint").write_text("model_final.pth")
@@ -792,12 +799,7 @@ def test_a_run_folder_of_an_earlier_config_is_trained_anew(tmp_path, monkeypatch
     GroupNorm added to a head), its interrupted run starts over instead of loading the old
     checkpoint into the new model, and its finished run is trained again. A folder recorded
     before the digest was resumes on the rest of its command."""
-    trainings = finished_trainings(monkeypatch)
-    bench = benchmark.Benchmark(tmp_path / "results", tmp_path / "out")
-    row = ROWS["retinanet"]
-    variant = bench.sweep("deepforest", "retinanet")[0]
-    out = bench.run_dir("deepforest", row.name, variant.name, 0)
-    bench.train("deepforest", row, variant, 0, out)
+    trainings, bench, row, variant, out = trained_retinanet_run(tmp_path, monkeypatch)
     recorded = benchmark.recorded_command(out)
     digests = [a for a in recorded if a.startswith(benchmark.CONFIG_DIGEST_ARGUMENT)]
     digest = benchmark.config_digest("deepforest", row)
