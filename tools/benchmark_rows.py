@@ -162,6 +162,26 @@ ROWS = {
             parent="mimicdet", opts=("MODEL.MIMICDET.T_HEAD.BACKBONE", "separate_joint"),
             deploy=True, t_head=True, paper="ablation: shared vs separate backbone",
         ),
+        # the paper's S-head and T-head where the benchmark configs depart from it: the
+        # positives-first mining chosen on one-class DeepForest (which Fashion inherits), and the
+        # T-head's CPU-sized budget (64 samples, 128-channel convs; its 512-d fcs stay, as the
+        # S-head's regression feature that mimics them sets the deploy model's width)
+        Row(
+            "mimicdet_top_loss", "MimicDet, the paper's top-loss S-head mining",
+            "mimicdet_MNV2_FPN.yaml",
+            parent="mimicdet", opts=("MODEL.MIMICDET.S_HEAD.HARD_MINING", "top_loss"),
+            deploy=True, t_head=True, paper="ablation: S-head design",
+        ),
+        Row(
+            "mimicdet_paper_t_head", "MimicDet, T-head with the paper's 128 samples, 256 channels",
+            "mimicdet_MNV2_FPN.yaml",
+            parent="mimicdet",
+            opts=(
+                "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "128",
+                "MODEL.MIMICDET.T_HEAD.CONV_DIM", "256",
+            ),
+            deploy=True, t_head=True, paper="ablation: T-head design",
+        ),
         Row("retinanet", "RetinaNet", "retinanet_MNV2_FPN.yaml", key=ANCHOR_KEY,
             paper="one-stage"),
         Row(
