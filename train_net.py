@@ -137,8 +137,9 @@ class Trainer(DefaultTrainer):
 
 def setup_project_logger(output_dir):
     """default_setup sets up detectron2's and fvcore's loggers only: without this, this
-    project's messages (ImageNet weights loaded, teacher loaded, dataset checked, a lost
-    evaluation redone) would reach neither the console nor log.txt."""
+    project's info messages (ImageNet weights loaded, teacher loaded, dataset checked, a lost
+    evaluation redone) would reach neither the console nor log.txt, and its warnings only
+    stderr."""
     setup_logger(output_dir, distributed_rank=comm.get_rank(), name="mimicdet")
 
 

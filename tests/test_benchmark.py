@@ -792,6 +792,9 @@ def test_a_run_stopped_in_its_final_evaluation_resumes_into_that_evaluation(
     bench.train("deepforest", row, variant, 0, out)
     assert len(trainings) == 2 and "--resume" in trainings[-1]
     assert (out / "log.txt").is_file(), "the run folder was emptied"
+    # train_net.py records that evaluation one past the schedule (tests/test_train_net.py)
+    (out / "metrics.json").write_text(json.dumps({"iteration": 1201, "bbox/AP": 9.0}) + "\n")
+    assert benchmark.finished(out / "metrics.json", 1200)
 
 
 def test_a_run_folder_of_an_earlier_config_is_trained_anew(tmp_path, monkeypatch):

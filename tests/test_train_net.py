@@ -161,10 +161,12 @@ def test_a_resumed_training_evaluates_the_checkpoint_whose_evaluation_a_stop_los
         return test(cls, cfg, model, evaluators)
 
     run_step = train_net.Trainer.run_step
+    stepped = []
 
     def stoppable_run_step(self):
         if stop.get("step") == self.iter:
             raise _Stop
+        stepped.append(self.iter)
         run_step(self)
 
     monkeypatch.setattr(train_net.Trainer, "test", classmethod(stoppable_test))
@@ -187,11 +189,23 @@ def test_a_resumed_training_evaluates_the_checkpoint_whose_evaluation_a_stop_los
     with open(os.path.join(out, "log.txt")) as f:  # the project's logger reaches log.txt
         assert "Evaluating the checkpoint of iteration 3" in f.read()
 
-    # resumed from the same checkpoint, whose evaluation is recorded now: none again
+    # resumed from the same checkpoint, whose evaluation is recorded now: none again; then
+    # stopped in the evaluation after training, once model_final.pth is written
     evaluated_at.clear()
     stop.clear()
+    stop.update(evaluation=1)
+    with pytest.raises(_Stop):
+        _run(["--config-file", YAML, "--resume"] + opts)
+    assert evaluated_at == [6] and _evaluated_iterations(out) == [1, 3]
+    assert os.path.isfile(os.path.join(out, "model_final.pth"))
+
+    # resumed from model_final.pth: no step, only the final evaluation, which lands one further
+    # on (detectron2 counts the empty training loop as a step); tools/benchmark.py relies on it
+    evaluated_at.clear()
+    stepped.clear()
+    stop.clear()
     _run(["--config-file", YAML, "--resume"] + opts)
-    assert evaluated_at == [6] and _evaluated_iterations(out) == [1, 3, 6]
+    assert stepped == [] and evaluated_at == [7] and _evaluated_iterations(out) == [1, 3, 7]
 
 
 def test_an_unknown_config_key_fails_with_its_name(tmp_path):

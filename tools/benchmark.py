@@ -821,8 +821,9 @@ class Benchmark:
             if same and finished(out / "metrics.json", max_iter):
                 print(f"[benchmark] {out} finished training earlier: reading it", flush=True)
                 return command, train_opts, None
-            # of another command: resumable() starts it over. Of this one, stopped in the
-            # evaluation after its last step: resuming model_final.pth only evaluates it
+            # of another command, or unrecorded: resumable() starts it over. Of this one,
+            # stopped in the evaluation after its last step: resuming model_final.pth only
+            # evaluates it
         if resumable(out, arguments):
             command.insert(2, "--resume")
         print(f"[benchmark] training {dataset} {row.name} {variant.name} seed {seed}", flush=True)

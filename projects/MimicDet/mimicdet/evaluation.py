@@ -22,8 +22,9 @@ logger = logging.getLogger(__name__)
 
 def has_evaluation(metrics_file, iteration):
     """Whether detectron2's metrics.json (a JSON record per line) holds an evaluation recorded at
-    ``iteration``. A line a killed process left half-written counts as no record: the caller then
-    evaluates again, which loses nothing."""
+    ``iteration``. A line a killed process left half-written counts as no record, so the caller
+    evaluates again. Any record counts, also one of an earlier training into the same folder that
+    was not resumed (detectron2 appends to the file): start a new training in a new folder."""
     if not os.path.isfile(metrics_file):
         return False
     with open(metrics_file) as f:
@@ -31,6 +32,8 @@ def has_evaluation(metrics_file, iteration):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
+                continue
+            if not isinstance(record, dict):
                 continue
             if record.get("iteration") == iteration and any(
                 key == EVALUATION_KEY or key.endswith("/" + EVALUATION_KEY) for key in record
@@ -42,7 +45,8 @@ def has_evaluation(metrics_file, iteration):
 class EvaluateResumedCheckpoint(HookBase):
     """
     On a resumed training, evaluates the checkpoint it resumes from if that checkpoint's periodic
-    evaluation never reached ``metrics_file``; put it before detectron2's ``EvalHook``.
+    evaluation never reached ``metrics_file``. Every process registers it, since every process
+    takes part in an evaluation.
 
     detectron2 writes a periodic checkpoint before the evaluation of the same iteration, and its
     ``EvalHook`` evaluates after training steps only: a process stopped between the two resumes
