@@ -33,13 +33,15 @@ def fake_result(results, dataset, row, variant, seed, ap, curve=None, max_iter=1
     return result
 
 
-def test_read_metrics_keeps_the_curve_the_final_evaluation_and_the_step_time(tmp_path):
+def test_read_metrics_keeps_the_curve_the_final_evaluation_and_the_step_time(
+    tmp_path, monkeypatch
+):
     metrics = tmp_path / "metrics.json"
     records = [
-        {"iteration": 19, "time": 9.0, "total_loss": 3.0},
-        {"iteration": 59, "time": 2.0, "total_loss": 2.0},
+        {"iteration": 19, "time": 9.0, "total_loss": 3.0, "loss_cls": 2.0, "s/num_fg": 9.0},
+        {"iteration": 59, "time": 2.0, "total_loss": 2.0, "loss_cls": 1.5, "s/num_fg": 7.0},
         {"iteration": 99, "bbox/AP": 10.0, "bbox/AP50": 30.0},
-        {"iteration": 99, "time": 4.0, "total_loss": 1.0},
+        {"iteration": 99, "time": 4.0, "total_loss": 1.0, "loss_cls": 0.5, "s/num_fg": 5.0},
         {"iteration": 199, "time": 3.0},
         # the evaluation after training: logged at iteration max_iter, one past the last step
         {"iteration": 200, "bbox/AP": 12.0, "bbox/AP50": 33.0, "bbox/AP75": 8.0, "bbox/APs": 1.0},
@@ -52,6 +54,10 @@ def test_read_metrics_keeps_the_curve_the_final_evaluation_and_the_step_time(tmp
     )
     assert got["train_s_per_iter"] == 3.0  # the 9 s warm-up step is left out
     assert got["loss_curve"] == [[20, 3.0], [60, 2.0], [100, 1.0]]
+    # each loss term and sample count over the last training records (not time, lr or AP)
+    monkeypatch.setattr(benchmark, "END_OF_TRAINING_RECORDS", 2)
+    got = benchmark.read_metrics(metrics, warmup_iters=50, max_iter=200)
+    assert got["end_of_training"] == {"loss_cls": 1.0, "s/num_fg": 6.0}
 
 
 def test_every_row_gets_the_same_schedule_scaled_from_its_config():

@@ -66,6 +66,9 @@ CUDA_LOADER_WORKERS = 4
 SMOKE_ITERS, SMOKE_LR = 3, 0.005  # detectron2 times the steps from the third on
 # AP below this at the end of training: the run did not learn (flagged, never averaged in)
 LEARNED_MIN_AP = 1.0
+# the training records (every 20 iterations) whose median read_metrics keeps per loss term and
+# sample count: the last 200 iterations, after the last learning-rate step
+END_OF_TRAINING_RECORDS = 10
 FINAL_KEYS = {
     "AP": "bbox/AP", "AP50": "bbox/AP50", "AP75": "bbox/AP75",
     "APs": "bbox/APs", "APm": "bbox/APm", "APl": "bbox/APl",
@@ -269,11 +272,13 @@ def seed_opts(row, seed, output_dir):
 def read_metrics(metrics_file, warmup_iters, max_iter=None):
     """
     From detectron2's metrics.json (a JSON record per line): the final evaluation, the curve of
-    every periodic one ``[[iteration, AP, AP50], ...]``, the loss curve and the median seconds
-    per iteration after ``warmup_iters``.
+    every periodic one ``[[iteration, AP, AP50], ...]``, the loss curve, the median seconds per
+    iteration after ``warmup_iters``, and each loss term and sample count at the end of training
+    (the median of its last :data:`END_OF_TRAINING_RECORDS` records): what the heads trained on,
+    kept after the run folder is gone.
     """
     records = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line]
-    curve, losses, times, final = [], [], [], {}
+    curve, losses, times, final, trained = [], [], [], {}, []
     for r in records:
         if "bbox/AP" in r:
             # iterations done; the evaluation after training is logged one past the last step
@@ -282,17 +287,23 @@ def read_metrics(metrics_file, warmup_iters, max_iter=None):
             final = {k: r.get(v) for k, v in FINAL_KEYS.items()}
         if "total_loss" in r:
             losses.append([r["iteration"] + 1, r["total_loss"]])
+            trained.append(r)
         if "time" in r and r.get("iteration", 0) >= warmup_iters:
             times.append(r["time"])
     if not times:  # a run shorter than the warm-up
         times = [r["time"] for r in records if "time" in r]
     # a resumed training re-evaluates nothing twice, but keep one point per iteration anyway
     curve = sorted({c[0]: c for c in curve}.values())
+    end = trained[-END_OF_TRAINING_RECORDS:]
+    terms = sorted({k for r in end for k in r if k.startswith("loss_") or "/num_" in k})
     return {
         "final": final,
         "curve": curve,
         "loss_curve": losses,
         "train_s_per_iter": statistics.median(times) if times else None,
+        "end_of_training": {
+            k: statistics.median(r[k] for r in end if k in r) for k in terms
+        },
     }
 
 
