@@ -172,39 +172,39 @@ def test_a_resumed_training_evaluates_the_checkpoint_whose_evaluation_a_stop_los
     monkeypatch.setattr(train_net.Trainer, "test", classmethod(stoppable_test))
     monkeypatch.setattr(train_net.Trainer, "run_step", stoppable_run_step)
 
+    def train(resume, **stop_at):
+        """train_net.main, stopped where ``stop_at`` says (``evaluation=k``: in this run's k-th
+        evaluation, ``step=i``: in step i), recording this run's evaluations and steps."""
+        evaluated_at.clear()
+        stepped.clear()
+        stop.clear()
+        stop.update(stop_at)
+        argv = ["--config-file", YAML] + (["--resume"] if resume else []) + opts
+        if not stop_at:
+            return _run(argv)
+        with pytest.raises(_Stop):
+            _run(argv)
+
     # stopped in the evaluation after iteration 3, whose checkpoint is written
-    stop.update(evaluation=2)
-    with pytest.raises(_Stop):
-        _run(["--config-file", YAML] + opts)
+    train(resume=False, evaluation=2)
     assert os.path.isfile(os.path.join(out, "model_0000003.pth"))
     assert evaluated_at == [1, 3] and _evaluated_iterations(out) == [1]
 
     # resumed: the lost evaluation comes first, under its iteration; then stopped in step 4
-    evaluated_at.clear()
-    stop.clear()
-    stop.update(step=4)
-    with pytest.raises(_Stop):
-        _run(["--config-file", YAML, "--resume"] + opts)
+    train(resume=True, step=4)
     assert evaluated_at == [3] and _evaluated_iterations(out) == [1, 3]
     with open(os.path.join(out, "log.txt")) as f:  # the project's logger reaches log.txt
         assert "Evaluating the checkpoint of iteration 3" in f.read()
 
     # resumed from the same checkpoint, whose evaluation is recorded now: none again; then
     # stopped in the evaluation after training, once model_final.pth is written
-    evaluated_at.clear()
-    stop.clear()
-    stop.update(evaluation=1)
-    with pytest.raises(_Stop):
-        _run(["--config-file", YAML, "--resume"] + opts)
+    train(resume=True, evaluation=1)
     assert evaluated_at == [6] and _evaluated_iterations(out) == [1, 3]
     assert os.path.isfile(os.path.join(out, "model_final.pth"))
 
     # resumed from model_final.pth: no step, only the final evaluation, which lands one further
     # on (detectron2 counts the empty training loop as a step); tools/benchmark.py relies on it
-    evaluated_at.clear()
-    stepped.clear()
-    stop.clear()
-    _run(["--config-file", YAML, "--resume"] + opts)
+    train(resume=True)
     assert stepped == [] and evaluated_at == [7] and _evaluated_iterations(out) == [1, 3, 7]
 
 
