@@ -258,3 +258,44 @@ def test_lazyconfig_resume_restores_weights_optimizer_and_iteration(
     # the last training record is the resumed schedule's last iteration (evaluation, after
     # training, writes a record of its own)
     assert [r["iteration"] for r in records if "total_loss" in r][-1] == 5
+
+
+@pytest.mark.slow
+def test_a_resumed_lazyconfig_training_evaluates_the_checkpoint_whose_evaluation_a_stop_lost(
+    tmp_path, tiny_coco, monkeypatch
+):
+    name = tiny_coco("mimicdet_tiny_lazy_lost_eval")
+    out = str(tmp_path / "out")
+    # a checkpoint and an evaluation after iteration 1; the evaluation after training is
+    # recorded one past the last step, under 4
+    opts = _lazy_opts(name, out) + [
+        "train.max_iter=4",
+        "train.eval_period=2",
+        "train.checkpointer.period=2",
+    ]
+    evaluated_at, stop = [], {}
+    do_test_lazy = train_net.do_test_lazy
+
+    def stoppable_test(cfg, model):
+        from detectron2.utils.events import get_event_storage
+
+        evaluated_at.append(get_event_storage().iter)
+        if stop.get("evaluation") == len(evaluated_at):
+            raise _Stop
+        return do_test_lazy(cfg, model)
+
+    # the hooks' lambdas look do_test_lazy up in train_net when they run
+    monkeypatch.setattr(train_net, "do_test_lazy", stoppable_test)
+
+    # stopped in the evaluation after iteration 1, whose checkpoint is written
+    stop["evaluation"] = 1
+    with pytest.raises(_Stop):
+        _run(["--config-file", LAZY] + opts)
+    assert os.path.isfile(os.path.join(out, "model_0000001.pth"))
+    assert evaluated_at == [1] and _evaluated_iterations(out) == []
+
+    # resumed: the lost evaluation first, recorded under its iteration, then the rest
+    evaluated_at.clear()
+    stop.clear()
+    _run(["--config-file", LAZY, "--resume"] + opts)
+    assert evaluated_at == [1, 4] and _evaluated_iterations(out) == [1, 4]
