@@ -288,7 +288,7 @@ def test_the_mixed_heads_gain_is_over_the_s_head_of_the_runs_scored_so(tmp_path)
         "seeds": [1], "s_head_AP": 48.0, "t_classes_s_boxes": 52.0, "s_classes_t_boxes": 49.5
     }  # fmt: skip
     # T classes on S boxes gains 4.0 over seed 1's S-head (48.0), not over the row's 49.0
-    line = "| MimicDet | 1, 2 | 49.0 | 55.0 | +6.0 | 52.0 (+4.0, seeds 1) | 49.5 (+1.5, seeds 1) |"
+    line = "| MimicDet | 1, 2 | 49.0 | 55.0 | +6.0 | 52.0 (+4.0, seed 1) | 49.5 (+1.5, seed 1) |"
     assert line in (tmp_path / "fashion_scenes.md").read_text()
 
 

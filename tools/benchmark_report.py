@@ -449,7 +449,8 @@ def mixed_cells(heads):
         return ["–"] * len(MIXED_HEADS)
     seeds = ""
     if mixed["seeds"] != heads["seeds"]:
-        seeds = f", seeds {', '.join(map(str, mixed['seeds']))}"
+        word = "seed" if len(mixed["seeds"]) == 1 else "seeds"
+        seeds = f", {word} {', '.join(map(str, mixed['seeds']))}"
     cells = []
     for name in MIXED_HEADS:
         ap, s_ap = mixed[name], mixed["s_head_AP"]
