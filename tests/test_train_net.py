@@ -132,6 +132,21 @@ class _Stop(Exception):
     """A simulated stop of the training process."""
 
 
+def _stop_in_evaluation(evaluate, evaluated_at, stop):
+    """``evaluate``, recording the iteration each call is recorded under in ``evaluated_at`` and
+    raising _Stop in the k-th call when ``stop["evaluation"]`` is k."""
+
+    def stoppable(*args, **kwargs):
+        from detectron2.utils.events import get_event_storage
+
+        evaluated_at.append(get_event_storage().iter)
+        if stop.get("evaluation") == len(evaluated_at):
+            raise _Stop
+        return evaluate(*args, **kwargs)
+
+    return stoppable
+
+
 def _evaluated_iterations(out):
     with open(os.path.join(out, "metrics.json")) as f:
         records = [json.loads(line) for line in f if line.strip()]
@@ -150,16 +165,7 @@ def test_a_resumed_training_evaluates_the_checkpoint_whose_evaluation_a_stop_los
     opts += ["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "2"]
 
     evaluated_at, stop = [], {}  # the iteration each evaluation is recorded under
-    test = train_net.Trainer.test.__func__
-
-    def stoppable_test(cls, cfg, model, evaluators=None):
-        from detectron2.utils.events import get_event_storage
-
-        evaluated_at.append(get_event_storage().iter)
-        if stop.get("evaluation") == len(evaluated_at):
-            raise _Stop
-        return test(cls, cfg, model, evaluators)
-
+    stoppable_test = _stop_in_evaluation(train_net.Trainer.test.__func__, evaluated_at, stop)
     run_step = train_net.Trainer.run_step
     stepped = []
 
@@ -274,17 +280,8 @@ def test_a_resumed_lazyconfig_training_evaluates_the_checkpoint_whose_evaluation
         "train.checkpointer.period=2",
     ]
     evaluated_at, stop = [], {}
-    do_test_lazy = train_net.do_test_lazy
-
-    def stoppable_test(cfg, model):
-        from detectron2.utils.events import get_event_storage
-
-        evaluated_at.append(get_event_storage().iter)
-        if stop.get("evaluation") == len(evaluated_at):
-            raise _Stop
-        return do_test_lazy(cfg, model)
-
     # the hooks' lambdas look do_test_lazy up in train_net when they run
+    stoppable_test = _stop_in_evaluation(train_net.do_test_lazy, evaluated_at, stop)
     monkeypatch.setattr(train_net, "do_test_lazy", stoppable_test)
 
     # stopped in the evaluation after iteration 1, whose checkpoint is written
