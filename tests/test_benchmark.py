@@ -408,6 +408,30 @@ def test_a_report_and_a_pack_of_no_run_at_all_are_empty_not_an_error(tmp_path):
     assert benchmark.pack_runs(empty, tmp_path / "runs.json") == {}
 
 
+def test_the_report_is_dated_by_its_newest_run_so_writing_it_again_changes_no_file(tmp_path):
+    """The lanes write the report after every stage, also one whose runs were all done: the
+    README and MODEL_ZOO.md must then stay as committed, dated like the tables they show."""
+    for dataset, date in (("deepforest", "2026-12-01 10:00 UTC"), ("fashion_scenes", None)):
+        steps = DATASETS[dataset].max_iter
+        result = fake_result(tmp_path, dataset, "retinanet", "lr0.005", 1, 8.0, max_iter=steps)
+        result["date"] = date or "2026-12-03 09:30 UTC"
+        benchmark.result_path(tmp_path, dataset, "retinanet", "lr0.005", 1).write_text(
+            json.dumps(result)
+        )
+    readme, zoo = tmp_path / "README.md", tmp_path / "MODEL_ZOO.md"
+    readme.write_text("<!-- benchmark-table -->\n<!-- /benchmark-table -->\n")
+    zoo.write_text(f"{benchmark_report.ZOO_START}\n{benchmark_report.ZOO_END}\n")
+    outputs = (readme, zoo, tmp_path / "results.json", tmp_path / "fashion_scenes.md")
+
+    summary = benchmark_report.write_report(tmp_path, readme=readme, model_zoo=zoo)
+    assert summary["date"] == "2026-12-03 09:30 UTC"  # the newest run of either dataset
+    assert all("2026-12-03 09:30 UTC" in path.read_text() for path in outputs)
+    assert "2026-12-01 10:00 UTC" in (tmp_path / "deepforest.md").read_text()
+    first = [path.read_bytes() for path in outputs]
+    benchmark_report.write_report(tmp_path, readme=readme, model_zoo=zoo)
+    assert [path.read_bytes() for path in outputs] == first
+
+
 def test_a_runs_code_version_is_dirty_for_code_changes_not_for_the_benchmarks_outputs(
     tmp_path, monkeypatch
 ):

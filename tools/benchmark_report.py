@@ -696,14 +696,19 @@ def read_json_if_any(path):
 def write_report(results, date=None, readme=None, model_zoo=None, max_iters=None):
     """Writes the report files for every dataset with committed runs of its schedule
     (``max_iters``, {dataset: iterations}; by default benchmark_rows.DATASETS') and the table in
-    ``readme`` and the models in ``model_zoo``, if given; returns the summary."""
+    ``readme`` and the models in ``model_zoo``, if given; returns the summary. Each file is dated
+    by the newest run or timing it reports (``date`` where there is none, and for the README and
+    MODEL_ZOO.md where it is given), so that writing the report again over the same runs changes
+    no file: the benchmark writes it after every stage, and a stage that finds its runs done
+    must leave the working tree as it was."""
     import datetime
 
     results = Path(results)
-    date = date or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     max_iters = max_iters or {name: d.max_iter for name, d in DATASETS.items()}
     all_runs = load_runs(results, max_iters)
     summary = {"command": "python tools/benchmark.py --report", "date": date, "datasets": {}}
+    dataset_dates = []
     for dataset, runs in all_runs.items():
         rows = {n: s for n in ROWS if n in runs and (s := summarize(runs, n)) is not None}
         # the re-timing passes (--retime, --retime-training), where they ran
@@ -725,7 +730,8 @@ def write_report(results, date=None, readme=None, model_zoo=None, max_iters=None
         # dated by its newest run or timing, so that another dataset's run leaves it unchanged
         dates = [r.get("date") for v in runs.values() for s in v.values() for r in s.values()]
         dates += [(t or {}).get("date") for t in (timing, train_timing)]
-        dataset_date = max([d for d in dates if d], default=date)
+        dataset_date = max([d for d in dates if d], default=date or now)
+        dataset_dates.append(dataset_date)
         (results / f"{dataset}.md").write_text(
             markdown(
                 dataset, rows, sweeps, dataset_date, timing, references, goals, train_timing,
@@ -735,11 +741,12 @@ def write_report(results, date=None, readme=None, model_zoo=None, max_iters=None
         plot_curves(results / f"{dataset}_ap_curves.png", dataset, runs, rows)
         plot_speed_accuracy(results / f"{dataset}_speed_accuracy.png", dataset, rows)
         plot_tuning(results / f"{dataset}_tuning_curves.png", dataset, runs)
+    summary["date"] = date or max(dataset_dates, default=now)
     summary = json.loads(json.dumps(summary), parse_constant=lambda constant: None)  # nan: null
     results.mkdir(parents=True, exist_ok=True)  # a time-boxed GPU run may have finished none
     (results / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     if readme is not None:
         update_readme(readme, summary)
     if model_zoo is not None:
-        update_model_zoo(model_zoo, all_runs, date)
+        update_model_zoo(model_zoo, all_runs, summary["date"])
     return summary
