@@ -224,3 +224,42 @@ def test_evaluate_teacher_scores_both_heads_and_their_mixes_and_refuses_a_deploy
 
     with pytest.raises(SystemExit, match="no T-head weights"):
         evaluate_teacher(args + opts + ["MODEL.WEIGHTS", deploy])
+
+
+def test_mimic_agreement_measures_both_paths_of_a_checkpoint_trained_without_mimicking(
+    tmp_path, tiny_coco, tiny_opts
+):
+    """The same seed gives the same pairs, so two checkpoints compare on the same boxes; a
+    no-mimicking checkpoint is measured on both paths; a deploy checkpoint is refused."""
+    from convert_to_deploy import convert
+    from mimic_agreement import main as mimic_agreement
+
+    name = tiny_coco("mimicdet_tiny_agreement")
+    yaml = str(REPO / "configs" / "COCO-Detection" / "mimicdet_R_50_FPN_1x.yaml")
+    cfg = get_mimicdet_cfg(yaml, tiny_opts + ["MODEL.MIMICDET.MIMIC.ENABLED", "False"])
+    full, deploy = str(tmp_path / "model_final.pth"), str(tmp_path / "model_deploy.pth")
+    torch.save({"model": build_model(cfg).state_dict()}, full)
+    convert(full, deploy)
+    opts = tiny_opts + [
+        "MODEL.MIMICDET.MIMIC.ENABLED", "False",
+        "DATASETS.TRAIN", f"('{name}',)",
+        "DATALOADER.NUM_WORKERS", "0",
+        "SOLVER.IMS_PER_BATCH", "2",
+        "INPUT.MIN_SIZE_TRAIN", "(96,)",
+        "INPUT.MAX_SIZE_TRAIN", "96",
+    ]  # fmt: skip
+    args = ["--config-file", yaml, "--batches", "2", "--output", str(tmp_path / "a.json")]
+
+    result = mimic_agreement(args + opts + ["MODEL.WEIGHTS", full])
+    assert 0.0 <= result["loss_mimic_cls"] <= 2.0 and 0.0 <= result["loss_mimic_reg"] <= 2.0
+    assert 0 < result["pairs"] <= 2 * cfg.MODEL.MIMICDET.MIMIC.NUM_PER_IMAGE
+    for head in ("s", "t"):
+        assert 0.0 <= result[f"{head}_prob_of_background_negatives"] <= 1.0
+        assert result[f"{head}_logit_norm"] > 0.0
+    assert json.loads((tmp_path / "a.json").read_text()) == pytest.approx(result)
+    assert mimic_agreement(args + opts + ["MODEL.WEIGHTS", full]) == pytest.approx(result)
+    other_seed = mimic_agreement(args + ["--seed", "1"] + opts + ["MODEL.WEIGHTS", full])
+    assert other_seed != pytest.approx(result)
+
+    with pytest.raises(SystemExit, match="no T-head weights"):
+        mimic_agreement(args + opts + ["MODEL.WEIGHTS", deploy])

@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""
+How closely a MimicDet checkpoint's S-head follows its T-head on the pairs that mimicking
+compares: the T-head's sampled refined boxes, up to ``MIMIC.NUM_PER_IMAGE`` per image, with the
+S-head read at each box's anchor location. For a few batches of the config's train split, run
+through the training forward without a gradient, it reports the two cosine mimic losses and,
+beside them, what each head's softmax gives a positive box's label and a negative box's
+background, and the norms of the two heads' class logits. Mimicking is switched on for the
+measurement on both paths whatever the config says, so that a checkpoint trained without it is
+measured on the same pairs; the losses are only read, never applied. With the same ``--seed``
+two checkpoints see the same images, augmentations and sampled boxes as far as their refined
+boxes agree.
+
+    python tools/mimic_agreement.py --config-file configs/FashionScenes/mimicdet_MNV2_FPN.yaml \\
+        --batches 10 MODEL.WEIGHTS output/fashion_scenes/mimicdet_MNV2_FPN/model_final.pth
+"""
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data.samplers import TrainingSampler
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import EventStorage
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "projects" / "MimicDet"))
+sys.path.insert(0, str(REPO / "tools"))
+
+import mimicdet.modeling.meta_arch as meta_arch  # noqa: E402
+from evaluate_teacher import load_full_model  # noqa: E402
+from mimicdet import get_mimicdet_cfg  # noqa: E402
+
+
+def pair_statistics(boxes, student_cls_logits, student_reg_feats, losses):
+    """The measures of one step's mimicked pairs (``dual_path_mimic_losses``'s arguments and
+    result): the mimic losses, the heads' softmax on the pairs' labels, the logits' norms."""
+    student = torch.cat([s[b.anchor_index] for s, b in zip(student_cls_logits, boxes)])
+    teacher = torch.cat([b.teacher_cls_logits for b in boxes])
+    labels = torch.cat([b.gt_classes for b in boxes])
+    background = student.shape[1] - 1
+    positive = labels < background
+    stats = {name: loss.item() for name, loss in losses.items()}
+    for head, logits in (("s", student), ("t", teacher)):
+        probs = F.softmax(logits.float(), dim=1)
+        stats[f"{head}_prob_of_label_positives"] = probs[positive, labels[positive]].mean().item()
+        stats[f"{head}_prob_of_background_negatives"] = probs[~positive, background].mean().item()
+        stats[f"{head}_logit_norm"] = logits.float().norm(dim=1).mean().item()
+    stats.update(pairs=len(student), positive_pairs=int(positive.sum()))
+    return stats
+
+
+@contextlib.contextmanager
+def recording_mimic_pairs():
+    """Within it, every training step of a MimicDet model appends its pairs' measures to the
+    yielded list (the model calls ``dual_path_mimic_losses`` once per step)."""
+    records, original = [], meta_arch.dual_path_mimic_losses
+
+    def recording(boxes, student_cls_logits, student_reg_feats, *args, **kwargs):
+        losses = original(boxes, student_cls_logits, student_reg_feats, *args, **kwargs)
+        records.append(pair_statistics(boxes, student_cls_logits, student_reg_feats, losses))
+        return losses
+
+    meta_arch.dual_path_mimic_losses = recording
+    try:
+        yield records
+    finally:
+        meta_arch.dual_path_mimic_losses = original
+
+
+def measure(cfg, batches, seed=0):
+    """Means of :func:`pair_statistics` over ``batches`` training batches of ``cfg``'s model,
+    loaded from ``cfg.MODEL.WEIGHTS``."""
+    if not cfg.MODEL.MIMICDET.T_HEAD.ENABLED:
+        raise SystemExit("MODEL.MIMICDET.T_HEAD.ENABLED is False: there is no teacher to compare")
+    seed_all_rng(seed)
+    model = load_full_model(cfg)
+    model.train()  # the training forward is what samples and pairs the boxes
+    dataset = get_detection_dataset_dicts(
+        cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+    )
+    loader = build_detection_train_loader(
+        cfg, dataset=dataset, sampler=TrainingSampler(len(dataset), seed=seed)
+    )
+    with recording_mimic_pairs() as records, EventStorage(), torch.no_grad():
+        for _, batch in zip(range(batches), loader):
+            model(batch)
+    if not records:
+        raise SystemExit(f"no mimicked pairs in {batches} batches of {cfg.DATASETS.TRAIN}")
+    return {key: sum(r[key] for r in records) / len(records) for key in records[0]}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", required=True, help="a MimicDet yaml config")
+    parser.add_argument("--batches", type=int, default=10, help="training batches to measure")
+    parser.add_argument("--seed", type=int, default=0, help="images, augmentation and sampling")
+    parser.add_argument("--output", help="also write the results to this JSON file")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
+    args = parser.parse_args(argv)
+
+    # both paths measured, whichever the checkpoint trained with
+    on = ["MODEL.MIMICDET.MIMIC.ENABLED", "True", "MODEL.MIMICDET.MIMIC.PATHS", "['cls', 'reg']"]
+    cfg = get_mimicdet_cfg(args.config_file, args.opts + on)
+    cfg.freeze()
+    result = {"weights": cfg.MODEL.WEIGHTS, "batches": args.batches, "seed": args.seed}
+    result.update(measure(cfg, args.batches, args.seed))
+    print(json.dumps(result, indent=1))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
