@@ -256,10 +256,11 @@ def test_mimic_agreement_measures_both_paths_of_a_checkpoint_trained_without_mim
     for head in ("s", "t"):
         assert 0.0 <= result[f"{head}_prob_of_background_negatives"] <= 1.0
         assert result[f"{head}_logit_norm"] > 0.0
-    assert json.loads((tmp_path / "a.json").read_text()) == pytest.approx(result)
-    assert mimic_agreement(args + opts + ["MODEL.WEIGHTS", full]) == pytest.approx(result)
-    other_seed = mimic_agreement(args + ["--seed", "1"] + opts + ["MODEL.WEIGHTS", full])
-    assert other_seed != pytest.approx(result)
+    # a random model may refine no box onto an object: no label probability (NaN) then
+    same = pytest.approx(result, nan_ok=True)
+    assert json.loads((tmp_path / "a.json").read_text()) == same
+    assert mimic_agreement(args + opts + ["MODEL.WEIGHTS", full]) == same
+    assert mimic_agreement(args + ["--seed", "1"] + opts + ["MODEL.WEIGHTS", full]) != same
 
     with pytest.raises(SystemExit, match="no T-head weights"):
         mimic_agreement(args + opts + ["MODEL.WEIGHTS", deploy])

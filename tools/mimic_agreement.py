@@ -18,6 +18,7 @@ boxes agree.
 import argparse
 import contextlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -92,7 +93,14 @@ def measure(cfg, batches, seed=0):
             model(batch)
     if not records:
         raise SystemExit(f"no mimicked pairs in {batches} batches of {cfg.DATASETS.TRAIN}")
-    return {key: sum(r[key] for r in records) / len(records) for key in records[0]}
+    return {key: mean_over_batches(records, key) for key in records[0]}
+
+
+def mean_over_batches(records, key):
+    """The mean of ``key`` over the batches that measured it: a batch without a positive pair has
+    no label probability to give (NaN), and the result is NaN only if no batch had one."""
+    values = [r[key] for r in records if not math.isnan(r[key])]
+    return sum(values) / len(values) if values else math.nan
 
 
 def main(argv=None):
