@@ -36,12 +36,13 @@ sys.path.insert(0, str(REPO / "tools"))
 import mimicdet.modeling.meta_arch as meta_arch  # noqa: E402
 from evaluate_teacher import load_full_model  # noqa: E402
 from mimicdet import get_mimicdet_cfg  # noqa: E402
+from mimicdet.modeling.mimic_loss import student_at_anchors  # noqa: E402
 
 
 def pair_statistics(boxes, student_cls_logits, student_reg_feats, losses):
     """The measures of one step's mimicked pairs (``dual_path_mimic_losses``'s arguments and
     result): the mimic losses, the heads' softmax on the pairs' labels, the logits' norms."""
-    student = torch.cat([s[b.anchor_index] for s, b in zip(student_cls_logits, boxes)])
+    student = student_at_anchors(student_cls_logits, boxes)
     teacher = torch.cat([b.teacher_cls_logits for b in boxes])
     labels = torch.cat([b.gt_classes for b in boxes])
     background = student.shape[1] - 1

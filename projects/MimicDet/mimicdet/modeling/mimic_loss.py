@@ -8,7 +8,12 @@ from detectron2.layers import cat, nonzero_tuple
 from detectron2.structures import Instances
 from torch import Tensor
 
-__all__ = ["cosine_mimic_loss", "sample_mimic_boxes", "dual_path_mimic_losses"]
+__all__ = [
+    "cosine_mimic_loss",
+    "sample_mimic_boxes",
+    "student_at_anchors",
+    "dual_path_mimic_losses",
+]
 
 # the Instances field that holds the T-head's side of each path
 _TEACHER_FIELDS = {"cls": "teacher_cls_logits", "reg": "teacher_reg_feats"}
@@ -43,6 +48,12 @@ def sample_mimic_boxes(instances: List[Instances], num_per_image: int) -> List[I
     return out
 
 
+def student_at_anchors(student: Tensor, boxes: List[Instances]) -> Tensor:
+    """The S-head's side of the pairs: ``student`` ``(N, R, D)`` read at each box's original
+    anchor location (``anchor_index``), image by image, ``(sum Mi, D)``."""
+    return cat([s[b.anchor_index] for s, b in zip(student, boxes)])
+
+
 def dual_path_mimic_losses(
     boxes: List[Instances],
     student_cls_logits: Tensor,
@@ -68,7 +79,7 @@ def dual_path_mimic_losses(
     students = {"cls": student_cls_logits, "reg": student_reg_feats}
     losses = {}
     for path in paths:
-        student = cat([s[b.anchor_index] for s, b in zip(students[path], boxes)])
+        student = student_at_anchors(students[path], boxes)
         teacher = cat([b.get(_TEACHER_FIELDS[path]) for b in boxes])
         if detach_teacher:
             teacher = teacher.detach()
