@@ -33,15 +33,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "projects" / "MimicDet"))
 sys.path.insert(0, str(REPO / "tools"))
 
-import mimicdet.modeling.meta_arch as meta_arch  # noqa: E402
 from evaluate_teacher import load_full_model  # noqa: E402
 from mimicdet import get_mimicdet_cfg  # noqa: E402
 from mimicdet.modeling.mimic_loss import student_at_anchors  # noqa: E402
 
 
 def pair_statistics(boxes, student_cls_logits, student_reg_feats, losses):
-    """The measures of one step's mimicked pairs (``dual_path_mimic_losses``'s arguments and
-    result): the mimic losses, the heads' softmax on the pairs' labels, the logits' norms."""
+    """The measures of one step's mimicked pairs (``DualPathMimicLoss``'s arguments and result):
+    the mimic losses, the heads' softmax on the pairs' labels, the logits' norms."""
     student = student_at_anchors(student_cls_logits, boxes)
     teacher = torch.cat([b.teacher_cls_logits for b in boxes])
     labels = torch.cat([b.gt_classes for b in boxes])
@@ -58,21 +57,19 @@ def pair_statistics(boxes, student_cls_logits, student_reg_feats, losses):
 
 
 @contextlib.contextmanager
-def recording_mimic_pairs():
-    """Within it, every training step of a MimicDet model appends its pairs' measures to the
-    yielded list (the model calls ``dual_path_mimic_losses`` once per step)."""
-    records, original = [], meta_arch.dual_path_mimic_losses
+def recording_mimic_pairs(model):
+    """Within it, every training step of ``model`` (a MimicDet with mimicking on) appends its
+    pairs' measures to the yielded list, read by a forward hook on ``model.mimic_loss``."""
+    records = []
 
-    def recording(boxes, student_cls_logits, student_reg_feats, *args, **kwargs):
-        losses = original(boxes, student_cls_logits, student_reg_feats, *args, **kwargs)
-        records.append(pair_statistics(boxes, student_cls_logits, student_reg_feats, losses))
-        return losses
+    def record(module, args, losses):
+        records.append(pair_statistics(*args, losses))
 
-    meta_arch.dual_path_mimic_losses = recording
+    handle = model.mimic_loss.register_forward_hook(record)
     try:
         yield records
     finally:
-        meta_arch.dual_path_mimic_losses = original
+        handle.remove()
 
 
 def measure(cfg, batches, seed=0):
@@ -89,7 +86,7 @@ def measure(cfg, batches, seed=0):
     loader = build_detection_train_loader(
         cfg, dataset=dataset, sampler=TrainingSampler(len(dataset), seed=seed)
     )
-    with recording_mimic_pairs() as records, EventStorage(), torch.no_grad():
+    with recording_mimic_pairs(model) as records, EventStorage(), torch.no_grad():
         for _, batch in zip(range(batches), loader):
             model(batch)
     if not records:

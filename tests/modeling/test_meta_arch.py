@@ -122,6 +122,17 @@ def test_ablation_switches(cfg, make_inputs, overrides, expected):
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+def test_mimicking_on_or_off_gives_the_same_checkpoint_keys(cfg):
+    """The mimic loss is a submodule without state: a checkpoint trained without mimicking loads
+    key for key into a model with it (tools/mimic_agreement.py measures such checkpoints)."""
+    with_mimic = build_model(cfg)
+    assert with_mimic.mimic_loss.paths == list(cfg.MODEL.MIMICDET.MIMIC.PATHS)
+    cfg.MODEL.MIMICDET.MIMIC.ENABLED = False
+    without = build_model(cfg)
+    assert without.mimic_loss is None
+    assert with_mimic.state_dict().keys() == without.state_dict().keys()
+
+
 def test_loss_weights_scale_their_terms(cfg, make_inputs):
     inputs = make_inputs()
     torch.manual_seed(0)
@@ -222,29 +233,19 @@ def test_teacher_inference_without_a_t_head_is_a_clear_error(cfg, make_inputs):
         model.teacher_inference(make_inputs())
 
 
-def test_mimic_loss_reads_the_s_head_at_each_sampled_boxs_anchor_location(
-    cfg, make_inputs, monkeypatch
-):
+def test_mimic_loss_reads_the_s_head_at_each_sampled_boxs_anchor_location(cfg, make_inputs):
     """
     The student vectors of the mimic loss are the S-head's own outputs at the anchor location
     (level, row, column) that produced each box, for refined boxes only (no appended GT) and at
     most MIMIC.NUM_PER_IMAGE per image.
     """
-    from mimicdet.modeling import meta_arch
-
     cfg.MODEL.MIMICDET.MIMIC.NUM_PER_IMAGE = 5
     torch.manual_seed(0)
     model = build_model(cfg)
     s_head_outputs = []
     model.s_head.register_forward_hook(lambda m, i, o: s_head_outputs.append(o))
     received = []
-    mimic_losses = meta_arch.dual_path_mimic_losses
-
-    def spy(boxes, student_cls, student_reg, *args):
-        received.append((boxes, student_cls, student_reg))
-        return mimic_losses(boxes, student_cls, student_reg, *args)
-
-    monkeypatch.setattr(meta_arch, "dual_path_mimic_losses", spy)
+    model.mimic_loss.register_forward_hook(lambda m, args, o: received.append(args))
     _train_losses(model, make_inputs(num_images=2))
 
     ((boxes, student_cls, student_reg),) = received

@@ -17,7 +17,7 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
 from ..checkpoint import WeightsOnlyCheckpointer
-from .mimic_loss import dual_path_mimic_losses, sample_mimic_boxes
+from .mimic_loss import DualPathMimicLoss, sample_mimic_boxes
 from .refinement import RefinementModule
 from .s_head import SHead
 
@@ -106,9 +106,8 @@ class MimicDet(DenseDetector):
             t_backbone.requires_grad_(False)
             t_head.requires_grad_(False)
         self.num_classes = num_classes
-        self.mimic_paths = list(mimic_paths)
+        self.mimic_loss = DualPathMimicLoss(mimic_paths, detach_teacher) if mimic_paths else None
         self.mimic_per_image = mimic_per_image
-        self.detach_teacher = detach_teacher
         self.loss_weights = dict(loss_weights)
         self.score_with_objectness = score_with_objectness
         self.test_score_thresh = test_score_thresh
@@ -347,17 +346,15 @@ class MimicDet(DenseDetector):
                 if self.t_backbone is not None:
                     t_losses = _touch_unpooled_levels(t_losses, t_features, self.roi_heads)
                 losses.update(t_losses)
-            if self.mimic_paths:
+            if self.mimic_loss is not None:
                 # flattened like the other dense outputs, so anchor_index addresses it
                 reg_dim = s_reg_feats[0].shape[1]
                 reg_feats = cat(self._transpose_dense_predictions([s_reg_feats], [reg_dim])[0], 1)
                 losses.update(
-                    dual_path_mimic_losses(
+                    self.mimic_loss(
                         sample_mimic_boxes(sampled, self.mimic_per_image),
                         s_logits,
                         reg_feats,
-                        self.mimic_paths,
-                        self.detach_teacher,
                     )
                 )
         return {k: v * self.loss_weights.get(k, 1.0) for k, v in losses.items()}
