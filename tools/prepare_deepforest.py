@@ -126,6 +126,14 @@ def atomic_write(path, write):
         raise
 
 
+def remove_stale(folder, pattern, written):
+    """Deletes the files of ``folder`` matching ``pattern`` that are not in ``written``, but not
+    dot-names: those are :func:`atomic_write`'s files in the making, perhaps another process's."""
+    for stale in folder.glob(pattern):
+        if stale.name not in written and not stale.name.startswith("."):
+            stale.unlink()
+
+
 def atomic_write_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:
@@ -215,10 +223,7 @@ def tile_split(split, stem, expected_boxes, data_dir, output, tile_size, overlap
 
     # Tiles left over from a run with other parameters would be picked up by nothing but waste
     # space and confuse anyone browsing the folder.
-    written = {im["file_name"] for im in images}
-    for stale in split_dir.glob("*.png"):
-        if stale.name not in written:
-            stale.unlink()
+    remove_stale(split_dir, "*.png", {im["file_name"] for im in images})
     coco = {
         "info": {"description": f"deepforest {stem} tiled {tile_size}px, overlap {overlap}"},
         "images": images,

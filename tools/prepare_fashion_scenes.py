@@ -42,7 +42,13 @@ from mimicdet.data.fashion_scenes import (
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 
-from prepare_deepforest import atomic_write, atomic_write_json, outputs_match, sha256  # noqa: E402
+from prepare_deepforest import (  # noqa: E402
+    atomic_write,
+    atomic_write_json,
+    outputs_match,
+    remove_stale,
+    sha256,
+)
 
 # Bump when the output format or the composition changes so that old outputs are regenerated.
 FORMAT_VERSION = 1
@@ -113,10 +119,8 @@ def write_split(split, photos, labels, output, count, image_size, seed):
                     "source_photo": obj["photo"],
                 }
             )
-    written = {im["file_name"] for im in images}
-    for stale in split_dir.glob("*.jpg"):  # scenes of an earlier, larger run
-        if stale.name not in written:
-            stale.unlink()
+    # scenes of an earlier, larger run
+    remove_stale(split_dir, "*.jpg", {im["file_name"] for im in images})
     coco = {
         "info": {"description": f"fashion scenes ({split}), synthetic scenes of Fashion-MNIST"},
         "images": images,

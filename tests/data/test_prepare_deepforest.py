@@ -165,6 +165,16 @@ def test_interrupted_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_stale_outputs_go_but_another_writers_file_in_the_making_stays(tmp_path):
+    """Two preparations side by side once deleted each other's half-written files (2026-12-05)."""
+    tool = load_tool()
+    for name in ("kept.png", "stale.png", ".kept.png.x1y2.png", "notes.txt"):
+        (tmp_path / name).write_text(name)
+    tool.remove_stale(tmp_path, "*.png", {"kept.png"})
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".kept.png.x1y2.png", "kept.png", "notes.txt"]
+
+
 def test_missing_deepforest_package_says_how_to_install(monkeypatch):
     tool = load_tool()
     monkeypatch.setattr(tool.importlib.util, "find_spec", lambda name: None)
