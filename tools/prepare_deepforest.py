@@ -223,7 +223,8 @@ def tile_split(split, stem, expected_boxes, data_dir, output, tile_size, overlap
 
     # Tiles left over from a run with other parameters would be picked up by nothing but waste
     # space and confuse anyone browsing the folder.
-    remove_stale(split_dir, "*.png", {im["file_name"] for im in images})
+    written = {im["file_name"] for im in images}
+    remove_stale(split_dir, "*.png", written)
     coco = {
         "info": {"description": f"deepforest {stem} tiled {tile_size}px, overlap {overlap}"},
         "images": images,

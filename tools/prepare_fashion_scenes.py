@@ -120,7 +120,8 @@ def write_split(split, photos, labels, output, count, image_size, seed):
                 }
             )
     # scenes of an earlier, larger run
-    remove_stale(split_dir, "*.jpg", {im["file_name"] for im in images})
+    written = {im["file_name"] for im in images}
+    remove_stale(split_dir, "*.jpg", written)
     coco = {
         "info": {"description": f"fashion scenes ({split}), synthetic scenes of Fashion-MNIST"},
         "images": images,
