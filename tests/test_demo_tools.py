@@ -233,6 +233,7 @@ def test_mimic_agreement_measures_both_paths_of_a_checkpoint_trained_without_mim
     no-mimicking checkpoint is measured on both paths; a deploy checkpoint is refused."""
     from convert_to_deploy import convert
     from mimic_agreement import main as mimic_agreement
+    from mimic_agreement import recording_mimic_pairs
 
     name = tiny_coco("mimicdet_tiny_agreement")
     yaml = str(REPO / "configs" / "COCO-Detection" / "mimicdet_R_50_FPN_1x.yaml")
@@ -264,3 +265,7 @@ def test_mimic_agreement_measures_both_paths_of_a_checkpoint_trained_without_mim
 
     with pytest.raises(SystemExit, match="no T-head weights"):
         mimic_agreement(args + opts + ["MODEL.WEIGHTS", deploy])
+    # the tool switches mimicking on to measure; a caller that leaves it off is told so
+    with pytest.raises(ValueError, match="mimicking off"):
+        with recording_mimic_pairs(build_model(cfg)):
+            pass

@@ -60,6 +60,8 @@ def pair_statistics(boxes, student_cls_logits, student_reg_feats, losses):
 def recording_mimic_pairs(model):
     """Within it, every training step of ``model`` (a MimicDet with mimicking on) appends its
     pairs' measures to the yielded list, read by a forward hook on ``model.mimic_loss``."""
+    if model.mimic_loss is None:
+        raise ValueError("the model has mimicking off (MODEL.MIMICDET.MIMIC): no pairs to record")
     records = []
 
     def record(module, args, losses):
