@@ -119,9 +119,8 @@ def write_split(split, photos, labels, output, count, image_size, seed):
                     "source_photo": obj["photo"],
                 }
             )
-    # scenes of an earlier, larger run
     written = {im["file_name"] for im in images}
-    remove_stale(split_dir, "*.jpg", written)
+    remove_stale(split_dir, "*.jpg", written)  # scenes of an earlier, larger run
     coco = {
         "info": {"description": f"fashion scenes ({split}), synthetic scenes of Fashion-MNIST"},
         "images": images,
