@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny MimicDet config and synthetic inputs, sized for CPU tests."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -213,3 +215,17 @@ def gloo_script(tmp_path):
         return run, json_file, image_dir
 
     return make
+
+
+def run_beside_another_writer(command, output):
+    """Runs a dataset preparation tool's ``command`` (an argv writing ``output``) while this
+    process holds the folder's writer lock, as a second preparation would, until the tool prints
+    its first line; returns the finished tool's ``CompletedProcess``."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from prepare_deepforest import one_writer_at_a_time
+
+    with one_writer_at_a_time(output):
+        tool = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first_line = tool.stdout.readline()
+    stdout, stderr = tool.communicate(timeout=600)
+    return subprocess.CompletedProcess(command, tool.returncode, first_line + stdout, stderr)

@@ -3,8 +3,6 @@
 import dataclasses
 import json
 import sys
-import textwrap
-import threading
 from pathlib import Path
 
 import pytest
@@ -1002,30 +1000,3 @@ def test_retiming_training_builds_every_chosen_row_as_train_net_does(tmp_path):
     assert timing["timed_steps"] == 2 and timing["warmup_steps"] == 1
     # the table's rows (those with a run) show the re-timed step
     assert (results / "deepforest.md").read_text().count("§ |") == 3
-
-
-def test_benchmarks_side_by_side_prepare_a_dataset_one_at_a_time(tmp_path, monkeypatch):
-    """Two lanes on a fresh machine once composed the same scenes at once, and one deleted the
-    other's files in the making (2026-12-05)."""
-    log = tmp_path / "steps.log"
-    step = tmp_path / "prepare.py"
-    step.write_text(
-        textwrap.dedent(
-            f"""
-            import time
-            with open({str(log)!r}, "a") as log:
-                print("start", file=log, flush=True)
-                time.sleep(0.5)
-                print("end", file=log, flush=True)
-            """
-        )
-    )
-    monkeypatch.setenv("MIMICDET_DATASETS", str(tmp_path / "datasets"))
-    toy = dataclasses.replace(DATASETS["fashion_scenes"], name="toy", prepare=(str(step),))
-    monkeypatch.setitem(DATASETS, "toy", toy)
-    lanes = [threading.Thread(target=benchmark.prepare_data, args=("toy",)) for _ in range(2)]
-    for lane in lanes:
-        lane.start()
-    for lane in lanes:
-        lane.join()
-    assert log.read_text().split() == ["start", "end", "start", "end"]

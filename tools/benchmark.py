@@ -33,7 +33,6 @@ Outputs of --report (also written after every run): ``<results>/results.json``,
 
 import argparse
 import datetime
-import fcntl
 import functools
 import hashlib
 import json
@@ -1295,18 +1294,9 @@ def prepare_data(dataset):
     from mimicdet.data.deepforest import default_datasets_root
 
     data = default_datasets_root() / dataset
-    data.parent.mkdir(parents=True, exist_ok=True)
-    # benchmark processes side by side (tools/benchmark_lanes.py) on a fresh machine would each
-    # compose the same files at once, one removing the other's half-written ones (2026-12-05):
-    # the first prepares, the others wait, then find the data up to date
-    with open(data.parent / f".{dataset}.prepare.lock", "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[benchmark] waiting for another process preparing {data}", flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        for step in DATASETS[dataset].prepare:
-            subprocess.run([sys.executable, step, "--output", str(data)], cwd=REPO, check=True)
+    # each tool waits for another process writing the same folder (a lane beside this one)
+    for step in DATASETS[dataset].prepare:
+        subprocess.run([sys.executable, step, "--output", str(data)], cwd=REPO, check=True)
 
 
 def main(argv=None):

@@ -15,7 +15,9 @@ Output layout::
 """
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -132,6 +134,22 @@ def remove_stale(folder, pattern, written):
     for stale in folder.glob(pattern):
         if stale.name not in written and not stale.name.startswith("."):
             stale.unlink()
+
+
+@contextlib.contextmanager
+def one_writer_at_a_time(output):
+    """Held while a tool checks and writes ``output``. Two preparations of one folder at once (two
+    benchmark lanes on a fresh machine, 2026-12-05; or the demo beside a benchmark) would each
+    write the same files, one removing the other's half-written ones: the second waits, then
+    finds the folder up to date."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output.parent / f".{output.name}.writer.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process preparing {output}", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def atomic_write_json(path, obj):
@@ -299,27 +317,36 @@ def main(argv=None):
     data_dir = deepforest_data_dir()
     output = args.output.resolve()
     manifest = expected_manifest(data_dir, args)
-    if not args.force and outputs_match(output, manifest):
-        print(f"{output} is up to date ({json.dumps(manifest['params'])}); --force to rebuild")
-        return
+    with one_writer_at_a_time(output):
+        if not args.force and outputs_match(output, manifest):
+            params = json.dumps(manifest["params"])
+            print(f"{output} is up to date ({params}); --force to rebuild")
+            return
 
-    print(f"Tiling deepforest images from {data_dir} into {output}")
-    # A rebuild interrupted half-way must not leave a manifest that vouches for its outputs.
-    (output / "manifest.json").unlink(missing_ok=True)
-    files = {}
-    for split, (stem, expected) in SPLITS.items():
-        stats, files[split] = tile_split(
-            split, stem, expected, data_dir, output, args.tile_size, args.overlap, args.min_visible
-        )
-        print(
-            f"  {split}: {stem}.png -> {stats['tiles']} tiles ({stats['empty_tiles']} without "
-            f"boxes), {stats['boxes']} boxes from {stats['source_boxes']} source boxes; "
-            f"{stats['clipped']} clipped at tile borders, {stats['dropped']} slivers dropped "
-            f"(< {args.min_visible:g} visible), {stats['lost']} source boxes in no tile"
-        )
-    # Written last: its presence means every file above is complete.
-    atomic_write_json(output / "manifest.json", {**manifest, "files": files})
-    print(f"Done in {time.perf_counter() - start:.1f}s")
+        print(f"Tiling deepforest images from {data_dir} into {output}")
+        # A rebuild interrupted half-way must not leave a manifest that vouches for its outputs.
+        (output / "manifest.json").unlink(missing_ok=True)
+        files = {}
+        for split, (stem, expected) in SPLITS.items():
+            stats, files[split] = tile_split(
+                split,
+                stem,
+                expected,
+                data_dir,
+                output,
+                args.tile_size,
+                args.overlap,
+                args.min_visible,
+            )
+            print(
+                f"  {split}: {stem}.png -> {stats['tiles']} tiles ({stats['empty_tiles']} without "
+                f"boxes), {stats['boxes']} boxes from {stats['source_boxes']} source boxes; "
+                f"{stats['clipped']} clipped at tile borders, {stats['dropped']} slivers dropped "
+                f"(< {args.min_visible:g} visible), {stats['lost']} source boxes in no tile"
+            )
+        # Written last: its presence means every file above is complete.
+        atomic_write_json(output / "manifest.json", {**manifest, "files": files})
+        print(f"Done in {time.perf_counter() - start:.1f}s")
 
 
 if __name__ == "__main__":

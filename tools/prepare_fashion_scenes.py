@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO_ROOT / "tools"))
 from prepare_deepforest import (  # noqa: E402
     atomic_write,
     atomic_write_json,
+    one_writer_at_a_time,
     outputs_match,
     remove_stale,
     sha256,
@@ -199,38 +200,40 @@ def main(argv=None):
     manifest = expected_manifest(source, args)
     if args.photo_subset is not None and args.photo_subset.resolve() == source:
         raise SystemExit(f"--photo-subset {args.photo_subset} is the --source: it would be lost")
-    if args.photo_subset is None and not args.force and outputs_match(output, manifest, SPLITS):
-        print(f"{output} is up to date ({json.dumps(manifest['params'])}); --force to rebuild")
-        return
-    print(f"Composing fashion scenes from {source} into {output}")
-    # a rebuild interrupted half-way must not leave a manifest that vouches for its outputs
-    (output / "manifest.json").unlink(missing_ok=True)
-    files = {}
-    counts = {"train": args.train_images, "val": args.val_images}
-    reads = {}
-    for split, (src, seed_offset) in SPLITS.items():
-        photos, labels = data[split]
-        reads[src] = PhotoReads(photos)
-        stats = write_split(
-            split,
-            reads[src],
-            labels,
-            output,
-            counts[split],
-            (args.image_size, args.image_size),
-            args.seed * len(SPLITS) + seed_offset,
-        )
-        files[split] = stats.pop("files")
-        print(
-            f"  {split}: {stats['images']} scenes of Fashion-MNIST {src} photos, {stats['boxes']} "
-            f"boxes ({stats['small']} small, {stats['medium']} medium, {stats['large']} large)"
-        )
-    atomic_write_json(output / "manifest.json", {**manifest, "files": files})
-    if args.photo_subset is not None:
-        # keyed by Fashion-MNIST's split, whose file names the subset keeps
-        sources = {src: data[split] for split, (src, _) in SPLITS.items()}
-        write_photo_subset(args.photo_subset, sources, {src: reads[src].read for src in reads})
-    print(f"Done in {time.perf_counter() - start:.1f}s")
+    with one_writer_at_a_time(output):
+        if args.photo_subset is None and not args.force and outputs_match(output, manifest, SPLITS):
+            print(f"{output} is up to date ({json.dumps(manifest['params'])}); --force to rebuild")
+            return
+        print(f"Composing fashion scenes from {source} into {output}")
+        # a rebuild interrupted half-way must not leave a manifest that vouches for its outputs
+        (output / "manifest.json").unlink(missing_ok=True)
+        files = {}
+        counts = {"train": args.train_images, "val": args.val_images}
+        reads = {}
+        for split, (src, seed_offset) in SPLITS.items():
+            photos, labels = data[split]
+            reads[src] = PhotoReads(photos)
+            stats = write_split(
+                split,
+                reads[src],
+                labels,
+                output,
+                counts[split],
+                (args.image_size, args.image_size),
+                args.seed * len(SPLITS) + seed_offset,
+            )
+            files[split] = stats.pop("files")
+            print(
+                f"  {split}: {stats['images']} scenes of Fashion-MNIST {src} photos, "
+                f"{stats['boxes']} boxes ({stats['small']} small, {stats['medium']} medium, "
+                f"{stats['large']} large)"
+            )
+        atomic_write_json(output / "manifest.json", {**manifest, "files": files})
+        if args.photo_subset is not None:
+            # keyed by Fashion-MNIST's split, whose file names the subset keeps
+            sources = {src: data[split] for split, (src, _) in SPLITS.items()}
+            write_photo_subset(args.photo_subset, sources, {src: reads[src].read for src in reads})
+        print(f"Done in {time.perf_counter() - start:.1f}s")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from pycocotools.coco import COCO
 
+from conftest import run_beside_another_writer
 from mimicdet.data.fashion_scenes import (
     FASHION_CLASSES,
     compose_scene,
@@ -113,6 +114,19 @@ def test_prepared_scenes_are_valid_coco_with_split_disjoint_photos(tmp_path):
         assert MetadataCatalog.get("fashion_scenes_val").thing_classes == list(FASHION_CLASSES)
     finally:
         register_fashion_scenes()  # back to the default root for other tests
+
+
+def test_a_second_preparation_waits_for_the_first_then_composes(tmp_path):
+    """Two lanes of the benchmark once composed the same scenes at once, and one deleted the
+    other's files in the making (2026-12-05)."""
+    source, output = fake_source(tmp_path / "src"), tmp_path / "scenes"
+    command = [sys.executable, str(TOOL), "--source", str(source), "--output", str(output),
+               "--image-size", "96", "--train-images", "2", "--val-images", "2"]  # fmt: skip
+    tool = run_beside_another_writer(command, output)
+    assert tool.returncode == 0, tool.stderr
+    waited, rest = tool.stdout.split("\n", 1)
+    assert waited == f"waiting for another process preparing {output}"
+    assert "train: 2 scenes" in rest and (output / "manifest.json").is_file()
 
 
 def test_missing_source_says_how_to_install_it_and_writes_nothing(tmp_path):

@@ -14,6 +14,7 @@ from detectron2.structures import BoxMode
 from PIL import Image
 from pycocotools.coco import COCO
 
+from conftest import run_beside_another_writer
 from mimicdet.data import register_deepforest
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "prepare_deepforest.py"
@@ -173,6 +174,18 @@ def test_stale_outputs_go_but_another_writers_file_in_the_making_stays(tmp_path)
     tool.remove_stale(tmp_path, "*.png", {"kept.png"})
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == [".kept.png.x1y2.png", "kept.png", "notes.txt"]
+
+
+def test_a_second_preparation_waits_then_finds_the_tiles_up_to_date(dataset):
+    """Two lanes of the benchmark once prepared the same folder at once (2026-12-05)."""
+    output, _ = dataset
+    tool = run_beside_another_writer(
+        [sys.executable, str(TOOL), "--output", str(output)], output
+    )
+    assert tool.returncode == 0, tool.stderr
+    waited, rest = tool.stdout.split("\n", 1)
+    assert waited == f"waiting for another process preparing {output}"
+    assert "is up to date" in rest
 
 
 def test_missing_deepforest_package_says_how_to_install(monkeypatch):
