@@ -35,14 +35,14 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from evaluate_teacher import load_full_model  # noqa: E402
 from mimicdet import get_mimicdet_cfg  # noqa: E402
-from mimicdet.modeling.mimic_loss import student_at_anchors  # noqa: E402
+from mimicdet.modeling.mimic_loss import student_at_anchors, teacher_at_boxes  # noqa: E402
 
 
 def pair_statistics(boxes, student_cls_logits, student_reg_feats, losses):
     """The measures of one step's mimicked pairs (``DualPathMimicLoss``'s arguments and result):
     the mimic losses, the heads' softmax on the pairs' labels, the logits' norms."""
     student = student_at_anchors(student_cls_logits, boxes)
-    teacher = torch.cat([b.teacher_cls_logits for b in boxes])
+    teacher = teacher_at_boxes(boxes, "cls")
     labels = torch.cat([b.gt_classes for b in boxes])
     background = student.shape[1] - 1
     positive = labels < background

@@ -13,6 +13,7 @@ __all__ = [
     "cosine_mimic_loss",
     "sample_mimic_boxes",
     "student_at_anchors",
+    "teacher_at_boxes",
     "dual_path_mimic_losses",
 ]
 
@@ -55,6 +56,13 @@ def student_at_anchors(student: Tensor, boxes: List[Instances]) -> Tensor:
     return cat([s[b.anchor_index] for s, b in zip(student, boxes)])
 
 
+def teacher_at_boxes(boxes: List[Instances], path: str) -> Tensor:
+    """The T-head's side of the pairs on ``path`` (``"cls"`` or ``"reg"``): its class logits or
+    regression features of every box, image by image, ``(sum Mi, D)``, in
+    :func:`student_at_anchors`'s order."""
+    return cat([b.get(_TEACHER_FIELDS[path]) for b in boxes])
+
+
 def dual_path_mimic_losses(
     boxes: List[Instances],
     student_cls_logits: Tensor,
@@ -81,7 +89,7 @@ def dual_path_mimic_losses(
     losses = {}
     for path in paths:
         student = student_at_anchors(students[path], boxes)
-        teacher = cat([b.get(_TEACHER_FIELDS[path]) for b in boxes])
+        teacher = teacher_at_boxes(boxes, path)
         if detach_teacher:
             teacher = teacher.detach()
         losses[f"loss_mimic_{path}"] = cosine_mimic_loss(student, teacher)
