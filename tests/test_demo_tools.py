@@ -1,6 +1,7 @@
 """The DeepForest configs, tools/demo.py and tools/benchmark.py (CPU, small inputs)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -263,9 +264,37 @@ def test_mimic_agreement_measures_both_paths_of_a_checkpoint_trained_without_mim
     assert mimic_agreement(args + opts + ["MODEL.WEIGHTS", full]) == same
     assert mimic_agreement(args + ["--seed", "1"] + opts + ["MODEL.WEIGHTS", full]) != same
 
+    # --gradients measures the very same pairs, and adds the losses' gradients on the shared convs
+    graded = mimic_agreement(args + ["--gradients"] + opts + ["MODEL.WEIGHTS", full])
+    assert {key: graded[key] for key in result} == same
+    for name in ("s_cls", "mimic_cls", "s_box", "mimic_reg"):
+        assert graded[f"grad_norm_{name}"] > 0.0
+    assert -1.0 <= graded["grad_cos_s_cls_mimic_reg"] <= 1.0
+
     with pytest.raises(SystemExit, match="no T-head weights"):
         mimic_agreement(args + opts + ["MODEL.WEIGHTS", deploy])
     # the tool switches mimicking on to measure; a caller that leaves it off is told so
     with pytest.raises(ValueError, match="mimicking off"):
         with recording_mimic_pairs(build_model(cfg)):
             pass
+
+
+def test_gradient_statistics_compare_each_losss_pull_on_the_shared_parameters():
+    from mimic_agreement import gradient_statistics
+
+    weight, bias = torch.zeros(2, requires_grad=True), torch.zeros(1, requires_grad=True)
+    losses = {
+        "a": weight @ torch.tensor([3.0, 4.0]),  # gradient (3, 4, 0)
+        "b": weight @ torch.tensor([-3.0, -4.0]) + 2 * bias.sum(),  # (-3, -4, 2)
+        "c": torch.tensor(1.0, requires_grad=True) * 5,  # reaches neither: zeros
+    }
+    stats = gradient_statistics(losses, [weight, bias], names=("a", "b", "c"))
+    assert stats["grad_norm_a"] == pytest.approx(5.0)
+    assert stats["grad_norm_b"] == pytest.approx(29**0.5)
+    assert stats["grad_norm_c"] == 0.0
+    assert stats["grad_cos_a_b"] == pytest.approx(-25 / (5 * 29**0.5))
+    assert math.isnan(stats["grad_cos_a_c"]) and math.isnan(stats["grad_cos_b_c"])
+    assert weight.grad is None  # measured, never accumulated into the parameters
+
+    with pytest.raises(ValueError, match=r"no \['d'\]"):
+        gradient_statistics(losses, [weight], names=("a", "d"))

@@ -11,6 +11,12 @@ measured on the same pairs; the losses are only read, never applied. With the sa
 two checkpoints see the same images, augmentations and sampled boxes as far as their refined
 boxes agree.
 
+With ``--gradients`` each batch also runs backward, loss by loss, to the S-head's parameters that
+its class and box branches share (the guided deformable convs and their offset nets, ``t`` in
+``SHead.forward``): the tool reports each loss's gradient norm there (as weighted in training) and
+the cosine between every two losses' gradients. A negative cosine between the regression mimic
+loss and a classification loss means the two pull those convs apart.
+
     python tools/mimic_agreement.py --config-file configs/FashionScenes/mimicdet_MNV2_FPN.yaml \\
         --batches 10 MODEL.WEIGHTS output/fashion_scenes/mimicdet_MNV2_FPN/model_final.pth
 """
@@ -20,6 +26,7 @@ import contextlib
 import json
 import math
 import sys
+from itertools import combinations
 from pathlib import Path
 
 import torch
@@ -56,6 +63,38 @@ def pair_statistics(boxes, student_cls_logits, student_reg_feats, losses):
     return stats
 
 
+# the S-head's training losses whose gradients --gradients compares on the shared convs
+GRADIENT_LOSSES = ("loss_s_cls", "loss_mimic_cls", "loss_s_box", "loss_mimic_reg")
+
+
+def shared_s_head_parameters(model):
+    """The S-head's parameters before its class and box branches split: the guided deformable
+    convs and the offset nets that steer them."""
+    head = model.s_head
+    return [p for m in (head.offset_nets, head.deform_convs) for p in m.parameters()]
+
+
+def gradient_statistics(losses, parameters, names=GRADIENT_LOSSES):
+    """Each loss's gradient on ``parameters`` (one flat vector; a loss that does not reach them
+    gives zeros): its norm, ``grad_norm_<loss>``, and every two gradients' cosine,
+    ``grad_cos_<loss>_<loss>`` (NaN where a gradient is zero), names without ``loss_``."""
+    missing = [name for name in names if name not in losses]
+    if missing:
+        raise ValueError(f"the training step returned no {missing}: have {sorted(losses)}")
+    grads = {}
+    for name in names:
+        parts = torch.autograd.grad(losses[name], parameters, retain_graph=True, allow_unused=True)
+        parts = [g if g is not None else torch.zeros_like(p) for g, p in zip(parts, parameters)]
+        grads[name] = torch.cat([g.flatten() for g in parts]).double()
+    short = {name: name.removeprefix("loss_") for name in names}
+    stats = {f"grad_norm_{short[name]}": grad.norm().item() for name, grad in grads.items()}
+    for a, b in combinations(names, 2):
+        norms = grads[a].norm() * grads[b].norm()
+        cos = (grads[a] @ grads[b] / norms).item() if norms > 0 else math.nan
+        stats[f"grad_cos_{short[a]}_{short[b]}"] = cos
+    return stats
+
+
 @contextlib.contextmanager
 def recording_mimic_pairs(model):
     """Within it, every training step of ``model`` (a MimicDet with mimicking on) appends its
@@ -74,9 +113,10 @@ def recording_mimic_pairs(model):
         handle.remove()
 
 
-def measure(cfg, batches, seed=0):
+def measure(cfg, batches, seed=0, gradients=False):
     """Means of :func:`pair_statistics` over ``batches`` training batches of ``cfg``'s model,
-    loaded from ``cfg.MODEL.WEIGHTS``."""
+    loaded from ``cfg.MODEL.WEIGHTS``; with ``gradients``, of :func:`gradient_statistics` on
+    the S-head's shared parameters too."""
     if not cfg.MODEL.MIMICDET.T_HEAD.ENABLED:
         raise SystemExit("MODEL.MIMICDET.T_HEAD.ENABLED is False: there is no teacher to compare")
     seed_all_rng(seed)
@@ -88,9 +128,13 @@ def measure(cfg, batches, seed=0):
     loader = build_detection_train_loader(
         cfg, dataset=dataset, sampler=TrainingSampler(len(dataset), seed=seed)
     )
-    with recording_mimic_pairs(model) as records, EventStorage(), torch.no_grad():
+    shared = shared_s_head_parameters(model)
+    with recording_mimic_pairs(model) as records, EventStorage():
         for _, batch in zip(range(batches), loader):
-            model(batch)
+            with torch.set_grad_enabled(gradients):
+                losses = model(batch)
+                if gradients:
+                    records[-1].update(gradient_statistics(losses, shared))
     if not records:
         raise SystemExit(f"no mimicked pairs in {batches} batches of {cfg.DATASETS.TRAIN}")
     return {key: mean_over_batches(records, key) for key in records[0]}
@@ -109,6 +153,11 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, default=10, help="training batches to measure")
     parser.add_argument("--seed", type=int, default=0, help="images, augmentation and sampling")
     parser.add_argument("--output", help="also write the results to this JSON file")
+    parser.add_argument(
+        "--gradients",
+        action="store_true",
+        help="also compare the losses' gradients on the S-head's shared convs (runs backward)",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
     args = parser.parse_args(argv)
 
@@ -117,7 +166,7 @@ def main(argv=None):
     cfg = get_mimicdet_cfg(args.config_file, args.opts + on)
     cfg.freeze()
     result = {"weights": cfg.MODEL.WEIGHTS, "batches": args.batches, "seed": args.seed}
-    result.update(measure(cfg, args.batches, args.seed))
+    result.update(measure(cfg, args.batches, args.seed, args.gradients))
     print(json.dumps(result, indent=1))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
