@@ -267,9 +267,10 @@ def test_mimic_agreement_measures_both_paths_of_a_checkpoint_trained_without_mim
     # --gradients measures the very same pairs, and adds the losses' gradients on the shared convs
     graded = mimic_agreement(args + ["--gradients"] + opts + ["MODEL.WEIGHTS", full])
     assert {key: graded[key] for key in result} == same
-    for name in ("s_cls", "mimic_cls", "s_box", "mimic_reg"):
-        assert graded[f"grad_norm_{name}"] > 0.0
-    assert -1.0 <= graded["grad_cos_s_cls_mimic_reg"] <= 1.0
+    for group in ("shared", "backbone"):
+        for name in ("s_cls", "mimic_cls", "s_box", "mimic_reg"):
+            assert graded[f"{group}_grad_norm_{name}"] > 0.0
+        assert -1.0 <= graded[f"{group}_grad_cos_s_cls_mimic_reg"] <= 1.0
 
     with pytest.raises(SystemExit, match="no T-head weights"):
         mimic_agreement(args + opts + ["MODEL.WEIGHTS", deploy])
@@ -288,7 +289,9 @@ def test_gradient_statistics_compare_each_losss_pull_on_the_shared_parameters():
         "b": weight @ torch.tensor([-3.0, -4.0]) + 2 * bias.sum(),  # (-3, -4, 2)
         "c": torch.tensor(1.0, requires_grad=True) * 5,  # reaches neither: zeros
     }
-    stats = gradient_statistics(losses, [weight, bias], names=("a", "b", "c"))
+    stats = gradient_statistics(losses, [weight, bias], names=("a", "b", "c"), prefix="g_")
+    assert all(key.startswith("g_grad_") for key in stats)
+    stats = {key.removeprefix("g_"): value for key, value in stats.items()}
     assert stats["grad_norm_a"] == pytest.approx(5.0)
     assert stats["grad_norm_b"] == pytest.approx(29**0.5)
     assert stats["grad_norm_c"] == 0.0

@@ -11,11 +11,12 @@ measured on the same pairs; the losses are only read, never applied. With the sa
 two checkpoints see the same images, augmentations and sampled boxes as far as their refined
 boxes agree.
 
-With ``--gradients`` each batch also runs backward, loss by loss, to the S-head's parameters that
-its class and box branches share (the guided deformable convs and their offset nets, ``t`` in
-``SHead.forward``): the tool reports each loss's gradient norm there (as weighted in training) and
-the cosine between every two losses' gradients. A negative cosine between the regression mimic
-loss and a classification loss means the two pull those convs apart.
+With ``--gradients`` each batch also runs backward, loss by loss, to two groups of parameters:
+``shared``, the S-head's parameters that its class and box branches share (the guided deformable
+convs and their offset nets, ``t`` in ``SHead.forward``), and ``backbone``, the backbone and FPN
+that every head reads. For each group the tool reports each loss's gradient norm (as weighted in
+training) and the cosine between every two losses' gradients. A negative cosine between the
+regression mimic loss and a classification loss means the two pull those parameters apart.
 
     python tools/mimic_agreement.py --config-file configs/FashionScenes/mimicdet_MNV2_FPN.yaml \\
         --batches 10 MODEL.WEIGHTS output/fashion_scenes/mimicdet_MNV2_FPN/model_final.pth
@@ -67,17 +68,21 @@ def pair_statistics(boxes, student_cls_logits, student_reg_feats, losses):
 GRADIENT_LOSSES = ("loss_s_cls", "loss_mimic_cls", "loss_s_box", "loss_mimic_reg")
 
 
-def shared_s_head_parameters(model):
-    """The S-head's parameters before its class and box branches split: the guided deformable
-    convs and the offset nets that steer them."""
+def gradient_groups(model):
+    """The parameter groups that --gradients measures: ``shared``, the S-head's parameters before
+    its class and box branches split (the guided deformable convs and the offset nets that steer
+    them), and ``backbone``, the backbone with its FPN."""
     head = model.s_head
-    return [p for m in (head.offset_nets, head.deform_convs) for p in m.parameters()]
+    return {
+        "shared": [p for m in (head.offset_nets, head.deform_convs) for p in m.parameters()],
+        "backbone": [p for p in model.backbone.parameters() if p.requires_grad],
+    }
 
 
-def gradient_statistics(losses, parameters, names=GRADIENT_LOSSES):
+def gradient_statistics(losses, parameters, names=GRADIENT_LOSSES, prefix=""):
     """Each loss's gradient on ``parameters`` (one flat vector; a loss that does not reach them
-    gives zeros): its norm, ``grad_norm_<loss>``, and every two gradients' cosine,
-    ``grad_cos_<loss>_<loss>`` (NaN where a gradient is zero), names without ``loss_``."""
+    gives zeros): its norm, ``<prefix>grad_norm_<loss>``, and every two gradients' cosine,
+    ``<prefix>grad_cos_<loss>_<loss>`` (NaN where a gradient is zero), names without ``loss_``."""
     missing = [name for name in names if name not in losses]
     if missing:
         raise ValueError(f"the training step returned no {missing}: have {sorted(losses)}")
@@ -87,11 +92,11 @@ def gradient_statistics(losses, parameters, names=GRADIENT_LOSSES):
         parts = [g if g is not None else torch.zeros_like(p) for g, p in zip(parts, parameters)]
         grads[name] = torch.cat([g.flatten() for g in parts]).double()
     short = {name: name.removeprefix("loss_") for name in names}
-    stats = {f"grad_norm_{short[name]}": grad.norm().item() for name, grad in grads.items()}
+    stats = {f"{prefix}grad_norm_{short[n]}": grad.norm().item() for n, grad in grads.items()}
     for a, b in combinations(names, 2):
         norms = grads[a].norm() * grads[b].norm()
         cos = (grads[a] @ grads[b] / norms).item() if norms > 0 else math.nan
-        stats[f"grad_cos_{short[a]}_{short[b]}"] = cos
+        stats[f"{prefix}grad_cos_{short[a]}_{short[b]}"] = cos
     return stats
 
 
@@ -116,7 +121,7 @@ def recording_mimic_pairs(model):
 def measure(cfg, batches, seed=0, gradients=False):
     """Means of :func:`pair_statistics` over ``batches`` training batches of ``cfg``'s model,
     loaded from ``cfg.MODEL.WEIGHTS``; with ``gradients``, of :func:`gradient_statistics` on
-    the S-head's shared parameters too."""
+    each of :func:`gradient_groups` too, its keys prefixed with the group's name."""
     if not cfg.MODEL.MIMICDET.T_HEAD.ENABLED:
         raise SystemExit("MODEL.MIMICDET.T_HEAD.ENABLED is False: there is no teacher to compare")
     seed_all_rng(seed)
@@ -128,13 +133,13 @@ def measure(cfg, batches, seed=0, gradients=False):
     loader = build_detection_train_loader(
         cfg, dataset=dataset, sampler=TrainingSampler(len(dataset), seed=seed)
     )
-    shared = shared_s_head_parameters(model)
+    groups = gradient_groups(model)
     with recording_mimic_pairs(model) as records, EventStorage():
         for _, batch in zip(range(batches), loader):
             with torch.set_grad_enabled(gradients):
                 losses = model(batch)
-                if gradients:
-                    records[-1].update(gradient_statistics(losses, shared))
+                for group, parameters in groups.items() if gradients else ():
+                    records[-1].update(gradient_statistics(losses, parameters, prefix=group + "_"))
     if not records:
         raise SystemExit(f"no mimicked pairs in {batches} batches of {cfg.DATASETS.TRAIN}")
     return {key: mean_over_batches(records, key) for key in records[0]}
@@ -156,7 +161,8 @@ def main(argv=None):
     parser.add_argument(
         "--gradients",
         action="store_true",
-        help="also compare the losses' gradients on the S-head's shared convs (runs backward)",
+        help="also compare the losses' gradients on the S-head's shared convs and on the "
+        "backbone (runs backward)",
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
     args = parser.parse_args(argv)
