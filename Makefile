@@ -7,9 +7,9 @@ PY := $(VENV)/bin/python
 STAMPS := $(VENV)/.stamps
 OP_SOURCES := $(shell find projects/MimicDet/mimicdet/layers/csrc -type f 2>/dev/null)
 PYTEST_ARGS ?=
-# The suite runs on this many pytest-xdist workers (0: in one process). Two fit the 2-core, 24 GiB
-# machine that CI and a user's first try run on; each worker runs torch on one thread, so two
-# workers do not fight over two cores.
+# The suite runs on this many pytest-xdist workers (0: in one process, torch's threads as usual).
+# Two fit the 2-core, 24 GiB machine that CI and a user's first try run on; each worker runs
+# torch on one thread, so two workers do not fight over two cores.
 TEST_WORKERS ?= 2
 
 .PHONY: setup test demo data clean-build
@@ -43,7 +43,7 @@ $(STAMPS)/project: setup.py setup.cfg $(OP_SOURCES) $(STAMPS)/assets $(STAMPS)/d
 	@touch $@
 
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1) $(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # tile the DeepForest images into datasets/deepforest (a no-op when present)
 data: setup
