@@ -11,6 +11,7 @@ PYTEST_ARGS ?=
 # Two fit the 2-core, 24 GiB machine that CI and a user's first try run on; each worker runs
 # torch on one thread, so two workers do not fight over two cores.
 TEST_WORKERS ?= 2
+TEST_ENV = $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1)
 
 .PHONY: setup test demo data clean-build
 
@@ -43,7 +44,7 @@ $(STAMPS)/project: setup.py setup.cfg $(OP_SOURCES) $(STAMPS)/assets $(STAMPS)/d
 	@touch $@
 
 test: setup
-	$(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1) $(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # tile the DeepForest images into datasets/deepforest (a no-op when present)
 data: setup

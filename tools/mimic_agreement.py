@@ -64,7 +64,7 @@ def pair_statistics(boxes, student_cls_logits, student_reg_feats, losses):
     return stats
 
 
-# the S-head's training losses whose gradients --gradients compares on the shared convs
+# the S-head's training losses whose gradients --gradients compares, group by group
 GRADIENT_LOSSES = ("loss_s_cls", "loss_mimic_cls", "loss_s_box", "loss_mimic_reg")
 
 
@@ -138,7 +138,8 @@ def measure(cfg, batches, seed=0, gradients=False):
         for _, batch in zip(range(batches), loader):
             with torch.set_grad_enabled(gradients):
                 losses = model(batch)
-                for group, parameters in groups.items() if gradients else ():
+            if gradients:
+                for group, parameters in groups.items():
                     records[-1].update(gradient_statistics(losses, parameters, prefix=group + "_"))
     if not records:
         raise SystemExit(f"no mimicked pairs in {batches} batches of {cfg.DATASETS.TRAIN}")
