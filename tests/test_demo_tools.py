@@ -171,6 +171,7 @@ def test_demo_missing_input_is_a_clear_error(tmp_path):
     assert "nope.png: no such file or folder" in result.stderr
 
 
+@pytest.mark.slow
 def test_demo_loop_keeps_memory_flat(tmp_path):
     """
     tools/soak_demo.py's measurement on a short run, target under 5% RSS growth after the
