@@ -290,7 +290,7 @@ def test_gradient_statistics_compare_each_losss_pull_on_the_shared_parameters():
         "b": weight @ torch.tensor([-3.0, -4.0]) + 2 * bias.sum(),  # (-3, -4, 2)
         "c": torch.tensor(1.0, requires_grad=True) * 5,  # reaches neither: zeros
     }
-    stats = gradient_statistics(losses, [weight, bias], names=("a", "b", "c"), prefix="g_")
+    stats = gradient_statistics(losses, {"g": [weight, bias]}, names=("a", "b", "c"))
     assert all(key.startswith("g_grad_") for key in stats)
     stats = {key.removeprefix("g_"): value for key, value in stats.items()}
     assert stats["grad_norm_a"] == pytest.approx(5.0)
@@ -299,6 +299,10 @@ def test_gradient_statistics_compare_each_losss_pull_on_the_shared_parameters():
     assert stats["grad_cos_a_b"] == pytest.approx(-25 / (5 * 29**0.5))
     assert math.isnan(stats["grad_cos_a_c"]) and math.isnan(stats["grad_cos_b_c"])
     assert weight.grad is None  # measured, never accumulated into the parameters
+    # one backward a loss, split by group: each group gets its own part of the gradient
+    split = gradient_statistics(losses, {"w": [weight], "v": [bias]}, names=("a", "b"))
+    assert split["w_grad_norm_b"] == pytest.approx(5.0) and split["v_grad_norm_b"] == 2.0
+    assert split["v_grad_norm_a"] == 0.0 and split["w_grad_cos_a_b"] == pytest.approx(-1.0)
 
     with pytest.raises(ValueError, match=r"no \['d'\]"):
-        gradient_statistics(losses, [weight], names=("a", "d"))
+        gradient_statistics(losses, {"g": [weight]}, names=("a", "d"))

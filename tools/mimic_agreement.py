@@ -79,24 +79,31 @@ def gradient_groups(model):
     }
 
 
-def gradient_statistics(losses, parameters, names=GRADIENT_LOSSES, prefix=""):
-    """Each loss's gradient on ``parameters`` (one flat vector; a loss that does not reach them
-    gives zeros): its norm, ``<prefix>grad_norm_<loss>``, and every two gradients' cosine,
-    ``<prefix>grad_cos_<loss>_<loss>`` (NaN where a gradient is zero), names without ``loss_``."""
+def gradient_statistics(losses, groups, names=GRADIENT_LOSSES):
+    """Each loss's gradient on each group of ``groups`` (name -> parameters; one flat vector a
+    group, zeros where a loss does not reach it): its norm, ``<group>_grad_norm_<loss>``, and every
+    two gradients' cosine, ``<group>_grad_cos_<loss>_<loss>`` (NaN where a gradient is zero),
+    names without ``loss_``. One backward pass a loss serves every group."""
     missing = [name for name in names if name not in losses]
     if missing:
         raise ValueError(f"the training step returned no {missing}: have {sorted(losses)}")
-    grads = {}
+    parameters = [p for group in groups.values() for p in group]
+    grads = {group: {} for group in groups}
     for name in names:
         parts = torch.autograd.grad(losses[name], parameters, retain_graph=True, allow_unused=True)
-        parts = [g if g is not None else torch.zeros_like(p) for g, p in zip(parts, parameters)]
-        grads[name] = torch.cat([g.flatten() for g in parts]).double()
+        parts = iter(g if g is not None else torch.zeros_like(p) for g, p in zip(parts, parameters))
+        for group, members in groups.items():
+            grads[group][name] = torch.cat([next(parts).flatten() for _ in members]).double()
     short = {name: name.removeprefix("loss_") for name in names}
-    stats = {f"{prefix}grad_norm_{short[n]}": grad.norm().item() for n, grad in grads.items()}
-    for a, b in combinations(names, 2):
-        norms = grads[a].norm() * grads[b].norm()
-        cos = (grads[a] @ grads[b] / norms).item() if norms > 0 else math.nan
-        stats[f"{prefix}grad_cos_{short[a]}_{short[b]}"] = cos
+    stats = {}
+    for group, by_loss in grads.items():
+        norms = {name: grad.norm() for name, grad in by_loss.items()}
+        for name in names:
+            stats[f"{group}_grad_norm_{short[name]}"] = norms[name].item()
+        for a, b in combinations(names, 2):
+            both = norms[a] * norms[b]
+            cos = (by_loss[a] @ by_loss[b] / both).item() if both > 0 else math.nan
+            stats[f"{group}_grad_cos_{short[a]}_{short[b]}"] = cos
     return stats
 
 
@@ -121,7 +128,7 @@ def recording_mimic_pairs(model):
 def measure(cfg, batches, seed=0, gradients=False):
     """Means of :func:`pair_statistics` over ``batches`` training batches of ``cfg``'s model,
     loaded from ``cfg.MODEL.WEIGHTS``; with ``gradients``, of :func:`gradient_statistics` on
-    each of :func:`gradient_groups` too, its keys prefixed with the group's name."""
+    :func:`gradient_groups` too."""
     if not cfg.MODEL.MIMICDET.T_HEAD.ENABLED:
         raise SystemExit("MODEL.MIMICDET.T_HEAD.ENABLED is False: there is no teacher to compare")
     seed_all_rng(seed)
@@ -139,8 +146,7 @@ def measure(cfg, batches, seed=0, gradients=False):
             with torch.set_grad_enabled(gradients):
                 losses = model(batch)
             if gradients:
-                for group, parameters in groups.items():
-                    records[-1].update(gradient_statistics(losses, parameters, prefix=group + "_"))
+                records[-1].update(gradient_statistics(losses, groups))
     if not records:
         raise SystemExit(f"no mimicked pairs in {batches} batches of {cfg.DATASETS.TRAIN}")
     return {key: mean_over_batches(records, key) for key in records[0]}
