@@ -77,6 +77,16 @@ def _traced_fields(output):
     return boxes, classes, scores
 
 
+def _assert_traced_matches_eager(output, eager):
+    """The traced model's flat outputs hold the eager deploy model's detections."""
+    boxes, classes, scores = eager
+    t_boxes, t_classes, t_scores = _traced_fields(output)
+    assert t_boxes.shape == boxes.shape
+    torch.testing.assert_close(t_boxes, boxes, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(t_scores, scores, rtol=1e-5, atol=1e-6)
+    assert torch.equal(t_classes, classes)
+
+
 @pytest.mark.slow
 def test_torchscript_export_matches_eager_in_a_fresh_process(tmp_path, deploy_checkpoint):
     opts = list(TINY_OPTS) + TEST_OPTS + ["MODEL.WEIGHTS", deploy_checkpoint]
@@ -105,13 +115,9 @@ def test_torchscript_export_matches_eager_in_a_fresh_process(tmp_path, deploy_ch
     )
     traced = torch.load(tmp_path / "outputs.pth", weights_only=True)
 
-    for (boxes, classes, scores), output in zip(_eager(cfg, images), traced):
-        assert len(boxes) > 10
-        t_boxes, t_classes, t_scores = _traced_fields(output)
-        assert t_boxes.shape == boxes.shape
-        torch.testing.assert_close(t_boxes, boxes, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(t_scores, scores, rtol=1e-5, atol=1e-6)
-        assert torch.equal(t_classes, classes)
+    for eager, output in zip(_eager(cfg, images), traced):
+        assert len(eager[0]) > 10
+        _assert_traced_matches_eager(output, eager)
 
 
 def test_traced_model_is_tied_to_the_traced_input_size(tmp_path, deploy_checkpoint):
@@ -129,12 +135,9 @@ def test_traced_model_is_tied_to_the_traced_input_size(tmp_path, deploy_checkpoi
             export_model.tracing_adapter(model, image), (image,), check_trace=False
         )
         same_size = export_model.preprocess(cfg, _image(2, 64, 64))
-        ((boxes, classes, scores),) = _eager(cfg, [same_size])
-        t_boxes, t_classes, t_scores = _traced_fields(traced(same_size))
-        assert len(boxes) > 10
-        torch.testing.assert_close(t_boxes, boxes, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(t_scores, scores, rtol=1e-5, atol=1e-6)
-        assert torch.equal(t_classes, classes)
+        (eager,) = _eager(cfg, [same_size])
+        assert len(eager[0]) > 10
+        _assert_traced_matches_eager(traced(same_size), eager)
 
         other = export_model.preprocess(cfg, _image(1, 64, 96))
         boxes = model([{"image": other}])[0]["instances"].pred_boxes.tensor
@@ -158,11 +161,8 @@ def test_a_trace_keeps_the_top_boxes_per_level_dynamic(deploy_checkpoint):
         traced = torch.jit.trace(
             export_model.tracing_adapter(model, images[0]), (images[0],), check_trace=False
         )
-        for image, (boxes, classes, scores) in zip(images[1:], _eager(cfg, images[1:])):
-            t_boxes, t_classes, t_scores = _traced_fields(traced(image))
-            torch.testing.assert_close(t_boxes, boxes, rtol=1e-5, atol=1e-4)
-            torch.testing.assert_close(t_scores, scores, rtol=1e-5, atol=1e-6)
-            assert torch.equal(t_classes, classes)
+        for image, eager in zip(images[1:], _eager(cfg, images[1:])):
+            _assert_traced_matches_eager(traced(image), eager)
 
 
 def test_the_deploy_trace_runs_no_custom_op(deploy_checkpoint):

@@ -39,6 +39,18 @@ def assert_close_rel(actual, expected, rtol=1e-4, name=""):
     torch.testing.assert_close(actual, expected, rtol=0, atol=rtol * max(scale, 1e-6), msg=name)
 
 
+def assert_matches_torchvision(inputs, stride, pad, dilation):
+    """Output and the gradients of (input, offset, weight, bias) match torchvision's op."""
+    out = deform_conv2d(*inputs, stride=stride, padding=pad, dilation=dilation)
+    ref = torchvision.ops.deform_conv2d(*inputs, stride=stride, padding=pad, dilation=dilation)
+    assert_close_rel(out, ref, name="output")
+    grad_out = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    ref_grads = torch.autograd.grad(ref, inputs, grad_out)
+    for name, grad, ref_grad in zip(("input", "offset", "weight", "bias"), grads, ref_grads):
+        assert_close_rel(grad, ref_grad, name=f"grad_{name}")
+
+
 # (n, c_in, c_out, h, w, k, stride, pad, dilation, offset_std): batch 0..3, channels that are not
 # multiples of 8, odd sizes, and offsets large enough that many samples leave the image.
 PARITY_CASES = [
@@ -59,14 +71,7 @@ def test_matches_torchvision_forward_and_grads(case):
     *shape, offset_std = case
     n, c_in, c_out, h, w, k, stride, pad, dilation = shape
     inputs = make_case(*shape, offset_std, torch.float32, seed=sum(case[:9]))
-    out = deform_conv2d(*inputs, stride=stride, padding=pad, dilation=dilation)
-    ref = torchvision.ops.deform_conv2d(*inputs, stride=stride, padding=pad, dilation=dilation)
-    assert_close_rel(out, ref, name="output")
-    grad_out = torch.randn_like(ref)
-    grads = torch.autograd.grad(out, inputs, grad_out)
-    ref_grads = torch.autograd.grad(ref, inputs, grad_out)
-    for name, grad, ref_grad in zip(("input", "offset", "weight", "bias"), grads, ref_grads):
-        assert_close_rel(grad, ref_grad, name=f"grad_{name}")
+    assert_matches_torchvision(inputs, stride, pad, dilation)
 
 
 @pytest.fixture
@@ -85,14 +90,7 @@ def test_threaded_chunked_path_matches_torchvision(shape, two_threads):
     GEMM per thread in forward and channel-parallel scatter in backward."""
     *_, stride, pad, dilation = shape
     inputs = make_case(*shape, 3.0, torch.float32, seed=17)
-    out = deform_conv2d(*inputs, stride=stride, padding=pad, dilation=dilation)
-    ref = torchvision.ops.deform_conv2d(*inputs, stride=stride, padding=pad, dilation=dilation)
-    assert_close_rel(out, ref, name="output")
-    grad_out = torch.randn_like(ref)
-    grads = torch.autograd.grad(out, inputs, grad_out)
-    ref_grads = torch.autograd.grad(ref, inputs, grad_out)
-    for name, grad, ref_grad in zip(("input", "offset", "weight", "bias"), grads, ref_grads):
-        assert_close_rel(grad, ref_grad, name=f"grad_{name}")
+    assert_matches_torchvision(inputs, stride, pad, dilation)
 
 
 def test_zero_offsets_equal_dense_conv():
