@@ -87,6 +87,16 @@ def _assert_traced_matches_eager(output, eager):
     assert torch.equal(t_classes, classes)
 
 
+def _trace(cfg, image):
+    """The deploy model and its trace at ``image``'s size, as export_model.py traces it."""
+    model = export_model.build_deploy_model(cfg)
+    with torch.no_grad():
+        traced = torch.jit.trace(
+            export_model.tracing_adapter(model, image), (image,), check_trace=False
+        )
+    return model, traced
+
+
 @pytest.mark.slow
 def test_torchscript_export_matches_eager_in_a_fresh_process(tmp_path, deploy_checkpoint):
     opts = list(TINY_OPTS) + TEST_OPTS + ["MODEL.WEIGHTS", deploy_checkpoint]
@@ -128,12 +138,8 @@ def test_traced_model_is_tied_to_the_traced_input_size(tmp_path, deploy_checkpoi
     cfg = export_model.setup_cfg(
         YAML, list(TINY_OPTS) + TEST_OPTS + ["MODEL.WEIGHTS", deploy_checkpoint]
     )
-    image = export_model.preprocess(cfg, _image(0, 64, 64))
-    model = export_model.build_deploy_model(cfg)
+    model, traced = _trace(cfg, export_model.preprocess(cfg, _image(0, 64, 64)))
     with torch.no_grad():
-        traced = torch.jit.trace(
-            export_model.tracing_adapter(model, image), (image,), check_trace=False
-        )
         same_size = export_model.preprocess(cfg, _image(2, 64, 64))
         (eager,) = _eager(cfg, [same_size])
         assert len(eager[0]) > 10
@@ -156,11 +162,8 @@ def test_a_trace_keeps_the_top_boxes_per_level_dynamic(deploy_checkpoint):
         YAML, list(TINY_OPTS) + opts + ["MODEL.WEIGHTS", deploy_checkpoint]
     )
     images = [export_model.preprocess(cfg, _image(seed, 64, 64)) for seed in range(5)]
-    model = export_model.build_deploy_model(cfg)
+    _, traced = _trace(cfg, images[0])
     with torch.no_grad():
-        traced = torch.jit.trace(
-            export_model.tracing_adapter(model, images[0]), (images[0],), check_trace=False
-        )
         for image, eager in zip(images[1:], _eager(cfg, images[1:])):
             _assert_traced_matches_eager(traced(image), eager)
 
@@ -171,12 +174,7 @@ def test_the_deploy_trace_runs_no_custom_op(deploy_checkpoint):
     cfg = export_model.setup_cfg(
         YAML, list(TINY_OPTS) + TEST_OPTS + ["MODEL.WEIGHTS", deploy_checkpoint]
     )
-    image = export_model.preprocess(cfg, _image(0, 64, 64))
-    model = export_model.build_deploy_model(cfg)
-    with torch.no_grad():
-        traced = torch.jit.trace(
-            export_model.tracing_adapter(model, image), (image,), check_trace=False
-        )
+    _, traced = _trace(cfg, export_model.preprocess(cfg, _image(0, 64, 64)))
     kinds = {node.kind() for node in traced.inlined_graph.nodes()}
     assert any(kind.startswith("aten::") for kind in kinds)
     assert not [kind for kind in kinds if kind.startswith("mimicdet::")]
