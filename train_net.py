@@ -9,6 +9,7 @@ Train or evaluate MimicDet with a yaml config (a DefaultTrainer) or a LazyConfig
 
 import logging
 import os
+import signal
 import weakref
 
 import torch
@@ -33,7 +34,12 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import locate
 
-from mimicdet import WeightsOnlyCheckpointer, get_mimicdet_cfg
+from mimicdet import (
+    CheckpointOnSignal,
+    WeightsOnlyCheckpointer,
+    get_mimicdet_cfg,
+    signal_ignored,
+)
 from mimicdet.data import MimicDetDatasetMapper, check_detection_dataset_dicts
 from mimicdet.distill import Distiller
 from mimicdet.evaluation import HAS_DETECTRON2_OPS, EvaluateResumedCheckpoint
@@ -120,8 +126,9 @@ class Trainer(DefaultTrainer):
             lambda: self.test(self.cfg, self.model),
             os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"),
         )
+        # after the LR scheduler's and the periodic checkpointer's hooks, before evaluation
         at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)), len(ret))
-        return ret[:at] + [evaluate_lost] + ret[at:]
+        return ret[:at] + [CheckpointOnSignal(self.checkpointer), evaluate_lost] + ret[at:]
 
     # detectron2 v0.6's DefaultTrainer checkpoints neither the optimizer (momentum) nor AMP's
     # grad scaler; upstream later added these two methods, the same as here
@@ -210,6 +217,7 @@ def do_train_lazy(args, cfg):
                 if comm.is_main_process()
                 else None
             ),
+            CheckpointOnSignal(checkpointer),
             EvaluateResumedCheckpoint(
                 cfg.train.eval_period,
                 lambda: do_test_lazy(cfg, model),
@@ -252,9 +260,11 @@ def main_lazy(args):
 
 def main(args):
     """Run one process's share of training or evaluation; returns the evaluation results."""
-    if args.config_file.endswith(".py"):
-        return main_lazy(args)
-    return main_yaml(args)
+    # SIGUSR1 saves a checkpoint in training (CheckpointOnSignal) and kills no data-loader worker
+    with signal_ignored(signal.SIGUSR1):
+        if args.config_file.endswith(".py"):
+            return main_lazy(args)
+        return main_yaml(args)
 
 
 if __name__ == "__main__":

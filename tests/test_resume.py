@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from detectron2.engine import default_argument_parser
+from detectron2.engine import HookBase, default_argument_parser
 
 from conftest import _write_coco
 
@@ -171,3 +171,73 @@ def test_sigkill_then_resume_continues_from_the_last_complete_checkpoint(
     with open(os.path.join(out, "metrics.json")) as f:
         iterations = [json.loads(line)["iteration"] for line in f if line.strip()]
     assert iterations[-1] == MAX_ITER - 1
+
+
+class _SignalAt(HookBase):
+    """Sends this process ``signum`` before step ``iteration``, as a batch system would."""
+
+    def __init__(self, iteration, signum):
+        self.iteration, self.signum = iteration, signum
+
+    def before_step(self):
+        if self.trainer.iter == self.iteration:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_sigusr1_saves_a_checkpoint_that_resume_continues_from(tmp_path, tiny_opts, monkeypatch):
+    """SIGUSR1 during step 1 saves that step's checkpoint and training goes on; a stop after it
+    resumes at step 2 with the checkpoint's state, not from the last periodic checkpoint."""
+    name = "mimicdet_tiny_sigusr1"
+    json_file, image_dir = _write_coco(str(tmp_path / name), size=64)
+    out = str(tmp_path / "out")
+    # no periodic checkpoint before the end: only the signal can save step 1
+    opts = _opts(name, out, tiny_opts) + ["SOLVER.CHECKPOINT_PERIOD", "100"]
+    build_hooks = train_net.Trainer.build_hooks
+    monkeypatch.setattr(
+        train_net.Trainer,
+        "build_hooks",
+        lambda self: build_hooks(self) + [_SignalAt(1, signal.SIGUSR1)],
+    )
+    previous = signal.getsignal(signal.SIGUSR1)
+    from detectron2.data.datasets import register_coco_instances
+
+    register_coco_instances(name, {}, json_file, image_dir)
+    try:
+        train_net.main(default_argument_parser().parse_args(["--config-file", YAML] + opts))
+        assert signal.getsignal(signal.SIGUSR1) is previous  # the handler is put back
+        saved = torch.load(os.path.join(out, "model_0000001.pth"), weights_only=True)
+        assert saved["iteration"] == 1 and saved["trainer"]["iteration"] == 1
+        assert "LRScheduler" in saved["trainer"]["hooks"]
+        assert sorted(f for f in os.listdir(out) if f.endswith(".pth")) == [
+            "model_0000001.pth", "model_final.pth",
+        ]  # fmt: skip
+
+        # the machine stopped after the signal's checkpoint: resume from it
+        os.remove(os.path.join(out, "model_final.pth"))
+        with open(os.path.join(out, "last_checkpoint"), "w") as f:
+            f.write("model_0000001.pth")
+        monkeypatch.setattr(train_net.Trainer, "build_hooks", build_hooks)
+        restored = {}
+        resume_or_load = train_net.Trainer.resume_or_load
+
+        def recording_resume_or_load(self, resume=True):
+            resume_or_load(self, resume=resume)
+            restored.update(model=copy.deepcopy(self.model.state_dict()), start=self.start_iter)
+
+        monkeypatch.setattr(train_net.Trainer, "resume_or_load", recording_resume_or_load)
+        train_net.main(
+            default_argument_parser().parse_args(["--config-file", YAML, "--resume"] + opts)
+        )
+    finally:
+        from detectron2.data import DatasetCatalog, MetadataCatalog
+
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    assert restored["start"] == 2
+    _assert_same(restored["model"], saved["model"], "model")
+    with open(os.path.join(out, "log.txt")) as f:
+        log = f.read()
+    assert f"kill -USR1 {os.getpid()} saves a checkpoint" in log
+    assert "SIGUSR1: saving the checkpoint of iteration 1" in log
+    assert "Starting training from iteration 2" in log
+    assert os.path.isfile(os.path.join(out, "model_final.pth"))

@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import signal
 import sys
 
 import pytest
@@ -265,6 +266,26 @@ def test_lazyconfig_resume_restores_weights_optimizer_and_iteration(
     # training, writes a record of its own)
     assert [r["iteration"] for r in records if "total_loss" in r][-1] == 5
 
+
+@pytest.mark.slow
+def test_sigusr1_saves_a_lazyconfig_checkpoint_and_training_goes_on(
+    tmp_path, tiny_coco, monkeypatch
+):
+    """The LazyConfig trainer registers the SIGUSR1 checkpoint hook too (the yaml trainer's is
+    tested with a resume in test_resume.py)."""
+
+    class SignalledAtStep1(train_net.CheckpointOnSignal):
+        def before_step(self):
+            if self.trainer.iter == 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(train_net, "CheckpointOnSignal", SignalledAtStep1)
+    out = str(tmp_path / "out")
+    opts = _lazy_opts(tiny_coco("mimicdet_tiny_lazy_signal"), out)
+    _run(["--config-file", LAZY] + opts + ["train.max_iter=3", "train.checkpointer.period=100"])
+    saved = torch.load(os.path.join(out, "model_0000001.pth"), weights_only=True)
+    assert saved["iteration"] == 1 and "optimizer" in saved
+    assert os.path.isfile(os.path.join(out, "model_final.pth"))
 
 @pytest.mark.slow
 def test_a_resumed_lazyconfig_training_evaluates_the_checkpoint_whose_evaluation_a_stop_lost(

@@ -3,7 +3,7 @@
 from . import backbone as _  # noqa: F401 registers the backbone builder
 from . import distill as _  # noqa: F401,F811 registers the Distiller
 from . import modeling as _  # noqa: F401,F811 registers MimicDet and its T-head
-from .checkpoint import WeightsOnlyCheckpointer
+from .checkpoint import CheckpointOnSignal, WeightsOnlyCheckpointer, signal_ignored
 from .config import add_mimicdet_config, get_mimicdet_cfg
 from .data import register_deepforest, register_fashion_scenes
 from .distill import add_distill_config
@@ -14,10 +14,12 @@ register_deepforest()
 register_fashion_scenes()
 
 __all__ = [
+    "CheckpointOnSignal",
     "WeightsOnlyCheckpointer",
     "add_distill_config",
     "add_mimicdet_config",
     "get_mimicdet_cfg",
     "register_deepforest",
     "register_fashion_scenes",
+    "signal_ignored",
 ]

@@ -1,10 +1,18 @@
 """Checkpoints that load without unpickling arbitrary objects and never save half-written files."""
 
+import contextlib
+import logging
 import os
 import pickle
+import signal
+import threading
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+
+logger = logging.getLogger(__name__)
 
 
 def atomic_write(path, write):
@@ -139,3 +147,78 @@ def load_weights_strictly(model, path, what="model"):
         problems.append(f"other shapes: {'; '.join(shapes[:10])}")
     if problems:
         raise ValueError(f"Checkpoint '{path}' does not match the {what}: " + " | ".join(problems))
+
+
+@contextlib.contextmanager
+def signal_ignored(signum=signal.SIGUSR1):
+    """
+    Ignores ``signum`` while the block runs, in this process and in the processes it forks
+    meanwhile that set no handler of their own: data-loader workers, which a signal sent to a
+    whole process group (``pkill -f``, a batch system) would otherwise kill, and the training
+    with them. Wrap the building of the data loaders and the training in it; inside,
+    :class:`CheckpointOnSignal` handles the signal in the training process itself.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+    previous = signal.signal(signum, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+
+
+class CheckpointOnSignal(HookBase):
+    """
+    Saves a checkpoint when the training process receives ``signum`` (SIGUSR1 by default), at
+    the end of the step it arrives in, then trains on. A batch system that warns before it stops
+    a job (SLURM's ``--signal=USR1@120``), or a person about to stop a machine, so loses no
+    steps: ``--resume`` goes on from that checkpoint, not from the last periodic one.
+
+    The checkpoint is the one ``PeriodicCheckpointer`` writes (``model_<iter>.pth`` with the
+    iteration, tagged in ``last_checkpoint``), so register this hook after the LR scheduler's.
+    Every process installs the handler (a process without one would die of the signal); only
+    the main one writes, as the checkpointer does. The signal's previous handler comes back
+    after training. Data-loader workers ignore the signal if they are forked inside
+    :func:`signal_ignored`, as train_net.py does.
+    """
+
+    def __init__(self, checkpointer, signum=signal.SIGUSR1, file_prefix="model"):
+        self._checkpointer = checkpointer
+        self._signum = signum
+        self._file_prefix = file_prefix
+        self._requested = False
+        self._previous = None
+
+    def _request(self, signum, frame):
+        # only a flag here: a signal may arrive in the middle of a step or of a save
+        self._requested = True
+
+    def before_train(self):
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning(
+                f"Training outside the main thread: {signal.Signals(self._signum).name} will"
+                " not save a checkpoint (Python handles signals in the main thread only)."
+            )
+            return
+        self._previous = signal.signal(self._signum, self._request)
+        if comm.is_main_process():
+            logger.info(
+                f"kill -{signal.Signals(self._signum).name[3:]} {os.getpid()} saves a checkpoint"
+                " at the end of the current step, to --resume from"
+            )
+
+    def after_step(self):
+        if not self._requested:
+            return
+        self._requested = False
+        iteration = self.trainer.iter
+        logger.info(
+            f"{signal.Signals(self._signum).name}: saving the checkpoint of iteration {iteration}"
+        )
+        self._checkpointer.save(f"{self._file_prefix}_{iteration:07d}", iteration=iteration)
+
+    def after_train(self):
+        if self._previous is not None:
+            signal.signal(self._signum, self._previous)
+            self._previous = None
