@@ -1,6 +1,7 @@
 """tools/benchmark_lanes.py: the committed stages, lanes side by side, and commits as runs land."""
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,8 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import benchmark_lanes  # noqa: E402
 from benchmark_lanes import Command, parse_stages  # noqa: E402
-from benchmark_rows import DATASETS, ROWS  # noqa: E402
+from benchmark_rows import DATASETS, ROWS, root_row  # noqa: E402
+from quiet_timing import QuietWindows  # noqa: E402
 
 TRAINS_NOTHING = ("--retime-training", "--retime", "--report", "--plan")
 
@@ -31,25 +33,60 @@ def seeds_of(command):
     return 1, int(flags[flags.index("--seeds") + 1])
 
 
-def test_the_committed_stages_train_every_first_reported_seed_alone():
+def committed_seeds(dataset, row):
+    """The seeds of ``row`` whose results are committed on ``dataset``'s current schedule."""
+    seeds = set()
+    for path in (REPO / "benchmarks" / "runs" / dataset / row).glob("*-seed*.json"):
+        if json.loads(path.read_text())["max_iter"] == DATASETS[dataset].max_iter:
+            seeds.add(int(path.stem.rsplit("-seed", 1)[1]))
+    return seeds
+
+
+def test_the_committed_stages_train_what_a_command_needs_before_it():
+    """Lanes run side by side, so a command may only rely on what an earlier stage, or an
+    earlier command of its own lane, trained: a reported seed on its detector's sweep (else two
+    lanes would train the same sweep run into one folder), a student on its teacher's seed."""
     stages = parse_stages(benchmark_lanes.DEFAULT_STAGES.read_text())
     assert stages, "the committed stages file is empty"
-    # (dataset, row) whose seed 1 has trained alone: committed already (on the dataset's
-    # current schedule, or it trains again), or in an earlier stage
-    alone = {
-        (path.parts[-3], path.parts[-2])
-        for path in (REPO / "benchmarks" / "runs").glob("*/*/*-seed1.json")
-        if json.loads(path.read_text())["max_iter"] == DATASETS[path.parts[-3]].max_iter
-    }
-    for stage in stages:
-        commands = [command for lane in stage for command in lane]
-        for command in commands:
-            seeds = seeds_of(command)
-            if len(stage) > 1 and seeds and seeds[1] >= 1:
-                # side by side, its timing is off: seed 1 must be trained already, alone
-                assert (command.dataset, command.row) in alone, f"{command}: seed 1 in a lane"
-        if len(stage) == 1:
-            alone.update((c.dataset, c.row) for c in commands if (seeds_of(c) or (0, 0))[1] >= 1)
+    places = [
+        (command, (s, lane, position))
+        for s, stage in enumerate(stages)
+        for lane, commands in enumerate(stage)
+        for position, command in enumerate(commands)
+    ]
+
+    def before(a, b):
+        return a[0] < b[0] or (a[0] == b[0] and a[1] == b[1] and a[2] < b[2])
+
+    for command, place in places:
+        seeds = seeds_of(command)
+        if not seeds or seeds[1] < 1 or command.row == benchmark_lanes.ALL_ROWS:
+            continue
+        row = ROWS[command.row]
+        needs = {(root_row(command.row), 0)}  # its detector's sweep: the chosen variant
+        if row.teacher:
+            needs |= {(root_row(row.teacher), 0)}
+            needs |= {(row.teacher, seed) for seed in range(max(1, seeds[0]), seeds[1] + 1)}
+        for needed_row, seed in sorted(needs):
+            trained_by = [
+                other_place
+                for other, other_place in places
+                if other.dataset == command.dataset
+                and other.row in (needed_row, benchmark_lanes.ALL_ROWS)
+                and seeds_of(other)
+                and seeds_of(other)[0] <= seed <= seeds_of(other)[1]
+            ]
+            # trained in the file: by a command before this one (a later one finds it done);
+            # else committed already
+            if trained_by:
+                assert any(before(p, place) for p in trained_by), (
+                    f"{command} at {place}: needs {needed_row} seed {seed}, trained at"
+                    f" {trained_by} (stage, lane, position), none before it"
+                )
+            elif seed >= 1:
+                assert seed in committed_seeds(command.dataset, needed_row), (
+                    f"{command}: needs {needed_row} seed {seed}, neither trained nor committed"
+                )
 
 
 def test_a_stage_line_splits_into_lanes_of_commands_and_bad_lines_name_their_place():
@@ -242,3 +279,115 @@ def test_the_dry_run_prints_the_stages_and_output_is_required_to_train(
     ]
     with pytest.raises(SystemExit):
         benchmark_lanes.parse_args([])
+
+
+def _counting_lane(path, stop_file=None, limit=3000):
+    """A lane that counts into ``path`` every 20 ms (atomically), so a test sees whether it is
+    paused; it ends 1 s after ``stop_file`` exists, or after ``limit`` counts."""
+    code = (
+        "import os, time, pathlib\n"
+        f"path, stop = pathlib.Path({str(path)!r}), {str(stop_file)!r}\n"
+        "ends = None\n"
+        f"for i in range({limit}):\n"
+        "    path.with_suffix('.tmp').write_text(str(i))\n"
+        "    os.replace(path.with_suffix('.tmp'), path)\n"
+        "    if ends is None and stop != 'None' and os.path.exists(stop):\n"
+        "        ends = time.time() + 1.0\n"
+        "    if ends is not None and time.time() > ends:\n"
+        "        break\n"
+        "    time.sleep(0.02)\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def _count(path):
+    deadline = time.time() + 60
+    while not path.exists():
+        assert time.time() < deadline, f"{path.name}: the lane never counted"
+        time.sleep(0.02)
+    return int(path.read_text())
+
+
+def _advancing(path, wait_s=0.3):
+    before = _count(path)
+    time.sleep(wait_s)
+    return _count(path) > before
+
+
+def test_a_quiet_window_pauses_the_other_lanes_until_its_timing_ends(tmp_path):
+    windows = QuietWindows(tmp_path / "quiet")
+    lanes = [
+        subprocess.Popen(_counting_lane(tmp_path / name), start_new_session=True)
+        for name in ("a", "b")
+    ]
+    a, b = lanes
+    request = windows.folder / f"{a.pid}.request"
+    try:
+        _count(tmp_path / "a"), _count(tmp_path / "b")  # both counting
+        stale = windows.folder / "1.request"  # no lane's: an ended process's, say
+        stale.touch()
+        request.touch()
+        windows.serve(lanes)
+        assert (windows.folder / f"{a.pid}.granted").exists() and not stale.exists()
+        assert _advancing(tmp_path / "a") and not _advancing(tmp_path / "b")
+        windows.serve(lanes)  # still timing: b stays paused
+        assert not _advancing(tmp_path / "b")
+        request.unlink()  # timing done
+        windows.serve(lanes)
+        assert not (windows.folder / f"{a.pid}.granted").exists()
+        assert _advancing(tmp_path / "b")
+        # a lane that ends inside its window leaves no other lane paused
+        (windows.folder / f"{b.pid}.request").touch()
+        windows.serve(lanes)
+        assert not _advancing(tmp_path / "a")
+        b.kill()
+        b.wait()
+        windows.serve(lanes)
+        assert _advancing(tmp_path / "a")
+    finally:
+        windows.close()
+        for lane in lanes:
+            lane.kill()
+            lane.wait()
+
+
+def test_a_command_in_a_lane_times_with_the_others_paused_and_at_every_core(
+    tmp_path, monkeypatch
+):
+    counter, trace = tmp_path / "counter", tmp_path / "trace.txt"
+    timing = (  # what benchmark.py does around its inference timing
+        "import sys, time, pathlib\n"
+        f"sys.path.insert(0, {str(REPO / 'tools')!r})\n"
+        "import torch\n"
+        "from quiet_timing import quiet_window\n"
+        f"counter = pathlib.Path({str(counter)!r})\n"
+        "while not counter.exists():\n"
+        "    time.sleep(0.02)\n"
+        "with quiet_window() as quiet:\n"
+        "    before = counter.read_text()\n"
+        "    time.sleep(0.5)\n"
+        "    paused = counter.read_text() == before\n"
+        "    threads = torch.get_num_threads()\n"
+        "result = f'{quiet} {paused} {threads} {torch.get_num_threads()} {counter.read_text()}'\n"
+        f"pathlib.Path({str(trace)!r}).write_text(result)\n"
+    )
+
+    def argv(command, output):
+        if command.row == "retinanet":  # a training beside it
+            return _counting_lane(counter, stop_file=trace)
+        return [sys.executable, "-c", timing]
+
+    monkeypatch.setattr(Command, "argv", argv)
+    monkeypatch.setattr(benchmark_lanes.os, "cpu_count", lambda: 2)
+    stage = ((Command("deepforest", "retinanet"),), (Command("deepforest", "mimicdet"),))
+    assert benchmark_lanes.run_stage(stage, tmp_path, tmp_path, poll_s=0.05)
+    quiet, paused, inside, after, count = trace.read_text().split()
+    # in the window: the other lane paused, torch at both cores; after it, one thread again
+    assert (quiet, paused, inside, after) == ("True", "True", "2", "1")
+    assert int(counter.read_text()) > int(count)  # the other lane went on afterwards
+    assert not list((tmp_path / ".quiet").iterdir())
+    # a lane alone has nothing to ask for: it times as it is
+    trace.unlink()
+    counter.write_text("0")
+    assert benchmark_lanes.run_stage(((Command("deepforest", "mimicdet"),),), tmp_path, tmp_path)
+    assert trace.read_text().split()[:4] == ["False", "True", "2", "2"]

@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO / "tools"))
 from benchmark_report import load_runs, ranking_ap, write_report  # noqa: E402
 from benchmark_rows import DATASETS, LEARNING_RATES, ROWS, root_row, variant_name  # noqa: E402
 from prepare_deepforest import sha256  # noqa: E402
+from quiet_timing import quiet_window  # noqa: E402
 
 DEFAULT_RESULTS = REPO / "benchmarks"
 DEFAULT_OUTPUT = REPO / "output" / "benchmark"
@@ -623,8 +624,9 @@ def measure_inference(
 
     predictor = build_predictor(config, opts, weights, device)
     models = {"model": predictor, "yardstick": yardstick}
-    time_images(models, images[:warmup], device)
-    times = time_images(models, images, device)
+    with quiet_window():  # in a lane: the other lanes paused, this one at their threads too
+        time_images(models, images[:warmup], device)
+        times = time_images(models, images, device)
     model = predictor.model
     skip = training_only_keys(dict(model.named_parameters())) if deploy else ()
     resized = predictor.aug.get_transform(images[0]).apply_image(images[0])

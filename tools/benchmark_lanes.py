@@ -15,13 +15,14 @@ ROW [benchmark.py flags]`` (ROW ``all``: every row). Training commands are idemp
 checkpoint in ``--output``), so after a stop the same command line goes on where the last sitting
 ended: nothing to edit.
 
-Why lanes: two RetinaNet trainings side by side at one thread each took 1.53 s a step each on the
-2-core CPU, against 0.91 s for one at two threads (2026-12-04): 1.31 against 1.10 steps a second.
-But a run's inference is timed after its training, and on one thread beside another training its
-ratio to the yardstick rose from 1.8 to 2.0. The tables take their ms from a row's first reported
-seed (seed 1), so the stages train every seed-1 run alone and put only tuning runs (seed 0) and
-seeds 2.. into lanes. Their step times are re-measured side by side at the end
-(``--retime-training``), as the tables prefer.
+Why lanes: two trainings side by side at one thread each make 1.19x the steps of one alone at
+two threads on the 2-core CPU (RetinaNet, 2026-12-04: 0.91 s a step alone, 1.53 s each side by
+side; MimicDet, 2026-12-06: 2.89 s, and 4.93 s and 4.83 s). But a run's inference is timed after
+its training, and on one thread beside another training its ratio to the yardstick rose from 1.8
+to 2.0. So a stage of several lanes serves quiet windows (``quiet_timing``): a command times its
+inference with the other lanes paused (SIGSTOP, for the seconds it takes) and at every core, as
+alone. The lanes' step times are re-measured side by side at the end (``--retime-training``), as
+the tables prefer.
 
 With ``--commit``, each run result is committed alone as it lands, then the tables
 (``benchmark.py --report``: ``benchmarks/*.md``, plots, README, MODEL_ZOO) are rebuilt from it
@@ -45,6 +46,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 from benchmark_rows import DATASETS, ROWS  # noqa: E402
+from quiet_timing import (  # noqa: E402
+    QUIET_DIR_ENV,
+    QUIET_THREADS_ENV,
+    QuietWindows,
+    signal_group,
+)
 
 DEFAULT_STAGES = REPO / "tools" / "benchmark_stages.txt"
 RUNS = "benchmarks/runs"
@@ -55,6 +62,8 @@ TABLES = ("benchmarks/*.md", "benchmarks/*.png", "benchmarks/results.json", "REA
 ALL_ROWS = "all"
 # the orchestrator's own flags: a stage line may not override them
 RESERVED_FLAGS = ("--dataset", "--rows", "--output", "--results")
+# how often a stage of several lanes looks for a quiet-window request (seconds)
+QUIET_TICK_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -173,6 +182,7 @@ def log(text):
 def stop(process):
     """Ends a lane's command with the training it started (its own process group)."""
     if process.poll() is None:
+        signal_group(process, signal.SIGCONT)  # a paused lane would not act on SIGTERM
         os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=60)
@@ -185,14 +195,24 @@ def run_stage(stage, output, logs, commit=False, poll_s=30):
     """
     Runs a stage's lanes side by side, each lane's commands in turn. A failed command ends its
     lane (what follows it may need its result); the other lanes go on, their runs are worth
-    keeping. Returns False if a command failed.
+    keeping. Returns False if a command failed. With several lanes, a command times its
+    inference in a quiet window (``quiet_timing``): the other lanes paused, at every core.
     """
     cores = os.cpu_count() or 1
     threads = lane_threads(len(stage), cores)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env.pop(QUIET_DIR_ENV, None)
+    quiet = None
+    if len(stage) > 1:
+        quiet = QuietWindows(Path(output) / ".quiet")
+        env.update({QUIET_DIR_ENV: str(quiet.folder), QUIET_THREADS_ENV: str(cores)})
+    # a window is asked for and ended within seconds; commits need no such haste
+    tick_s = min(poll_s, QUIET_TICK_S) if quiet else poll_s
+    ticks_per_poll = max(1, round(poll_s / tick_s))
     queues = [list(lane) for lane in stage]
     running = [None] * len(stage)
     ok = True
+    tick = 0
     try:
         while any(queues) or any(running):
             for i, queue in enumerate(queues):
@@ -213,13 +233,19 @@ def run_stage(stage, output, logs, commit=False, poll_s=30):
                         )  # fmt: skip
                     log(f"lane {i + 1}: {command} ({threads} threads), log {path}")
                     running[i] = (process, command)
-            if commit:  # each result as it lands (a sweep is one command of several runs)
+            if quiet is not None:
+                quiet.serve([entry[0] for entry in running if entry is not None])
+            # each result as it lands (a sweep is one command of several runs)
+            if commit and (tick % ticks_per_poll == 0 or not any(running)):
                 landed = commit_safely(lambda: commit_results(REPO))
                 if landed:
                     commit_safely(lambda: commit_tables(REPO, describe(landed)))
             if any(running):
-                time.sleep(poll_s)
+                time.sleep(tick_s)
+                tick += 1
     finally:
+        if quiet is not None:
+            quiet.close()
         for entry in running:
             if entry is not None:
                 stop(entry[0])

@@ -1,0 +1,129 @@
+"""
+Quiet windows: a benchmark command that trains beside others (a lane of
+``tools/benchmark_lanes.py``) times its inference with the other lanes paused, at the threads
+it would have alone, so that its timing is the one a run trained alone would record.
+
+Why: two trainings side by side at one thread each make 1.19x the steps of one alone at two
+threads (MimicDet on Fashion scenes, 2026-12-06: 2.89 s a step alone, 4.93 s and 4.83 s side by
+side), but beside another training a run's inference slowed against the yardstick timed with it
+(the ratio went from 1.81 to 2.0, RetinaNet, 2026-12-04). A window of a few seconds a run keeps
+the first and removes the second.
+
+The protocol, in the folder named by ``$BENCHMARK_QUIET_DIR`` (set by the orchestrator for a
+stage of several lanes; without it there is nothing to ask for):
+
+1. the timing process writes ``<pid>.request`` and waits for ``<pid>.granted``;
+2. the orchestrator stops every other lane's process group (SIGSTOP), then writes
+   ``<pid>.granted``; one window at a time, the oldest request first;
+3. the timing process sets torch's threads to ``$BENCHMARK_QUIET_THREADS``, times, restores its
+   threads and deletes ``<pid>.request``;
+4. the orchestrator deletes ``<pid>.granted`` and continues the other lanes (SIGCONT); it does
+   so too when the timing process ends without deleting its request.
+"""
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+QUIET_DIR_ENV = "BENCHMARK_QUIET_DIR"
+QUIET_THREADS_ENV = "BENCHMARK_QUIET_THREADS"
+
+
+@contextlib.contextmanager
+def quiet_window(wait_s=1800.0, poll_s=0.2):
+    """
+    Runs the block with the other lanes paused and torch at ``$BENCHMARK_QUIET_THREADS`` threads
+    when ``$BENCHMARK_QUIET_DIR`` is set; yields whether it did. Waiting longer than ``wait_s``
+    for the window (another lane's window, an evaluation's worth, comes first) is an error: the
+    orchestrator that should grant it has gone.
+    """
+    folder = os.environ.get(QUIET_DIR_ENV)
+    if not folder:
+        yield False
+        return
+    import torch
+
+    request = Path(folder) / f"{os.getpid()}.request"
+    granted = request.with_suffix(".granted")
+    request.touch()
+    try:
+        deadline = time.monotonic() + wait_s
+        while not granted.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"no quiet window for timing after {wait_s:.0f} s: is the"
+                    f" tools/benchmark_lanes.py that set {QUIET_DIR_ENV}={folder} still running?"
+                )
+            time.sleep(poll_s)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(int(os.environ.get(QUIET_THREADS_ENV, threads)))
+        try:
+            yield True
+        finally:
+            torch.set_num_threads(threads)
+    finally:
+        request.unlink(missing_ok=True)
+
+
+def signal_group(process, signum):
+    """Sends ``signum`` to ``process``'s process group (a lane: benchmark.py, its training and
+    the training's data-loader workers); a group that has ended is left alone."""
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+class QuietWindows:
+    """
+    The orchestrator's side: call :meth:`serve` with the lanes' running processes (``Popen``
+    objects, each the leader of its process group) every fraction of a second, and
+    :meth:`close` when the stage ends or is interrupted.
+    """
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in [*self.folder.glob("*.request"), *self.folder.glob("*.granted")]:
+            stale.unlink(missing_ok=True)  # an earlier orchestrator's, its processes gone
+        self.holder = None  # the process timing now
+        self.paused = []
+
+    def serve(self, processes):
+        """Ends the window whose process finished timing (or ended), then opens the next one."""
+        if self.holder is not None:
+            request = self.folder / f"{self.holder.pid}.request"
+            if request.exists() and self.holder.poll() is None:
+                return
+            self._end_window()
+        live = {p.pid: p for p in processes if p is not None and p.poll() is None}
+        requests = []
+        for request in self.folder.glob("*.request"):
+            try:
+                requests.append((request.stat().st_mtime, request))
+            except FileNotFoundError:  # withdrawn meanwhile
+                pass
+        for _, request in sorted(requests):
+            holder = live.get(int(request.stem)) if request.stem.isdigit() else None
+            if holder is None:  # not a running lane's: nothing will ever delete it
+                request.unlink(missing_ok=True)
+                continue
+            self.paused = [p for p in live.values() if p is not holder]
+            for process in self.paused:
+                signal_group(process, signal.SIGSTOP)
+            self.holder = holder
+            (self.folder / f"{holder.pid}.granted").touch()
+            return
+
+    def _end_window(self):
+        (self.folder / f"{self.holder.pid}.granted").unlink(missing_ok=True)
+        for process in self.paused:
+            signal_group(process, signal.SIGCONT)
+        self.holder, self.paused = None, []
+
+    def close(self):
+        """Continues every lane this object paused."""
+        if self.holder is not None:
+            self._end_window()
