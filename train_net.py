@@ -128,7 +128,8 @@ class Trainer(DefaultTrainer):
         )
         # after the LR scheduler's and the periodic checkpointer's hooks, before evaluation
         at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)), len(ret))
-        return ret[:at] + [CheckpointOnSignal(self.checkpointer), evaluate_lost] + ret[at:]
+        on_signal = CheckpointOnSignal(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD)
+        return ret[:at] + [on_signal, evaluate_lost] + ret[at:]
 
     # detectron2 v0.6's DefaultTrainer checkpoints neither the optimizer (momentum) nor AMP's
     # grad scaler; upstream later added these two methods, the same as here
@@ -217,7 +218,7 @@ def do_train_lazy(args, cfg):
                 if comm.is_main_process()
                 else None
             ),
-            CheckpointOnSignal(checkpointer),
+            CheckpointOnSignal(checkpointer, cfg.train.checkpointer.period),
             EvaluateResumedCheckpoint(
                 cfg.train.eval_period,
                 lambda: do_test_lazy(cfg, model),
@@ -269,11 +270,12 @@ def main(args):
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    with signal_ignored(signal.SIGUSR1):  # the launcher, and the workers it starts, survive it
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )

@@ -1,6 +1,7 @@
 """tools/benchmark_lanes.py: the committed stages, lanes side by side, and commits as runs land."""
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -83,10 +84,51 @@ def test_the_committed_stages_train_what_a_command_needs_before_it():
                     f"{command} at {place}: needs {needed_row} seed {seed}, trained at"
                     f" {trained_by} (stage, lane, position), none before it"
                 )
-            elif seed >= 1:
+            else:  # seed 0: some of the sweep at least (it chose a variant)
                 assert seed in committed_seeds(command.dataset, needed_row), (
                     f"{command}: needs {needed_row} seed {seed}, neither trained nor committed"
                 )
+
+
+def test_no_two_lanes_of_a_committed_stage_may_train_the_same_run():
+    """Side by side, two lanes training one run would write one folder at once. A command may
+    train its own runs not trained before (committed, or by an earlier stage), and a student
+    its teacher's seeds whatever was trained: a teacher whose checkpoint is gone trains again."""
+    stages = parse_stages(benchmark_lanes.DEFAULT_STAGES.read_text())
+    done = {
+        (dataset, row, seed)
+        for dataset in DATASETS
+        for row in ROWS
+        for seed in committed_seeds(dataset, row)
+        if seed >= 1  # a committed seed-0 run may be one of a sweep that is not complete
+    }
+
+    def may_train(command):
+        seeds = seeds_of(command)
+        if not seeds or command.row == benchmark_lanes.ALL_ROWS:
+            return set(), set()
+        own = {(command.dataset, command.row, seed) for seed in range(seeds[0], seeds[1] + 1)}
+        teacher = ROWS[command.row].teacher
+        teachers = {
+            (command.dataset, teacher, seed) for seed in range(max(1, seeds[0]), seeds[1] + 1)
+        } if teacher else set()  # fmt: skip
+        return own - done, teachers
+
+    for number, stage in enumerate(stages, 1):
+        trained_here = []
+        for lane in stage:
+            runs = set()
+            for command in lane:
+                own, teachers = may_train(command)
+                runs |= own | teachers
+            trained_here.append(runs)
+        for i in range(len(stage)):
+            for j in range(i + 1, len(stage)):
+                both = trained_here[i] & trained_here[j]
+                assert not both, f"stage {number}: lanes {i + 1} and {j + 1} may both train {both}"
+        for lane in stage:
+            for command in lane:
+                done |= may_train(command)[0]
 
 
 def test_a_stage_line_splits_into_lanes_of_commands_and_bad_lines_name_their_place():
@@ -308,10 +350,22 @@ def _count(path):
     return int(path.read_text())
 
 
-def _advancing(path, wait_s=0.3):
+def _advancing(path, wait_s=5.0):
+    """Whether the lane counts on (within ``wait_s``: the machine may be loaded)."""
+    before, deadline = _count(path), time.time() + wait_s
+    while time.time() < deadline:
+        if _count(path) > before:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _paused(path):
+    """Whether the lane stands still (once a stop signal had time to land)."""
+    time.sleep(0.1)
     before = _count(path)
-    time.sleep(wait_s)
-    return _count(path) > before
+    time.sleep(0.4)
+    return _count(path) == before
 
 
 def test_a_quiet_window_pauses_the_other_lanes_until_its_timing_ends(tmp_path):
@@ -321,25 +375,25 @@ def test_a_quiet_window_pauses_the_other_lanes_until_its_timing_ends(tmp_path):
         for name in ("a", "b")
     ]
     a, b = lanes
-    request = windows.folder / f"{a.pid}.request"
+    request = windows.folder / f"{a.pid}-1.request"
     try:
         _count(tmp_path / "a"), _count(tmp_path / "b")  # both counting
-        stale = windows.folder / "1.request"  # no lane's: an ended process's, say
+        stale = windows.folder / "1-1.request"  # no lane's: an ended process's, say
         stale.touch()
         request.touch()
         windows.serve(lanes)
-        assert (windows.folder / f"{a.pid}.granted").exists() and not stale.exists()
-        assert _advancing(tmp_path / "a") and not _advancing(tmp_path / "b")
+        assert request.with_suffix(".granted").exists() and not stale.exists()
+        assert _paused(tmp_path / "b") and _advancing(tmp_path / "a")
         windows.serve(lanes)  # still timing: b stays paused
-        assert not _advancing(tmp_path / "b")
+        assert _paused(tmp_path / "b")
         request.unlink()  # timing done
         windows.serve(lanes)
-        assert not (windows.folder / f"{a.pid}.granted").exists()
+        assert not request.with_suffix(".granted").exists()
         assert _advancing(tmp_path / "b")
         # a lane that ends inside its window leaves no other lane paused
-        (windows.folder / f"{b.pid}.request").touch()
+        (windows.folder / f"{b.pid}-2.request").touch()
         windows.serve(lanes)
-        assert not _advancing(tmp_path / "a")
+        assert _paused(tmp_path / "a")
         b.kill()
         b.wait()
         windows.serve(lanes)
@@ -347,6 +401,28 @@ def test_a_quiet_window_pauses_the_other_lanes_until_its_timing_ends(tmp_path):
     finally:
         windows.close()
         for lane in lanes:
+            lane.kill()
+            lane.wait()
+
+
+def test_lanes_an_orchestrator_left_paused_are_ended_by_the_next_one(tmp_path):
+    """Killed inside a window (SIGKILL: no clean-up), an orchestrator leaves a lane stopped; the
+    next one ends it rather than let it hold its run's folder, frozen or training beside it."""
+    windows = QuietWindows(tmp_path / "quiet")
+    timing, other = [
+        subprocess.Popen(_counting_lane(tmp_path / name), start_new_session=True)
+        for name in ("timing", "other")
+    ]
+    try:
+        _count(tmp_path / "timing"), _count(tmp_path / "other")
+        (windows.folder / f"{timing.pid}-1.request").touch()
+        windows.serve([timing, other])
+        assert _paused(tmp_path / "other")
+        QuietWindows(tmp_path / "quiet")  # the next orchestrator, the first never closed
+        assert other.wait(timeout=30) == -signal.SIGTERM
+        assert timing.poll() is None  # the lane that was timing was never paused
+    finally:
+        for lane in (timing, other):
             lane.kill()
             lane.wait()
 
@@ -363,7 +439,7 @@ def test_a_command_in_a_lane_times_with_the_others_paused_and_at_every_core(
         f"counter = pathlib.Path({str(counter)!r})\n"
         "while not counter.exists():\n"
         "    time.sleep(0.02)\n"
-        "with quiet_window() as quiet:\n"
+        "with quiet_window(wait_s=120) as quiet:\n"
         "    before = counter.read_text()\n"
         "    time.sleep(0.5)\n"
         "    paused = counter.read_text() == before\n"
@@ -389,5 +465,6 @@ def test_a_command_in_a_lane_times_with_the_others_paused_and_at_every_core(
     # a lane alone has nothing to ask for: it times as it is
     trace.unlink()
     counter.write_text("0")
-    assert benchmark_lanes.run_stage(((Command("deepforest", "mimicdet"),),), tmp_path, tmp_path)
+    alone = ((Command("deepforest", "mimicdet"),),)
+    assert benchmark_lanes.run_stage(alone, tmp_path, tmp_path, poll_s=0.05)
     assert trace.read_text().split()[:4] == ["False", "True", "2", "2"]

@@ -186,7 +186,8 @@ class _SignalAt(HookBase):
 
 def test_sigusr1_saves_a_checkpoint_that_resume_continues_from(tmp_path, tiny_opts, monkeypatch):
     """SIGUSR1 during step 1 saves that step's checkpoint and training goes on; a stop after it
-    resumes at step 2 with the checkpoint's state, not from the last periodic checkpoint."""
+    resumes at step 2 with the checkpoint's state, not from the last periodic checkpoint. During
+    the last step it saves nothing more: model_final stays the last checkpoint."""
     name = "mimicdet_tiny_sigusr1"
     json_file, image_dir = _write_coco(str(tmp_path / name), size=64)
     out = str(tmp_path / "out")
@@ -196,7 +197,9 @@ def test_sigusr1_saves_a_checkpoint_that_resume_continues_from(tmp_path, tiny_op
     monkeypatch.setattr(
         train_net.Trainer,
         "build_hooks",
-        lambda self: build_hooks(self) + [_SignalAt(1, signal.SIGUSR1)],
+        # step 1, and the last step, which saves model_final anyway
+        lambda self: build_hooks(self)
+        + [_SignalAt(1, signal.SIGUSR1), _SignalAt(MAX_ITER - 1, signal.SIGUSR1)],
     )
     previous = signal.getsignal(signal.SIGUSR1)
     from detectron2.data.datasets import register_coco_instances
@@ -211,6 +214,7 @@ def test_sigusr1_saves_a_checkpoint_that_resume_continues_from(tmp_path, tiny_op
         assert sorted(f for f in os.listdir(out) if f.endswith(".pth")) == [
             "model_0000001.pth", "model_final.pth",
         ]  # fmt: skip
+        assert _assert_checkpoints_complete(out) == "model_final.pth"
 
         # the machine stopped after the signal's checkpoint: resume from it
         os.remove(os.path.join(out, "model_final.pth"))

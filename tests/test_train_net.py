@@ -287,6 +287,7 @@ def test_sigusr1_saves_a_lazyconfig_checkpoint_and_training_goes_on(
     assert saved["iteration"] == 1 and "optimizer" in saved
     assert os.path.isfile(os.path.join(out, "model_final.pth"))
 
+
 @pytest.mark.slow
 def test_a_resumed_lazyconfig_training_evaluates_the_checkpoint_whose_evaluation_a_stop_lost(
     tmp_path, tiny_coco, monkeypatch

@@ -41,6 +41,7 @@ import platform
 import resource
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -1351,4 +1352,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # SIGUSR1 asks train_net.py for a checkpoint (CheckpointOnSignal); sent to a lane's process
+    # group it must not kill this process, which supervises the training (the trainings inherit
+    # the ignored signal and handle it themselves)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     main()

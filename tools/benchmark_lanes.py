@@ -235,8 +235,10 @@ def run_stage(stage, output, logs, commit=False, poll_s=30):
                     running[i] = (process, command)
             if quiet is not None:
                 quiet.serve([entry[0] for entry in running if entry is not None])
-            # each result as it lands (a sweep is one command of several runs)
-            if commit and (tick % ticks_per_poll == 0 or not any(running)):
+            # each result as it lands (a sweep is one command of several runs), not inside a
+            # window: --report would load the machine while a run is timed
+            window = quiet is not None and quiet.open
+            if commit and not window and (tick % ticks_per_poll == 0 or not any(running)):
                 landed = commit_safely(lambda: commit_results(REPO))
                 if landed:
                     commit_safely(lambda: commit_tables(REPO, describe(landed)))

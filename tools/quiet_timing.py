@@ -12,13 +12,16 @@ the first and removes the second.
 The protocol, in the folder named by ``$BENCHMARK_QUIET_DIR`` (set by the orchestrator for a
 stage of several lanes; without it there is nothing to ask for):
 
-1. the timing process writes ``<pid>.request`` and waits for ``<pid>.granted``;
-2. the orchestrator stops every other lane's process group (SIGSTOP), then writes
-   ``<pid>.granted``; one window at a time, the oldest request first;
+1. the timing process writes ``<pid>-<token>.request`` (a new token each window) and waits for
+   ``<pid>-<token>.granted``;
+2. the orchestrator stops every other lane's process group (SIGSTOP), notes their group ids in
+   ``paused``, then writes the ``.granted`` file; one window at a time, oldest request first;
 3. the timing process sets torch's threads to ``$BENCHMARK_QUIET_THREADS``, times, restores its
-   threads and deletes ``<pid>.request``;
-4. the orchestrator deletes ``<pid>.granted`` and continues the other lanes (SIGCONT); it does
-   so too when the timing process ends without deleting its request.
+   threads and deletes its two files;
+4. the orchestrator continues the other lanes (SIGCONT) and empties ``paused``; it does so too
+   when the timing process ends without deleting its request. An orchestrator killed inside a
+   window (SIGKILL) leaves ``paused``: the next one, starting, ends those lanes (SIGCONT, then
+   SIGTERM), whose runs it trains again from their checkpoints.
 """
 
 import contextlib
@@ -45,7 +48,7 @@ def quiet_window(wait_s=1800.0, poll_s=0.2):
         return
     import torch
 
-    request = Path(folder) / f"{os.getpid()}.request"
+    request = Path(folder) / f"{os.getpid()}-{time.monotonic_ns()}.request"
     granted = request.with_suffix(".granted")
     request.touch()
     try:
@@ -64,7 +67,8 @@ def quiet_window(wait_s=1800.0, poll_s=0.2):
         finally:
             torch.set_num_threads(threads)
     finally:
-        request.unlink(missing_ok=True)
+        granted.unlink(missing_ok=True)
+        request.unlink(missing_ok=True)  # the window ends with it
 
 
 def signal_group(process, signum):
@@ -74,6 +78,12 @@ def signal_group(process, signum):
         os.killpg(process.pid, signum)
     except ProcessLookupError:
         pass
+
+
+def _pid(request):
+    """The process id of a ``<pid>-<token>.request`` file, None for another name."""
+    pid = request.stem.split("-", 1)[0]
+    return int(pid) if pid.isdigit() else None
 
 
 class QuietWindows:
@@ -86,16 +96,36 @@ class QuietWindows:
     def __init__(self, folder):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._paused_file = self.folder / "paused"
+        self._end_lanes_left_paused()
         for stale in [*self.folder.glob("*.request"), *self.folder.glob("*.granted")]:
             stale.unlink(missing_ok=True)  # an earlier orchestrator's, its processes gone
-        self.holder = None  # the process timing now
+        self.holder = None  # (process, request) timing now
         self.paused = []
+
+    def _end_lanes_left_paused(self):
+        """Lanes an orchestrator killed inside a window left stopped: frozen, they would hold
+        their runs' folders forever; continued, they would train beside this orchestrator's."""
+        if not self._paused_file.exists():
+            return
+        for group in self._paused_file.read_text().split():
+            for signum in (signal.SIGCONT, signal.SIGTERM):
+                try:
+                    os.killpg(int(group), signum)
+                except (ProcessLookupError, PermissionError):
+                    break
+        self._paused_file.unlink()
+
+    @property
+    def open(self):
+        """Whether a command is timing now (nothing else should load the machine)."""
+        return self.holder is not None
 
     def serve(self, processes):
         """Ends the window whose process finished timing (or ended), then opens the next one."""
         if self.holder is not None:
-            request = self.folder / f"{self.holder.pid}.request"
-            if request.exists() and self.holder.poll() is None:
+            process, request = self.holder
+            if request.exists() and process.poll() is None:
                 return
             self._end_window()
         live = {p.pid: p for p in processes if p is not None and p.poll() is None}
@@ -106,21 +136,24 @@ class QuietWindows:
             except FileNotFoundError:  # withdrawn meanwhile
                 pass
         for _, request in sorted(requests):
-            holder = live.get(int(request.stem)) if request.stem.isdigit() else None
+            holder = live.get(_pid(request))
             if holder is None:  # not a running lane's: nothing will ever delete it
                 request.unlink(missing_ok=True)
                 continue
             self.paused = [p for p in live.values() if p is not holder]
+            self._paused_file.write_text(" ".join(str(p.pid) for p in self.paused))
             for process in self.paused:
                 signal_group(process, signal.SIGSTOP)
-            self.holder = holder
-            (self.folder / f"{holder.pid}.granted").touch()
+            self.holder = (holder, request)
+            request.with_suffix(".granted").touch()
             return
 
     def _end_window(self):
-        (self.folder / f"{self.holder.pid}.granted").unlink(missing_ok=True)
+        _, request = self.holder
+        request.with_suffix(".granted").unlink(missing_ok=True)
         for process in self.paused:
             signal_group(process, signal.SIGCONT)
+        self._paused_file.unlink(missing_ok=True)
         self.holder, self.paused = None, []
 
     def close(self):

@@ -152,11 +152,11 @@ def load_weights_strictly(model, path, what="model"):
 @contextlib.contextmanager
 def signal_ignored(signum=signal.SIGUSR1):
     """
-    Ignores ``signum`` while the block runs, in this process and in the processes it forks
-    meanwhile that set no handler of their own: data-loader workers, which a signal sent to a
-    whole process group (``pkill -f``, a batch system) would otherwise kill, and the training
-    with them. Wrap the building of the data loaders and the training in it; inside,
-    :class:`CheckpointOnSignal` handles the signal in the training process itself.
+    Ignores ``signum`` while the block runs, in this process and in the processes it starts
+    meanwhile that set no handler of their own (an ignored signal stays ignored across fork and
+    exec): data-loader workers and ``launch``'s worker processes, which a signal sent to a whole
+    process group (``pkill -f``, a batch system) would otherwise kill, and the training with
+    them. Inside, :class:`CheckpointOnSignal` handles the signal in the training process itself.
     """
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers belong to the main thread
@@ -177,14 +177,23 @@ class CheckpointOnSignal(HookBase):
 
     The checkpoint is the one ``PeriodicCheckpointer`` writes (``model_<iter>.pth`` with the
     iteration, tagged in ``last_checkpoint``), so register this hook after the LR scheduler's.
-    Every process installs the handler (a process without one would die of the signal); only
-    the main one writes, as the checkpointer does. The signal's previous handler comes back
-    after training. Data-loader workers ignore the signal if they are forked inside
-    :func:`signal_ignored`, as train_net.py does.
+    A step that ``PeriodicCheckpointer`` saves anyway (every ``period``-th, and the last, as
+    ``model_final``) is not saved twice: a second file would re-tag ``last_checkpoint`` away from
+    ``model_final.pth``. Every process installs the handler (a process without one would die of
+    the signal); only the main one writes, as the checkpointer does. The signal's previous
+    handler comes back after training.
+
+    Data-loader workers: forked (Linux's start method before Python 3.14) after training starts,
+    as detectron2 starts them, they inherit the handler, which only sets a flag of theirs; forked
+    inside :func:`signal_ignored` before that, they ignore the signal. Workers of the ``spawn``
+    or ``forkserver`` start methods started after training starts would die of it: there,
+    signal the training process alone (``kill``, not ``pkill`` or a process group).
     """
 
-    def __init__(self, checkpointer, signum=signal.SIGUSR1, file_prefix="model"):
+    def __init__(self, checkpointer, period=0, signum=signal.SIGUSR1, file_prefix="model"):
+        """``period``: the periodic checkpointer's (0: none)."""
         self._checkpointer = checkpointer
+        self._period = period
         self._signum = signum
         self._file_prefix = file_prefix
         self._requested = False
@@ -212,10 +221,12 @@ class CheckpointOnSignal(HookBase):
         if not self._requested:
             return
         self._requested = False
-        iteration = self.trainer.iter
-        logger.info(
-            f"{signal.Signals(self._signum).name}: saving the checkpoint of iteration {iteration}"
-        )
+        iteration, name = self.trainer.iter, signal.Signals(self._signum).name
+        periodic = self._period > 0 and (iteration + 1) % self._period == 0
+        if periodic or iteration >= self.trainer.max_iter - 1:
+            logger.info(f"{name}: iteration {iteration}'s own checkpoint serves")
+            return
+        logger.info(f"{name}: saving the checkpoint of iteration {iteration}")
         self._checkpointer.save(f"{self._file_prefix}_{iteration:07d}", iteration=iteration)
 
     def after_train(self):
