@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -654,6 +655,44 @@ def test_inference_timing_interleaves_the_models_image_by_image():
     assert {name: len(ms) for name, ms in times.items()} == {"a": 3, "b": 3}
 
 
+def test_a_run_records_the_threads_it_trained_at_and_those_its_inference_was_timed_at():
+    """A lane trains at one thread and times inference at every core in its quiet window: its
+    record says both, and a run that did both at one count says that one."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        laned = benchmark.machine("cpu", infer_threads=2)
+        assert "1 threads (inference timed at 2)" in laned
+        alone = benchmark.machine("cpu", infer_threads=1)
+        assert "1 threads," in alone and "inference" not in alone
+        assert benchmark.machine("cpu") == alone
+    finally:
+        torch.set_num_threads(threads)
+    assert benchmark_report.device_of(laned) == benchmark_report.device_of(alone) == "CPU"
+
+
+def test_the_table_names_a_rows_machine_only_where_the_rows_came_from_different_ones(tmp_path):
+    """Runs trained alone and in lanes (other threads) are one machine's; a row from another
+    machine has its machine named on every row."""
+
+    def run(row, ap, machine):
+        for seed in (0, 1):  # the tuning run that chose the variant, and a reported seed
+            result = fake_result(tmp_path, "deepforest", row, "lr0.005", seed, ap)
+            path = benchmark.result_path(tmp_path, "deepforest", row, "lr0.005", seed)
+            path.write_text(json.dumps({**result, "machine": machine}))
+
+    run("fcos", 8.0, "a CPU, 2 threads, torch 2, CPU")
+    run("retinanet", 7.0, "a CPU, 1 threads (inference timed at 2), torch 2, CPU")
+    benchmark_report.write_report(tmp_path, "today")
+    table = (tmp_path / "deepforest.md").read_text()
+    assert "| FCOS | 8.0 |" in table and "| RetinaNet | 7.0 |" in table and " on a CPU" not in table
+    run("faster_rcnn", 9.0, "another CPU, 2 threads, CPU")
+    benchmark_report.write_report(tmp_path, "today")
+    table = (tmp_path / "deepforest.md").read_text()
+    assert "| 7.0 on a CPU, 1 threads (inference timed at 2), torch 2, CPU |" in table
+    assert "| 9.0 on another CPU, 2 threads, CPU |" in table
+
+
 def test_the_cpu_share_counts_the_trainings_own_worker_processes():
     """A training's CPU time includes its data-loader workers (grandchildren of the benchmark)."""
     import subprocess
@@ -698,6 +737,9 @@ def test_a_distilled_row_trains_its_teacher_and_student_first_then_reports(tmp_p
     assert "MODEL.DISTILL.FGFI.WEIGHT" in student["opts"] and student["max_iter"] == 1
     assert student["params"] > 0 and student["infer_ms"] > 0 and student["yardstick_ms"] > 0
     assert 0 < student["train_cpu_share"] <= 1
+    # timed outside any lane: at the threads it trained at
+    threads = torch.get_num_threads()
+    assert student["machine"].endswith(f"{threads} threads, torch {torch.__version__}, CPU")
     # the student's own checkpoint and the deploy one (the student alone), by digest
     assert set(student["sha256"]) == {"model_final.pth", "model_deploy.pth"}
     assert all(len(digest) == 64 for digest in student["sha256"].values())

@@ -628,6 +628,7 @@ def measure_inference(
     with quiet_window():  # in a lane: the other lanes paused, this one at their threads too
         time_images(models, images[:warmup], device)
         times = time_images(models, images, device)
+        threads = torch.get_num_threads()
     model = predictor.model
     skip = training_only_keys(dict(model.named_parameters())) if deploy else ()
     resized = predictor.aug.get_transform(images[0]).apply_image(images[0])
@@ -638,10 +639,14 @@ def measure_inference(
         "yardstick_ms": statistics.median(times["yardstick"]),
         "params": params,
         "gflops": gflops,
+        "infer_threads": threads,
     }
 
 
-def machine(device="cpu"):
+def machine(device="cpu", infer_threads=None):
+    """The device, in words, its last word "CPU" or "CUDA"; on the CPU with the threads this
+    process trains at, and ``infer_threads`` where inference was timed at others (a lane: one
+    thread each beside the others, every core in its quiet window)."""
     if device == "cuda" and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA"
     cpu = platform.processor() or platform.machine()
@@ -652,7 +657,12 @@ def machine(device="cpu"):
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU"
+    threads = torch.get_num_threads()
+    if infer_threads is None or infer_threads == threads:
+        threads = f"{threads} threads"
+    else:
+        threads = f"{threads} threads (inference timed at {infer_threads})"
+    return f"{cpu}, {threads}, torch {torch.__version__}, CPU"
 
 
 def now():
@@ -899,6 +909,7 @@ class Benchmark:
             },
             "teacher": teacher,
         }
+        result["machine"] = machine(self.device, result.pop("infer_threads"))
         result["learned"] = learned(result)
         path = result_path(self.results, dataset, row_name, variant.name, seed)
         # COCOeval's nan (no detections) is not JSON: it becomes null

@@ -178,6 +178,12 @@ def device_of(machine):
     return (machine or "").rsplit(" ", 1)[-1]
 
 
+def machine_model(machine):
+    """tools/benchmark.py's machine description without its thread counts: the runs of one
+    machine trained alone or in lanes (other threads, the same processor and torch)."""
+    return ", ".join(part for part in (machine or "").split(", ") if "threads" not in part)
+
+
 def normalize_inference(rows, timing=None):
     """
     Puts every row's inference on one scale: its ms divided by the yardstick's ms timed
@@ -367,7 +373,7 @@ def markdown(
         "| infer ms/img | params (M) | GFLOPs | variant |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    machines = {r["machine"] for r in rows.values()}
+    machines = {machine_model(r["machine"]) for r in rows.values()}
     for name, r in rows.items():
         per_seed = ", ".join(_fmt(a) for a in r["AP_per_seed"])
         per_seed += " (tuning run only)" if r["tuning_run_only"] else ""
