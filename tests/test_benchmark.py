@@ -207,6 +207,60 @@ def test_the_plan_lists_what_is_left_in_training_order_with_its_time(tmp_path, c
     assert f"~{minutes} min (from deepforest retinanet's s/iter)" in printed
 
 
+def test_the_plan_counts_the_steps_an_interrupted_run_has_left(tmp_path, capsys):
+    """A run folder with a checkpoint of the command the run would train with now resumes after
+    it, and the plan counts only the steps left; a checkpoint of another command, or a student's
+    whose teacher's weights changed, trains from scratch and counts whole."""
+    bench = benchmark.Benchmark(tmp_path, tmp_path / "out")
+    for row, aps in (("retinanet", (3.0, 9.0, 1.0, 11.0)), ("faster_rcnn", (8.0, 12.0, 2.0, 10.0))):
+        for variant, ap in zip(("lr0.0025", "lr0.005", "lr0.01", "lr0.005-anchor16"), aps):
+            fake_result(tmp_path, "deepforest", row, variant, 0, ap)
+    student, teacher = ROWS["retinanet_fgfi"], ROWS["faster_rcnn"]
+    s_variant = bench.chosen("deepforest", "retinanet_fgfi")
+    t_variant = bench.chosen("deepforest", "faster_rcnn")
+    t_weights = bench.run_dir("deepforest", "faster_rcnn", t_variant.name, 1) / "model_final.pth"
+    t_weights.parent.mkdir(parents=True)
+    t_weights.write_bytes(b"teacher")
+    fake_result(tmp_path, "deepforest", "faster_rcnn", t_variant.name, 1, 12.0)
+    out = bench.run_dir("deepforest", "retinanet_fgfi", s_variant.name, 1)
+    out.mkdir(parents=True)
+
+    def interrupted(variant, digest, checkpoint="model_0000299.pth"):
+        t_opts = benchmark.teacher_opts(
+            benchmark.config_path("deepforest", teacher), t_weights, t_variant
+        )
+        arguments = bench.train_arguments(
+            "deepforest", student, variant, 1, out, t_opts, digest
+        )[2]
+        benchmark.write_result(out / benchmark.RUN_COMMAND_FILE, arguments)
+        (out / "last_checkpoint").write_text(checkpoint)
+
+    def planned():
+        capsys.readouterr()
+        bench.print_plan("deepforest", ["retinanet_fgfi"])
+        return [line for line in capsys.readouterr().out.splitlines() if "fgfi " in line]
+
+    assert planned() == [  # retinanet's s/iter (1.0) x 1200 steps
+        f"  retinanet_fgfi         {s_variant.name:34} seed 1  ~20 min (from retinanet's s/iter)"
+    ]
+    interrupted(s_variant, benchmark.sha256(t_weights))
+    assert bench.steps_done("deepforest", "retinanet_fgfi", s_variant.name, 1) == 300
+    assert planned()[0].endswith("~15 min (from retinanet's s/iter; resumes after step 300)")
+    # stopped in its final evaluation: every step done
+    interrupted(s_variant, benchmark.sha256(t_weights), "model_final.pth")
+    assert bench.steps_done("deepforest", "retinanet_fgfi", s_variant.name, 1) == 1200
+    # started at another learning rate: trained anew
+    other = dataclasses.replace(s_variant, opts=("SOLVER.BASE_LR", "0.02"))
+    interrupted(other, benchmark.sha256(t_weights))
+    assert bench.steps_done("deepforest", "retinanet_fgfi", s_variant.name, 1) == 0
+    # taught by weights that are no longer the teacher's: trained anew
+    interrupted(s_variant, benchmark.sha256(t_weights))
+    t_weights.write_bytes(b"the teacher trained again")
+    assert bench.steps_done("deepforest", "retinanet_fgfi", s_variant.name, 1) == 0
+    t_weights.unlink()  # no teacher here: it trains again, and the student after it
+    assert bench.steps_done("deepforest", "retinanet_fgfi", s_variant.name, 1) == 0
+
+
 def test_the_report_averages_the_reported_seeds_that_learned_and_names_the_others(tmp_path):
     for lr, ap in zip(LEARNING_RATES, (6.0, 8.0, 7.0)):
         fake_result(tmp_path, "deepforest", "fcos", f"lr{lr:g}", 0, ap)

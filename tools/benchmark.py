@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import resource
 import shlex
 import shutil
@@ -821,14 +822,12 @@ class Benchmark:
     def run_dir(self, dataset, row_name, variant_name_, seed):
         return self.output / dataset / row_name / f"{variant_name_}-seed{seed}"
 
-    def train(
+    def train_arguments(
         self, dataset, row, variant, seed, out, extra_opts=(), teacher_sha256=None, config=None
     ):
-        """train_net.py for one run into ``out`` (resumed if interrupted); returns the command,
-        the options that define the run (without its seed and output folder) and the training's
-        :func:`cpu_share` (None if it had finished earlier). A student's ``teacher_sha256`` is
-        part of what defines its run: a teacher trained again gives another run, as does a
-        config changed since (``config``: its :func:`config_digest`, read now if None)."""
+        """The train_net.py command of one run into ``out``, the options that define the run
+        (without its seed and output folder), and the arguments that define it, which a
+        checkpoint in ``out`` must have been started with to be resumed (:func:`resumable`)."""
         max_iter, eval_period = self.max_iter(dataset), self.eval_period(dataset)
         train_opts = [*row.opts, *variant.opts, *extra_opts]
         train_opts += schedule_opts(dataset, row, max_iter, eval_period, self.device)
@@ -838,6 +837,55 @@ class Benchmark:
         config = config or config_digest(dataset, row)
         arguments = command[1:] + [CONFIG_DIGEST_ARGUMENT + config]
         arguments += [f"teacher_sha256={teacher_sha256}"] if teacher_sha256 else []
+        return command, train_opts, arguments
+
+    def steps_done(self, dataset, row_name, variant_name_, seed):
+        """
+        How many of a run's steps an interrupted training in its folder has done, which the run
+        resumes after (0 where it would start from scratch: no checkpoint, one of another
+        command, a variant not chosen yet, or a student whose teacher's checkpoint is not here,
+        which is trained again and teaches with other weights).
+        """
+        row = ROWS[row_name]
+        out = self.run_dir(dataset, row_name, variant_name_, seed)
+        checkpoint = out / "last_checkpoint"
+        variants = [*self.sweep(dataset, root_row(row_name)), self.chosen(dataset, row_name)]
+        variant = next((v for v in variants if v and v.name == variant_name_), None)
+        if not checkpoint.is_file() or variant is None:
+            return 0
+        extra_opts, digest = (), None
+        if row.teacher is not None:
+            t_chosen = self.chosen(dataset, row.teacher)
+            if t_chosen is None:
+                return 0
+            t_variant = self.teacher_variant(dataset, row, variant, t_chosen)
+            weights = self.run_dir(dataset, row.teacher, t_variant.name, seed) / "model_final.pth"
+            if not weights.is_file():
+                return 0
+            extra_opts = teacher_opts(config_path(dataset, ROWS[row.teacher]), weights, t_variant)
+            digest = sha256(weights)
+        arguments = self.train_arguments(dataset, row, variant, seed, out, extra_opts, digest)[2]
+        if not same_command(recorded_command(out), arguments):
+            return 0
+        # detectron2's checkpointers name a checkpoint by the index of the step it ends
+        name = checkpoint.read_text().strip()
+        if name == "model_final.pth":
+            return self.max_iter(dataset)
+        index = re.fullmatch(r"model_(\d+)\.pth", name)
+        return int(index.group(1)) + 1 if index else 0
+
+    def train(
+        self, dataset, row, variant, seed, out, extra_opts=(), teacher_sha256=None, config=None
+    ):
+        """train_net.py for one run into ``out`` (resumed if interrupted); returns the command,
+        the options that define the run (without its seed and output folder) and the training's
+        :func:`cpu_share` (None if it had finished earlier). A student's ``teacher_sha256`` is
+        part of what defines its run: a teacher trained again gives another run, as does a
+        config changed since (``config``: its :func:`config_digest`, read now if None)."""
+        max_iter = self.max_iter(dataset)
+        command, train_opts, arguments = self.train_arguments(
+            dataset, row, variant, seed, out, extra_opts, teacher_sha256, config
+        )
         if (out / "model_final.pth").is_file():
             recorded = recorded_command(out)
             # a checkpoint from before commands were recorded (2026-12-03) is taken as it is
@@ -1211,14 +1259,16 @@ class Benchmark:
         print(f"[benchmark] {dataset}: {runs} to train", flush=True)
         for row_name, variant, seed in todo:
             step, source = self.step_seconds(committed, dataset, row_name)
+            done = self.steps_done(dataset, row_name, variant, seed)
             if step is None:
                 unknown += 1
                 estimate = "? (no committed run of this detector on any dataset)"
             else:
-                minutes = step * self.max_iter(dataset) / 60
+                minutes = step * (self.max_iter(dataset) - done) / 60
                 total += minutes
-                since = "" if source == row_name else f" (from {source}'s s/iter)"
-                estimate = f"~{minutes:.0f} min{since}"
+                notes = [] if source == row_name else [f"from {source}'s s/iter"]
+                notes += [f"resumes after step {done}"] if done else []
+                estimate = f"~{minutes:.0f} min" + (f" ({'; '.join(notes)})" if notes else "")
             print(f"  {row_name:22} {variant:34} seed {seed}  {estimate}", flush=True)
         print(
             f"[benchmark] {dataset}: ~{total / 60:.1f} h of training steps at the committed"
@@ -1262,7 +1312,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--plan",
         action="store_true",
-        help="only list the runs still to train for --dataset/--rows, with their time",
+        help="only list the runs still to train for --dataset/--rows, with their time (an"
+        " interrupted run that will resume: the steps it has left)",
     )
     parser.add_argument(
         "--pack",
