@@ -210,7 +210,7 @@ def test_the_plan_lists_what_is_left_in_training_order_with_its_time(tmp_path, c
 def test_the_plan_counts_the_steps_an_interrupted_run_has_left(tmp_path, capsys):
     """A run folder with a checkpoint of the command the run would train with now resumes after
     it, and the plan counts only the steps left; a checkpoint of another command, or a student's
-    whose teacher's weights changed, trains from scratch and counts whole."""
+    whose teacher would be trained again first, trains from scratch and counts whole."""
     bench = benchmark.Benchmark(tmp_path, tmp_path / "out")
     for row, aps in (("retinanet", (3.0, 9.0, 1.0, 11.0)), ("faster_rcnn", (8.0, 12.0, 2.0, 10.0))):
         for variant, ap in zip(("lr0.0025", "lr0.005", "lr0.01", "lr0.005-anchor16"), aps):
@@ -218,10 +218,15 @@ def test_the_plan_counts_the_steps_an_interrupted_run_has_left(tmp_path, capsys)
     student, teacher = ROWS["retinanet_fgfi"], ROWS["faster_rcnn"]
     s_variant = bench.chosen("deepforest", "retinanet_fgfi")
     t_variant = bench.chosen("deepforest", "faster_rcnn")
-    t_weights = bench.run_dir("deepforest", "faster_rcnn", t_variant.name, 1) / "model_final.pth"
-    t_weights.parent.mkdir(parents=True)
+    t_out = bench.run_dir("deepforest", "faster_rcnn", t_variant.name, 1)
+    t_weights = t_out / "model_final.pth"
+    t_out.mkdir(parents=True)
     t_weights.write_bytes(b"teacher")
-    fake_result(tmp_path, "deepforest", "faster_rcnn", t_variant.name, 1, 12.0)
+    t_result = fake_result(tmp_path, "deepforest", "faster_rcnn", t_variant.name, 1, 12.0)
+    t_result["sha256"] = {"model_final.pth": benchmark.sha256(t_weights)}  # the committed run's
+    benchmark.write_result(
+        benchmark.result_path(tmp_path, "deepforest", "faster_rcnn", t_variant.name, 1), t_result
+    )
     out = bench.run_dir("deepforest", "retinanet_fgfi", s_variant.name, 1)
     out.mkdir(parents=True)
 
@@ -235,6 +240,9 @@ def test_the_plan_counts_the_steps_an_interrupted_run_has_left(tmp_path, capsys)
         benchmark.write_result(out / benchmark.RUN_COMMAND_FILE, arguments)
         (out / "last_checkpoint").write_text(checkpoint)
 
+    def steps_done():
+        return bench.steps_done("deepforest", "retinanet_fgfi", s_variant.name, 1)
+
     def planned():
         capsys.readouterr()
         bench.print_plan("deepforest", ["retinanet_fgfi"])
@@ -244,21 +252,33 @@ def test_the_plan_counts_the_steps_an_interrupted_run_has_left(tmp_path, capsys)
         f"  retinanet_fgfi         {s_variant.name:34} seed 1  ~20 min (from retinanet's s/iter)"
     ]
     interrupted(s_variant, benchmark.sha256(t_weights))
-    assert bench.steps_done("deepforest", "retinanet_fgfi", s_variant.name, 1) == 300
+    assert steps_done() == 300
     assert planned()[0].endswith("~15 min (from retinanet's s/iter; resumes after step 300)")
     # stopped in its final evaluation: every step done
     interrupted(s_variant, benchmark.sha256(t_weights), "model_final.pth")
-    assert bench.steps_done("deepforest", "retinanet_fgfi", s_variant.name, 1) == 1200
+    assert steps_done() == 1200
     # started at another learning rate: trained anew
     other = dataclasses.replace(s_variant, opts=("SOLVER.BASE_LR", "0.02"))
     interrupted(other, benchmark.sha256(t_weights))
-    assert bench.steps_done("deepforest", "retinanet_fgfi", s_variant.name, 1) == 0
-    # taught by weights that are no longer the teacher's: trained anew
+    assert steps_done() == 0
+    # taught by weights that are not the committed teacher's, of a teacher training that did not
+    # finish under its current command: the teacher trains again first, and the student anew
+    t_weights.write_bytes(b"a teacher trained again")
     interrupted(s_variant, benchmark.sha256(t_weights))
-    t_weights.write_bytes(b"the teacher trained again")
-    assert bench.steps_done("deepforest", "retinanet_fgfi", s_variant.name, 1) == 0
+    assert steps_done() == 0
+    # ... but a teacher training finished under its current command teaches as it is
+    t_arguments = bench.train_arguments("deepforest", teacher, t_variant, 1, t_out)[2]
+    benchmark.write_result(t_out / benchmark.RUN_COMMAND_FILE, t_arguments)
+    (t_out / "metrics.json").write_text(json.dumps({"iteration": 1200, "bbox/AP": 9.0}) + "\n")
+    assert steps_done() == 300
     t_weights.unlink()  # no teacher here: it trains again, and the student after it
-    assert bench.steps_done("deepforest", "retinanet_fgfi", s_variant.name, 1) == 0
+    assert steps_done() == 0
+    # the teacher's own interrupted training again counts only the steps it has left
+    (t_out / "last_checkpoint").write_text("model_0000599.pth")
+    capsys.readouterr()
+    bench.print_plan("deepforest", ["retinanet_fgfi"])
+    again = [line for line in capsys.readouterr().out.splitlines() if "again" in line]
+    assert len(again) == 1 and again[0].endswith("~10 min (resumes after step 600)")
 
 
 def test_the_report_averages_the_reported_seeds_that_learned_and_names_the_others(tmp_path):

@@ -318,6 +318,8 @@ def finished(metrics_file, max_iter):
     return bool(curve) and curve[-1][0] == max_iter
 
 
+# --plan's label of a teacher trained again because its checkpoint is not on this machine
+AGAIN = " again (no checkpoint here)"
 # written into a run's output folder before its training starts: the train_net.py arguments
 RUN_COMMAND_FILE = "benchmark_command.json"
 # written into a MimicDet run's output folder after its training: both heads' val metrics
@@ -839,6 +841,33 @@ class Benchmark:
         arguments += [f"teacher_sha256={teacher_sha256}"] if teacher_sha256 else []
         return command, train_opts, arguments
 
+    def finished_here(self, dataset, out, arguments):
+        """Whether ``out`` holds a training of ``arguments`` finished earlier, evaluation
+        included, which :meth:`train` reads rather than trains (a checkpoint from before commands
+        were recorded, 2026-12-03, is taken as it is)."""
+        if not (out / "model_final.pth").is_file():
+            return False
+        recorded = recorded_command(out)
+        same = recorded is None or same_command(recorded, arguments)
+        return same and finished(out / "metrics.json", self.max_iter(dataset))
+
+    def teaching_digest(self, dataset, t_row, t_variant, seed, committed):
+        """
+        The digest of the teacher's checkpoint here if it teaches as it is, else None (it is
+        trained first, into other weights): the ``committed`` run's own weights teach whatever
+        changed in the commands since, and so do weights of a training finished under the
+        current command.
+        """
+        t_out = self.run_dir(dataset, t_row.name, t_variant.name, seed)
+        weights = t_out / "model_final.pth"
+        if not weights.is_file():
+            return None
+        digest = sha256(weights)
+        if digest == (committed.get("sha256") or {}).get(weights.name):
+            return digest
+        t_arguments = self.train_arguments(dataset, t_row, t_variant, seed, t_out)[2]
+        return digest if self.finished_here(dataset, t_out, t_arguments) else None
+
     def steps_done(self, dataset, row_name, variant_name_, seed):
         """
         How many of a run's steps an interrupted training in its folder has done, which the run
@@ -851,21 +880,24 @@ class Benchmark:
         checkpoint = out / "last_checkpoint"
         variants = [*self.sweep(dataset, root_row(row_name)), self.chosen(dataset, row_name)]
         variant = next((v for v in variants if v and v.name == variant_name_), None)
-        if not checkpoint.is_file() or variant is None:
+        if variant is None or not (checkpoint.is_file() or (out / "model_final.pth").is_file()):
             return 0
         extra_opts, digest = (), None
         if row.teacher is not None:
-            t_chosen = self.chosen(dataset, row.teacher)
+            t_row, t_chosen = ROWS[row.teacher], self.chosen(dataset, row.teacher)
             if t_chosen is None:
                 return 0
             t_variant = self.teacher_variant(dataset, row, variant, t_chosen)
-            weights = self.run_dir(dataset, row.teacher, t_variant.name, seed) / "model_final.pth"
-            if not weights.is_file():
+            committed = self.result(dataset, t_row.name, t_variant.name, seed)
+            digest = committed and self.teaching_digest(dataset, t_row, t_variant, seed, committed)
+            if not digest:
                 return 0
-            extra_opts = teacher_opts(config_path(dataset, ROWS[row.teacher]), weights, t_variant)
-            digest = sha256(weights)
+            t_weights = self.run_dir(dataset, t_row.name, t_variant.name, seed) / "model_final.pth"
+            extra_opts = teacher_opts(config_path(dataset, t_row), t_weights, t_variant)
         arguments = self.train_arguments(dataset, row, variant, seed, out, extra_opts, digest)[2]
-        if not same_command(recorded_command(out), arguments):
+        if self.finished_here(dataset, out, arguments):
+            return self.max_iter(dataset)
+        if not (checkpoint.is_file() and same_command(recorded_command(out), arguments)):
             return 0
         # detectron2's checkpointers name a checkpoint by the index of the step it ends
         name = checkpoint.read_text().strip()
@@ -882,20 +914,14 @@ class Benchmark:
         :func:`cpu_share` (None if it had finished earlier). A student's ``teacher_sha256`` is
         part of what defines its run: a teacher trained again gives another run, as does a
         config changed since (``config``: its :func:`config_digest`, read now if None)."""
-        max_iter = self.max_iter(dataset)
         command, train_opts, arguments = self.train_arguments(
             dataset, row, variant, seed, out, extra_opts, teacher_sha256, config
         )
-        if (out / "model_final.pth").is_file():
-            recorded = recorded_command(out)
-            # a checkpoint from before commands were recorded (2026-12-03) is taken as it is
-            same = recorded is None or same_command(recorded, arguments)
-            if same and finished(out / "metrics.json", max_iter):
-                print(f"[benchmark] {out} finished training earlier: reading it", flush=True)
-                return command, train_opts, None
-            # of another command, or unrecorded: resumable() starts it over. Of this one,
-            # stopped in the evaluation after its last step: resuming model_final.pth only
-            # evaluates it
+        if self.finished_here(dataset, out, arguments):
+            print(f"[benchmark] {out} finished training earlier: reading it", flush=True)
+            return command, train_opts, None
+        # a model_final.pth of another command: resumable() starts it over. Of this one, stopped
+        # in the evaluation after its last step: resuming model_final.pth only evaluates it
         if resumable(out, arguments):
             command.insert(2, "--resume")
         print(f"[benchmark] training {dataset} {row.name} {variant.name} seed {seed}", flush=True)
@@ -984,13 +1010,11 @@ class Benchmark:
         committed = self.result(dataset, row.teacher, t_variant.name, seed)
         if committed is None:
             committed = self.run(dataset, row.teacher, t_variant, seed)
-        digest = sha256(weights) if weights.is_file() else None
-        # the committed run's own weights teach as they are, whatever changed in the commands
-        # since; other weights, or none, are (re)trained under the current command
-        if digest is None or digest != (committed.get("sha256") or {}).get(weights.name):
-            if digest is None:
+        digest = self.teaching_digest(dataset, t_row, t_variant, seed, committed)
+        if digest is None:  # other weights, or none: (re)trained under the current command
+            if not weights.is_file():
                 print(f"[benchmark] the teacher's checkpoint {t_out} is not here: training it")
-            self.train(dataset, t_row, t_variant, seed, t_out)  # a no-op when it is finished
+            self.train(dataset, t_row, t_variant, seed, t_out)
             digest = sha256(weights)
         teacher = {
             "row": row.teacher,
@@ -1195,7 +1219,7 @@ class Benchmark:
                 self.run_dir(dataset, row.teacher, t_variant, seed) / "model_final.pth"
             ).is_file():
                 # the student reads the checkpoint, which no sitting keeps: trained again
-                add(row.teacher, f"{t_variant} again (no checkpoint here)", seed)
+                add(row.teacher, t_variant + AGAIN, seed)
 
         def add_sweep(root):
             runs = self.sweep(dataset, root)
@@ -1259,7 +1283,7 @@ class Benchmark:
         print(f"[benchmark] {dataset}: {runs} to train", flush=True)
         for row_name, variant, seed in todo:
             step, source = self.step_seconds(committed, dataset, row_name)
-            done = self.steps_done(dataset, row_name, variant, seed)
+            done = self.steps_done(dataset, row_name, variant.removesuffix(AGAIN), seed)
             if step is None:
                 unknown += 1
                 estimate = "? (no committed run of this detector on any dataset)"
