@@ -18,22 +18,28 @@ def test_fgfi_loss_sums_masked_squares_over_twice_the_masked_locations():
     assert zero.item() == 0.0 and zero.requires_grad
 
 
-def test_defeat_normalises_foreground_and_background_by_their_own_counts():
+def test_defeat_normalises_foreground_and_background_by_twice_their_own_counts():
     student = torch.zeros(1, 2, 2, 2)
     teacher = torch.tensor([[[[2.0, 1.0], [1.0, 1.0]], [[2.0, 1.0], [1.0, 1.0]]]])
     fg = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
     fg_loss, bg_loss = defeat_losses([student], [teacher], [fg])
-    assert fg_loss.item() == pytest.approx(4.0)  # (4 + 4) / (1 cell x 2 channels)
-    assert bg_loss.item() == pytest.approx(1.0)  # 6 x 1 / (3 cells x 2 channels)
+    # the authors' code: squares / (2 x elements), channels included
+    assert fg_loss.item() == pytest.approx(2.0)  # (4 + 4) / (2 x 1 cell x 2 channels)
+    assert bg_loss.item() == pytest.approx(0.5)  # 6 x 1 / (2 x 3 cells x 2 channels)
 
 
-def test_defeat_averages_over_the_levels_that_have_such_cells():
-    student = [torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 1)]
+def test_defeat_averages_over_all_levels_a_level_without_foreground_adding_zero():
+    student = [torch.zeros(1, 1, 1, 2, requires_grad=True), torch.zeros(1, 1, 1, 1)]
     teacher = [torch.tensor([[[[2.0, 0.0]]]]), torch.tensor([[[[4.0]]]])]
     fg = [torch.tensor([[[1.0, 0.0]]]), torch.zeros(1, 1, 1)]
     fg_loss, bg_loss = defeat_losses(student, teacher, fg)
-    assert fg_loss.item() == pytest.approx(4.0)  # only level 0 has foreground
-    assert bg_loss.item() == pytest.approx((0.0 + 16.0) / 2)
+    # as the authors' code divides by the number of levels: the foreground's weight against
+    # the background's does not depend on how many levels hold objects
+    assert fg_loss.item() == pytest.approx((4.0 / 2 + 0.0) / 2)
+    assert bg_loss.item() == pytest.approx((0.0 + 16.0 / 2) / 2)
+    no_objects = [torch.zeros_like(m) for m in fg]
+    zero, _ = defeat_losses(student, teacher, no_objects)
+    assert zero.item() == 0.0 and zero.requires_grad  # DDP still sees the student used
 
 
 def test_rank_mimic_loss_is_zero_for_equal_scores_and_positive_when_the_order_differs():

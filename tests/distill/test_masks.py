@@ -3,7 +3,7 @@
 import torch
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 
-from mimicdet.distill import defeat_foreground_masks, fgfi_masks
+from mimicdet.distill import defeat_foreground_masks, fgfi_masks, gt_levels
 
 
 def _anchors():
@@ -21,22 +21,38 @@ def _anchors():
 GT = torch.tensor([[0.0, 0.0, 8.0, 8.0], [8.0, 16.0, 24.0, 24.0]])
 
 
+def test_gt_levels_put_boxes_under_112_px_on_the_finest_level_and_double_from_there():
+    sizes = torch.tensor([8.0, 111.0, 113.0, 223.0, 225.0, 500.0, 1000.0, 5000.0])
+    boxes = torch.stack([torch.zeros_like(sizes), torch.zeros_like(sizes), sizes, sizes], dim=1)
+    assert gt_levels(boxes, 5).tolist() == [0, 0, 1, 1, 2, 3, 4, 4]
+
+
 def test_fgfi_mask_of_two_gts_by_hand():
     anchors, grids = _anchors()
+    # both GTs are under 112 px: they belong to the finest level, thresholds 0.5 and 0.25
     fine, coarse = fgfi_masks(anchors, grids, GT, psi=0.5)
     expected = torch.zeros(4, 4, dtype=torch.bool)
     expected[0, 0] = expected[2, 1] = expected[2, 2] = True
     assert torch.equal(fine, expected)
-    # thresholds 0.5 and 0.25 from the GTs' best anchors overall: no coarse anchor reaches them
+    # no GT of the coarse level, though GT 0 overlaps its anchor (0, 0) with IoU 0.25
     assert not coarse.any()
 
 
-def test_fgfi_per_level_thresholds_mark_every_level():
+def test_fgfi_marks_a_gt_only_on_its_own_level_by_that_levels_best_anchor():
     anchors, grids = _anchors()
-    fine, coarse = fgfi_masks(anchors, grids, GT, psi=0.5, per_level_threshold=True)
-    assert fine.sum() == 3
-    # thresholds 0.125 and 0.1 on the coarse level
-    assert torch.equal(coarse, torch.tensor([[True, False], [True, True]]))
+    square = torch.tensor([[16.0, 0.0, 32.0, 16.0]])  # the coarse anchor (0, 1); 4 fine at 0.25
+    # its own level the coarse one (level scale 8: 16 px is one level up): the fine anchors,
+    # under the 0.5 threshold of its best coarse anchor, mark nothing
+    fine, coarse = fgfi_masks(anchors, grids, square, psi=0.5, level_scale=8)
+    assert not fine.any()
+    assert torch.equal(coarse, torch.tensor([[False, True], [False, False]]))
+    # its own level the fine one (level scale 16): the threshold comes from the fine anchors
+    # alone (0.5 x 0.25), though a coarse anchor matches it exactly
+    fine, coarse = fgfi_masks(anchors, grids, square, psi=0.5, level_scale=16)
+    expected_fine = torch.zeros(4, 4, dtype=torch.bool)
+    expected_fine[0:2, 2:4] = True
+    assert torch.equal(fine, expected_fine)
+    assert not coarse.any()
 
 
 def test_fgfi_mask_is_empty_without_gts_or_overlap():
@@ -46,12 +62,10 @@ def test_fgfi_mask_is_empty_without_gts_or_overlap():
 
 
 def test_defeat_mask_puts_each_gt_on_one_level_over_the_cells_it_covers():
-    # with canonical size 32 at level 4: sqrt(16 * 8) = 11.3 -> level 2, clamped to 3;
-    # sqrt(48 * 32) = 39.2 -> level 4
+    # with a level scale of 16: sqrt(16 * 8) = 11.3 -> level -1, clamped to the finest;
+    # sqrt(48 * 32) = 39.2 -> level 1
     gt = torch.tensor([[4.0, 4.0, 20.0, 12.0], [16.0, 0.0, 64.0, 32.0]])
-    fine, coarse = defeat_foreground_masks(
-        gt, [(8, 8), (4, 4)], [8, 16], canonical_box_size=32, canonical_level=4
-    )
+    fine, coarse = defeat_foreground_masks(gt, [(8, 8), (4, 4)], [8, 16], level_scale=16)
     expected_fine = torch.zeros(8, 8)
     expected_fine[0:2, 0:3] = 1  # rows floor(4/8)..ceil(12/8)-1, columns floor(4/8)..ceil(20/8)-1
     expected_coarse = torch.zeros(4, 4)

@@ -20,6 +20,13 @@ def add_distill_config(cfg):
     # kernel of the adaptation conv from the student's feature to the teacher's width, one per
     # level, shared by the feature-imitation terms (paper: 3x3 in FGFI's and DeFeat's code)
     _C.MODEL.DISTILL.ADAPTER_KERNEL = 3
+    # the one level a GT box marks in FGFI's and DeFeat's masks (paper code: the DeFeat
+    # repository's rule for both, mmdetection's RoI rule counted on the imitated levels): a box
+    # of size s = sqrt(w * h) goes to level floor(log2(s / GT_LEVEL_SCALE)) from the finest,
+    # clamped to the last. 56: under 112 px the finest (a RetinaNet's P3, a Faster R-CNN's P2),
+    # 112-224 px the next, and so on. detectron2's RoI rule (224 px at P4, counted absolutely)
+    # puts each box one level finer than this on P3..P7
+    _C.MODEL.DISTILL.GT_LEVEL_SCALE = 56.0
 
     _C.MODEL.DISTILL.TEACHER = CN()
     # the teacher's own config file (yacs .yaml or LazyConfig .py); it is built and loaded as a
@@ -38,19 +45,17 @@ def add_distill_config(cfg):
     _C.MODEL.DISTILL.FGFI = CN()
     # paper code: 0.01 on one VGG map; 0 switches the term off
     _C.MODEL.DISTILL.FGFI.WEIGHT = 0.0
-    # paper: psi = 0.5
+    # paper: psi = 0.5, a GT's threshold as a share of its best anchor IoU; on an FPN over the
+    # anchors of its own level (GT_LEVEL_SCALE), where alone it marks cells (paper code: the
+    # DeFeat repository's FGFI port)
     _C.MODEL.DISTILL.FGFI.PSI = 0.5
-    # default (ours): False takes each GT's best anchor IoU over all levels (see fgfi_masks)
-    _C.MODEL.DISTILL.FGFI.PER_LEVEL_THRESHOLD = False
 
     # DeFeat (Guo et al., CVPR 2021): loss_kd_defeat_fg, loss_kd_defeat_bg
     _C.MODEL.DISTILL.DEFEAT = CN()
-    # paper (COCO, per the authors): 4 foreground, 16 background (released VOC config: 3, 12)
+    # paper (COCO, per the authors): 4 foreground, 16 background (released VOC config: 3, 12),
+    # on the authors' normaliser (mimicdet.distill.defeat_losses)
     _C.MODEL.DISTILL.DEFEAT.FG_WEIGHT = 0.0
     _C.MODEL.DISTILL.DEFEAT.BG_WEIGHT = 0.0
-    # paper: the RoI level rule, detectron2's canonical 224 px at level 4
-    _C.MODEL.DISTILL.DEFEAT.CANONICAL_BOX_SIZE = 224
-    _C.MODEL.DISTILL.DEFEAT.CANONICAL_LEVEL = 4
 
     # Rank Mimicking and Prediction-guided Feature Imitation (Li et al., AAAI 2022):
     # loss_kd_rank, loss_kd_pfi; both read the teacher's predictions at the student's anchors (same

@@ -8,7 +8,21 @@ from detectron2.modeling.poolers import assign_boxes_to_levels
 from detectron2.structures import Boxes, pairwise_iou
 from torch import Tensor
 
-__all__ = ["fgfi_masks", "defeat_foreground_masks"]
+__all__ = ["gt_levels", "fgfi_masks", "defeat_foreground_masks"]
+
+
+def gt_levels(gt_boxes: Tensor, num_levels: int, scale: float = 56.0) -> Tensor:
+    """
+    The imitated level of each GT box by the rule of DeFeat's code, which its FGFI port shares
+    (mmdetection's RoI rule, counted on the imitated levels): a box of size ``s = sqrt(w * h)``
+    goes to level ``floor(log2(s / scale))`` from the finest, clamped to ``[0, num_levels - 1]``.
+    With 56, boxes under 112 px go to the finest level, 112-224 px to the next.
+
+    Returns:
+        ``(G,)`` int64 level indices, 0 the finest.
+    """
+    # detectron2's rule at a canonical level 0: floor(0 + log2(s / scale)), clamped
+    return assign_boxes_to_levels([Boxes(gt_boxes)], 0, num_levels - 1, scale, 0)
 
 
 def fgfi_masks(
@@ -16,12 +30,13 @@ def fgfi_masks(
     grid_sizes: Sequence[Tuple[int, int]],
     gt_boxes: Tensor,
     psi: float = 0.5,
-    per_level_threshold: bool = False,
+    level_scale: float = 56.0,
 ) -> List[Tensor]:
     """
-    FGFI's near-object imitation mask (Wang et al., CVPR 2019). For each GT, the threshold is
-    ``psi`` times its largest IoU with any anchor; a location is in the mask if any of its
-    anchors reaches the threshold of any GT.
+    FGFI's near-object imitation mask (Wang et al., CVPR 2019), on an FPN as the DeFeat
+    repository's port computes it: each GT belongs to one level (:func:`gt_levels`); there its
+    threshold is ``psi`` times its largest IoU with that level's anchors, and a location is in
+    the mask if any of its anchors exceeds the threshold of any GT of the level.
 
     Args:
         anchors: per level ``(H * W * A, 4)`` XYXY anchors in detectron2's order (row, column,
@@ -29,27 +44,21 @@ def fgfi_masks(
         grid_sizes: per level ``(H, W)``.
         gt_boxes: ``(G, 4)`` XYXY.
         psi: the paper's threshold factor (0.5).
-        per_level_threshold: False (default, ours): a GT's largest IoU is taken over all levels,
-            so it marks only the levels whose anchors come near its best match; True: over each
-            level's anchors separately, so every GT marks every level. The authors' code had one
-            feature map; an FPN needs one of these two readings.
+        level_scale: :func:`gt_levels`'s ``scale``.
 
     Returns:
         per level, an ``(H, W)`` bool mask.
     """
-    if len(gt_boxes) == 0:
-        return [torch.zeros(h, w, dtype=torch.bool, device=gt_boxes.device) for h, w in grid_sizes]
-    ious = [pairwise_iou(Boxes(a), Boxes(gt_boxes)) for a in anchors]  # (H*W*A, G) per level
-    if per_level_threshold:
-        best = [iou.max(dim=0).values for iou in ious]
-    else:
-        overall = torch.stack([iou.max(dim=0).values for iou in ious]).max(dim=0).values
-        best = [overall] * len(ious)
+    levels = gt_levels(gt_boxes, len(anchors), level_scale)
     masks = []
-    for iou, gt_best, (h, w) in zip(ious, best, grid_sizes):
-        near = iou >= psi * gt_best[None, :]
-        # a GT no anchor overlaps has threshold 0, which every anchor would pass: skip it
-        near &= (gt_best > 0)[None, :]
+    for level, (a, (h, w)) in enumerate(zip(anchors, grid_sizes)):
+        own = gt_boxes[levels == level]
+        if len(own) == 0:
+            masks.append(torch.zeros(h, w, dtype=torch.bool, device=gt_boxes.device))
+            continue
+        iou = pairwise_iou(Boxes(a), Boxes(own))  # (H*W*A, G of this level)
+        # strictly above, as the authors' code: a GT no anchor overlaps marks nothing
+        near = iou > psi * iou.max(dim=0).values[None, :]
         masks.append(near.any(dim=1).view(h, w, -1).any(dim=2))
     return masks
 
@@ -58,19 +67,18 @@ def defeat_foreground_masks(
     gt_boxes: Tensor,
     grid_sizes: Sequence[Tuple[int, int]],
     strides: Sequence[int],
-    canonical_box_size: int = 224,
-    canonical_level: int = 4,
+    level_scale: float = 56.0,
 ) -> List[Tensor]:
     """
-    DeFeat's foreground mask (Guo et al., CVPR 2021): each GT on one FPN level, chosen by the
-    RoI level rule (detectron2's ``assign_boxes_to_levels``), marks the cells its box covers on
-    that level; everything else is background.
+    DeFeat's foreground mask (Guo et al., CVPR 2021): each GT on one FPN level
+    (:func:`gt_levels`) marks the cells its box covers on that level; everything else is
+    background.
 
     Args:
         gt_boxes: ``(G, 4)`` XYXY in image pixels.
         grid_sizes: per level ``(H, W)``, finest first.
-        strides: per level stride, finest first (consecutive powers of two).
-        canonical_box_size, canonical_level: the level rule's constants (224 at level 4).
+        strides: per level stride, finest first.
+        level_scale: :func:`gt_levels`'s ``scale``.
 
     Returns:
         per level, an ``(H, W)`` float mask of 0 and 1. A cell is foreground if it overlaps the
@@ -81,11 +89,7 @@ def defeat_foreground_masks(
     masks = [torch.zeros(h, w, device=device) for h, w in grid_sizes]
     if len(gt_boxes) == 0:
         return masks
-    min_level = int(math.log2(strides[0]))
-    max_level = int(math.log2(strides[-1]))
-    levels = assign_boxes_to_levels(
-        [Boxes(gt_boxes)], min_level, max_level, canonical_box_size, canonical_level
-    )
+    levels = gt_levels(gt_boxes, len(grid_sizes), level_scale)
     for box, level in zip(gt_boxes.tolist(), levels.tolist()):
         stride, (h, w) = strides[level], grid_sizes[level]
         x0, y0 = max(0, math.floor(box[0] / stride)), max(0, math.floor(box[1] / stride))

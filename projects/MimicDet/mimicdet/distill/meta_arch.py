@@ -91,9 +91,7 @@ def distiller_arguments(distill_cfg) -> Dict:
             "pfi": distill_cfg.PFI.WEIGHT,
         },
         "fgfi_psi": distill_cfg.FGFI.PSI,
-        "fgfi_per_level_threshold": distill_cfg.FGFI.PER_LEVEL_THRESHOLD,
-        "defeat_canonical_box_size": distill_cfg.DEFEAT.CANONICAL_BOX_SIZE,
-        "defeat_canonical_level": distill_cfg.DEFEAT.CANONICAL_LEVEL,
+        "gt_level_scale": distill_cfg.GT_LEVEL_SCALE,
         "rank_two_stage_scores": distill_cfg.RANK.TWO_STAGE_SCORES,
     }
 
@@ -126,9 +124,7 @@ class Distiller(nn.Module):
         warmup_iters: int,
         weights: Dict[str, float],
         fgfi_psi: float,
-        fgfi_per_level_threshold: bool,
-        defeat_canonical_box_size: int,
-        defeat_canonical_level: int,
+        gt_level_scale: float = 56.0,
         rank_two_stage_scores: str = "roi_head",
     ):
         """
@@ -141,8 +137,8 @@ class Distiller(nn.Module):
             adapter_kernel: kernel of the per-level adaptation conv (student -> teacher width).
             warmup_iters: iterations before the KD terms count.
             weights: per KD term, its multiplier; a term with weight 0 is not computed.
-            fgfi_psi, fgfi_per_level_threshold: :func:`fgfi_masks` arguments.
-            defeat_canonical_box_size, defeat_canonical_level: the RoI level rule of DeFeat.
+            fgfi_psi: FGFI's threshold factor (:func:`fgfi_masks`).
+            gt_level_scale: the level rule of FGFI's and DeFeat's masks (:func:`gt_levels`).
             rank_two_stage_scores: a two-stage teacher's class scores for Rank Mimicking
                 (:func:`dense_view`).
         """
@@ -158,8 +154,7 @@ class Distiller(nn.Module):
         self.warmup_iters = warmup_iters
         self.weights = {k: v for k, v in weights.items() if v > 0}
         self.fgfi_psi = fgfi_psi
-        self.fgfi_per_level_threshold = fgfi_per_level_threshold
-        self.defeat_canonical = (defeat_canonical_box_size, defeat_canonical_level)
+        self.gt_level_scale = gt_level_scale
         self.rank_two_stage_scores = rank_two_stage_scores
         self.kd_adapters = nn.ModuleDict()
         if teacher is None:
@@ -362,7 +357,7 @@ class Distiller(nn.Module):
                     grids,
                     gt.gt_boxes.tensor,
                     self.fgfi_psi,
-                    self.fgfi_per_level_threshold,
+                    self.gt_level_scale,
                 )
                 for gt in gt_instances
             ]
@@ -372,7 +367,7 @@ class Distiller(nn.Module):
             shapes = self.student.backbone.output_shape()
             strides = [shapes[f].stride for f in self.features]
             per_image = [
-                defeat_foreground_masks(gt.gt_boxes.tensor, grids, strides, *self.defeat_canonical)
+                defeat_foreground_masks(gt.gt_boxes.tensor, grids, strides, self.gt_level_scale)
                 for gt in gt_instances
             ]
             fg_masks = [torch.stack(level) for level in zip(*per_image)]
