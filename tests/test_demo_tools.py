@@ -91,6 +91,38 @@ def test_fcos_box_outputs_tell_a_dead_regression_branch_from_a_live_one():
         )
 
 
+def test_rank_candidates_counts_fewer_candidates_under_the_rpns_stricter_matcher():
+    """tools/rank_candidates.py, the measurement behind docs/distillation.md's candidate counts:
+    per GT, the candidates the distiller's assigner would give it. An RPN's 0.7 matcher keeps
+    the one anchor equal to a GT, RetinaNet's own 0.5 matcher its neighbours too."""
+    from types import SimpleNamespace
+
+    from detectron2.modeling.matcher import Matcher
+    from detectron2.structures import Boxes, Instances
+    from rank_candidates import SIZE_EDGES, count_candidates
+
+    cfg = yaml_cfg("retinanet_MNV2_FPN.yaml")
+    cfg.MODEL.DEVICE = "cpu"
+    student = build_model(cfg).eval()
+    image = torch.rand(3, 128, 128) * 255
+    with torch.no_grad():
+        features = student.backbone(student.preprocess_image([{"image": image}]).tensor)
+    p3_anchors = student.anchor_generator([features[f] for f in student.head_in_features])[0]
+    centre = p3_anchors.tensor[:, :2].add(p3_anchors.tensor[:, 2:]).div(2)
+    sides = p3_anchors.tensor[:, 2] - p3_anchors.tensor[:, 0]
+    # a 32 px anchor near the middle of the image, as the GT
+    own = ((centre - 64).abs().sum(dim=1) + (sides - 32).abs() * 100).argmin()
+    instances = Instances((128, 128), gt_boxes=Boxes(p3_anchors.tensor[own : own + 1]))
+    instances.gt_classes = torch.tensor([0])
+    rpn = SimpleNamespace(anchor_matcher=Matcher([0.3, 0.7], [0, -1, 1], True))
+    counts = count_candidates(
+        student, {"rpn": rpn, "own": student}, [[{"image": image, "instances": instances}]]
+    )
+    bucket = SIZE_EDGES.index(32)  # 32-64 px
+    assert counts["rpn"][bucket] == [1]
+    assert counts["own"][bucket][0] > 1
+
+
 def test_yaml_configs_share_input_and_schedule():
     keys = ["INPUT", "SOLVER", "DATASETS", "DATALOADER", "TEST"]
     base = yaml_cfg("Base-DeepForest-MNV2.yaml")

@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""
+How many candidate anchors Rank Mimicking ranks per GT: the teacher's assigner, which the
+distiller asks (``mimicdet.distill.candidate_matches``), against the student's own.
+
+Rank Mimicking turns the teacher's scores of a GT's candidate anchors into a distribution by a
+softmax; a GT with one candidate gives a KL of 0 whatever the student does. The paper's teacher
+was a one-stage detector with the student's assigner; a Faster R-CNN teacher's RPN keeps an
+anchor at IoU 0.7 (or the GT's best), RetinaNet at 0.5. This prints both counts over the
+student's training batches (its augmentation and input sizes), by GT size.
+
+    python tools/rank_candidates.py --dataset fashion_scenes --batches 25
+"""
+
+import argparse
+from collections import defaultdict
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+FOLDERS = {"deepforest": "DeepForest", "fashion_scenes": "FashionScenes"}
+SIZE_EDGES = (0, 32, 64, 112, 224, 448, float("inf"))  # sqrt(w * h) in input pixels
+
+
+def count_candidates(student, assigners, batches):
+    """Per assigner name, per size bucket (an index into :data:`SIZE_EDGES`), the number of
+    candidates of each GT of ``batches`` on ``student``'s anchors."""
+    from detectron2.structures import Boxes
+
+    from mimicdet.distill import candidate_matches
+
+    counts = defaultdict(lambda: defaultdict(list))
+    with torch.no_grad():
+        for batch in batches:
+            features = student.backbone(student.preprocess_image(batch).tensor)
+            anchors = student.anchor_generator([features[f] for f in student.head_in_features])
+            gts = [x["instances"] for x in batch]
+            sizes = Boxes.cat([gt.gt_boxes for gt in gts]).area().sqrt()
+            buckets = torch.bucketize(sizes, torch.tensor(SIZE_EDGES[1:-1]), right=True)
+            for name, assigner in assigners.items():
+                per_gt = [
+                    torch.bincount(matched[matched >= 0], minlength=len(gt))
+                    for matched, gt in zip(candidate_matches(assigner, anchors, gts), gts)
+                ]
+                for bucket, n in zip(buckets.tolist(), torch.cat(per_gt).tolist()):
+                    counts[name][bucket].append(n)
+    return counts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--dataset", choices=sorted(FOLDERS), default="fashion_scenes")
+    parser.add_argument("--batches", type=int, default=25, help="training batches looked at")
+    args = parser.parse_args(argv)
+
+    from detectron2.data import build_detection_train_loader
+    from detectron2.modeling import build_model
+
+    import mimicdet  # noqa: F401  (registers the datasets)
+    from mimicdet.config import get_mimicdet_cfg
+
+    folder = REPO / "configs" / FOLDERS[args.dataset]
+    student_cfg = get_mimicdet_cfg(
+        str(folder / "retinanet_MNV2_FPN.yaml"), ["DATALOADER.NUM_WORKERS", "0"]
+    )
+    teacher_cfg = get_mimicdet_cfg(str(folder / "faster_rcnn_MNV2_FPN.yaml"))
+    student_cfg.MODEL.DEVICE = teacher_cfg.MODEL.DEVICE = "cpu"
+    student, teacher = build_model(student_cfg).eval(), build_model(teacher_cfg).eval()
+    # the distiller's assigner of a Faster R-CNN teacher is its RPN (dense_view)
+    assigners = {"teacher's RPN": teacher.proposal_generator, "student's own": student}
+    batches = islice(build_detection_train_loader(student_cfg), args.batches)
+    counts = count_candidates(student, assigners, batches)
+    print(f"{args.dataset}, {args.batches} training batches: candidates per GT (mean; share of")
+    print("GTs with exactly one, whose KL is 0)")
+    print("| GT size (px) | GTs | " + " | ".join(assigners) + " |")
+    print("|---|---|" + "---|" * len(assigners))
+    for bucket in range(len(SIZE_EDGES) - 1):
+        rows = [counts[name][bucket] for name in assigners]
+        if not rows[0]:
+            continue
+        lo, hi = SIZE_EDGES[bucket], SIZE_EDGES[bucket + 1]
+        cells = [f"{sum(r) / len(r):.1f} ({sum(n == 1 for n in r) / len(r):.0%})" for r in rows]
+        print(f"| {lo:g}-{hi:g} | {len(rows[0])} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
