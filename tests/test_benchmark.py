@@ -989,6 +989,23 @@ def test_a_run_folder_of_an_earlier_config_is_trained_anew(tmp_path, monkeypatch
     assert benchmark.config_digest("deepforest", row) != retinanet
 
 
+def test_the_distillers_keys_define_only_a_distilled_rows_config(monkeypatch):
+    """A change to MODEL.DISTILL, which only a distiller reads, leaves the other rows' run
+    folders resumable (the distiller's fix of 2026-12-06 came while MimicDet trained)."""
+    rows = ("retinanet", "mimicdet", "faster_rcnn", "retinanet_fgfi")
+    before = {name: benchmark.config_digest("deepforest", ROWS[name]) for name in rows}
+    real = benchmark.read_config
+
+    def with_another_distiller_default(dataset, row_):
+        cfg = real(dataset, row_)
+        cfg.MODEL.DISTILL.FGFI.PSI = 0.25
+        return cfg
+
+    monkeypatch.setattr(benchmark, "read_config", with_another_distiller_default)
+    after = {name: benchmark.config_digest("deepforest", ROWS[name]) for name in rows}
+    assert [after[name] == before[name] for name in rows] == [True, True, True, False]
+
+
 def test_a_committed_teachers_weights_teach_as_they_are(tmp_path, monkeypatch):
     """The teacher folder that holds its committed run's weights is read back even when the
     benchmark's commands changed since: a committed model is never deleted and retrained. Other
