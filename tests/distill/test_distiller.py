@@ -180,6 +180,16 @@ def test_features_the_teacher_lacks_are_a_clear_error(teacher_files):
         build_model(cfg)
 
 
+def test_features_out_of_order_or_with_gaps_are_refused_by_the_masks_level_rule(teacher_files):
+    """FGFI and DeFeat put a GT on the n-th imitated feature by its size: the features must be
+    consecutive levels, finest first, or boxes would land on levels of other strides."""
+    for features in (["p3", "p5", "p7"], ["p4", "p3"]):
+        cfg = _distiller_cfg(teacher_files)
+        cfg.MODEL.DISTILL.FEATURES = features
+        with pytest.raises(ValueError, match="consecutive levels, finest first"):
+            build_model(cfg)
+
+
 def test_a_distillation_run_through_train_net_then_eval_only(tmp_path, teacher_files, tiny_coco):
     """train_net.py with every usual flag: a few iterations at batch 2, a checkpoint without
     the teacher, then --eval-only of that checkpoint with COCOEvaluator."""

@@ -61,14 +61,28 @@ def test_fgfi_mask_is_empty_without_gts_or_overlap():
         assert not any(m.any() for m in fgfi_masks(anchors, grids, gt))
 
 
-def test_defeat_mask_puts_each_gt_on_one_level_over_the_cells_it_covers():
+def test_defeat_mask_puts_each_gt_on_one_level_over_its_cells_as_the_authors_round_them():
     # with a level scale of 16: sqrt(16 * 8) = 11.3 -> level -1, clamped to the finest;
     # sqrt(48 * 32) = 39.2 -> level 1
     gt = torch.tensor([[4.0, 4.0, 20.0, 12.0], [16.0, 0.0, 64.0, 32.0]])
     fine, coarse = defeat_foreground_masks(gt, [(8, 8), (4, 4)], [8, 16], level_scale=16)
     expected_fine = torch.zeros(8, 8)
-    expected_fine[0:2, 0:3] = 1  # rows floor(4/8)..ceil(12/8)-1, columns floor(4/8)..ceil(20/8)-1
+    # rows floor(4/8)..floor(12/8)-1, columns floor(4/8)..floor(20/8)-1: the cells under the
+    # far edges (row 1, column 2), which the box only partly covers, are left out
+    expected_fine[0:1, 0:2] = 1
     expected_coarse = torch.zeros(4, 4)
     expected_coarse[0:2, 1:4] = 1
     assert torch.equal(fine, expected_fine)
     assert torch.equal(coarse, expected_coarse)
+
+
+def test_defeat_mask_of_a_box_within_one_cells_span_is_its_near_corners_cell():
+    # 4 px wide inside column 2, 12 px tall over rows 2..3: the one cell (2, 2)
+    gt = torch.tensor([[18.0, 18.0, 22.0, 30.0]])
+    (fine,) = defeat_foreground_masks(gt, [(8, 8)], [8])
+    expected = torch.zeros(8, 8)
+    expected[2, 2] = 1
+    assert torch.equal(fine, expected)
+    # a box starting at the grid's far edge (in the padding) still marks the grid's last cell
+    (edge,) = defeat_foreground_masks(torch.tensor([[64.0, 64.0, 66.0, 66.0]]), [(8, 8)], [8])
+    assert edge[7, 7] == 1 and edge.sum() == 1

@@ -81,9 +81,10 @@ def defeat_foreground_masks(
         level_scale: :func:`gt_levels`'s ``scale``.
 
     Returns:
-        per level, an ``(H, W)`` float mask of 0 and 1. A cell is foreground if it overlaps the
-        box, i.e. columns ``floor(x0 / s) .. ceil(x1 / s) - 1`` (default, ours: the paper says
-        "the box region" without a rounding rule).
+        per level, an ``(H, W)`` float mask of 0 and 1. The box's cells are those of the authors'
+        code: columns ``floor(x0 / s) .. floor(x1 / s) - 1`` and rows alike (the cell under its
+        far edge left out), or, for a box inside one cell's span in either direction, the one
+        cell at its near corner.
     """
     device = gt_boxes.device
     masks = [torch.zeros(h, w, device=device) for h, w in grid_sizes]
@@ -92,7 +93,11 @@ def defeat_foreground_masks(
     levels = gt_levels(gt_boxes, len(grid_sizes), level_scale)
     for box, level in zip(gt_boxes.tolist(), levels.tolist()):
         stride, (h, w) = strides[level], grid_sizes[level]
-        x0, y0 = max(0, math.floor(box[0] / stride)), max(0, math.floor(box[1] / stride))
-        x1, y1 = min(w, math.ceil(box[2] / stride)), min(h, math.ceil(box[3] / stride))
-        masks[level][y0:y1, x0:x1] = 1.0
+        x0 = min(max(0, math.floor(box[0] / stride)), w - 1)
+        y0 = min(max(0, math.floor(box[1] / stride)), h - 1)
+        x1, y1 = min(w, math.floor(box[2] / stride)), min(h, math.floor(box[3] / stride))
+        if x1 <= x0 or y1 <= y0:
+            masks[level][y0, x0] = 1.0
+        else:
+            masks[level][y0:y1, x0:x1] = 1.0
     return masks

@@ -232,6 +232,15 @@ class Distiller(nn.Module):
                     f"MODEL.DISTILL.FEATURES {self.features}: the {name} "
                     f"({type(model).__name__}) has no feature {sorted(missing)}"
                 )
+        if self.weights.keys() & {"fgfi", "defeat_fg", "defeat_bg"}:
+            shapes = student.backbone.output_shape()
+            strides = [shapes[f].stride for f in self.features]
+            if any(coarser != 2 * finer for finer, coarser in zip(strides, strides[1:])):
+                raise ValueError(
+                    f"MODEL.DISTILL.FEATURES {self.features} (strides {strides}): FGFI's and "
+                    "DeFeat's masks count a GT's level from the first feature, one level a stride "
+                    "doubling: list consecutive levels, finest first"
+                )
         if self.weights.keys() & {"fgfi", "rank", "pfi"}:
             if self.student_anchors is None:
                 raise ValueError(
