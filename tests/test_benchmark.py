@@ -152,6 +152,71 @@ def test_rm_pfi_gets_a_teacher_with_the_students_anchors(tmp_path):
     )
 
 
+# each KD term a student row trains with, by the weight key of the row's options that turns it on
+KD_TERMS_BY_WEIGHT = {
+    "MODEL.DISTILL.FGFI.WEIGHT": "loss_kd_fgfi",
+    "MODEL.DISTILL.DEFEAT.FG_WEIGHT": "loss_kd_defeat_fg",
+    "MODEL.DISTILL.DEFEAT.BG_WEIGHT": "loss_kd_defeat_bg",
+    "MODEL.DISTILL.RANK.WEIGHT": "loss_kd_rank",
+    "MODEL.DISTILL.PFI.WEIGHT": "loss_kd_pfi",
+}
+
+
+def ten_class_scenes(size=256):
+    """Two scenes with objects of all ten classes, 12 to 200 px: from P3's anchors to P7's."""
+    from detectron2.structures import Boxes, Instances
+
+    boxes = [(8, 8, 20, 20), (30, 20, 62, 44), (70, 10, 134, 74), (20, 90, 220, 250),
+             (150, 100, 190, 150), (200, 12, 240, 60), (100, 170, 150, 240)]  # fmt: skip
+    inputs = []
+    for image_index in range(2):
+        scene = Instances((size, size))
+        scene.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+        # the first scene has classes 0..6, the second 3..9
+        scene.gt_classes = torch.arange(len(boxes)) + 3 * image_index
+        image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8).float()
+        inputs.append({"image": image, "instances": scene, "height": size, "width": size})
+    return inputs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n, r in ROWS.items() if r.teacher is not None])
+def test_every_fashion_student_trains_on_ten_classes_with_its_kd_terms(tmp_path, name):
+    """A Fashion student row as the benchmark configures it (its dataset's 10-class configs, the
+    row's options, a Fashion Faster R-CNN teacher's checkpoint): it builds, and one training
+    step on objects of every class and level gives the detector's losses and every KD term the
+    row weights, finite and positive, whose gradients reach the student's pyramid."""
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    from mimicdet import get_mimicdet_cfg
+
+    row = ROWS[name]
+    teacher_config = REPO / benchmark.config_path("fashion_scenes", ROWS[row.teacher])
+    teacher_cfg = get_mimicdet_cfg(teacher_config, ["MODEL.DEVICE", "cpu"])
+    assert teacher_cfg.MODEL.ROI_HEADS.NUM_CLASSES == 10
+    torch.manual_seed(1)
+    weights = tmp_path / "teacher.pth"
+    torch.save({"model": build_model(teacher_cfg).state_dict()}, weights)
+    # the teacher variant's own options: none at the configs' anchors, as the students' are
+    variant = benchmark.Variant("lr0.01", (), 0.01, None)
+    opts = [*row.opts, *benchmark.teacher_opts(teacher_config, weights, variant)]
+    cfg = get_mimicdet_cfg(REPO / benchmark.config_path("fashion_scenes", row), opts)
+    cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    assert type(model).__name__ == "Distiller" and model.student.num_classes == 10
+    options = dict(zip(row.opts[::2], row.opts[1::2]))
+    expected = {term for key, term in KD_TERMS_BY_WEIGHT.items() if float(options.get(key, 0))}
+    assert expected, f"{name} weights no KD term"
+    with EventStorage(0):
+        losses = model(ten_class_scenes())
+    assert set(losses) == {"loss_cls", "loss_box_reg"} | expected
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values()), losses
+    sum(losses[term] for term in expected).backward()
+    assert model.student.backbone.fpn_output3.weight.grad.abs().sum() > 0
+
+
 def test_the_plan_lists_what_is_left_in_training_order_with_its_time(tmp_path, capsys):
     bench = benchmark.Benchmark(tmp_path, tmp_path / "out")
     rows = ["retinanet_rm_pfi"]
