@@ -319,6 +319,11 @@ def test_the_plan_counts_the_steps_an_interrupted_run_has_left(tmp_path, capsys)
     interrupted(s_variant, benchmark.sha256(t_weights))
     assert steps_done() == 300
     assert planned()[0].endswith("~15 min (from retinanet's s/iter; resumes after step 300)")
+    # a student also runs its teacher: the steps it has done time the rest better than its
+    # root detector's committed ones
+    records = [{"iteration": i, "time": 3.0, "total_loss": 1.0} for i in range(19, 300, 20)]
+    (out / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert planned()[0].endswith("~45 min (at its own s/iter so far; resumes after step 300)")
     # stopped in its final evaluation: every step done
     interrupted(s_variant, benchmark.sha256(t_weights), "model_final.pth")
     assert steps_done() == 1200

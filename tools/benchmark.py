@@ -1290,19 +1290,28 @@ class Benchmark:
         for row_name, variant, seed in todo:
             step, source = self.step_seconds(committed, dataset, row_name)
             done = self.steps_done(dataset, row_name, variant.removesuffix(AGAIN), seed)
+            notes = [] if source in (row_name, None) else [f"from {source}'s s/iter"]
+            if done and source != row_name:
+                # a borrowed s/iter misjudges a row that runs more than its root (the separate
+                # backbone, a student's teacher): the steps it has done measure the row itself
+                metrics = self.run_dir(dataset, row_name, variant.removesuffix(AGAIN), seed)
+                metrics = metrics / "metrics.json"
+                own = metrics.is_file() and read_metrics(metrics, 0)["train_s_per_iter"]
+                if own:
+                    step, notes = own, ["at its own s/iter so far"]
             if step is None:
                 unknown += 1
                 estimate = "? (no committed run of this detector on any dataset)"
             else:
                 minutes = step * (self.max_iter(dataset) - done) / 60
                 total += minutes
-                notes = [] if source == row_name else [f"from {source}'s s/iter"]
                 notes += [f"resumes after step {done}"] if done else []
                 estimate = f"~{minutes:.0f} min" + (f" ({'; '.join(notes)})" if notes else "")
             print(f"  {row_name:22} {variant:34} seed {seed}  {estimate}", flush=True)
         print(
             f"[benchmark] {dataset}: ~{total / 60:.1f} h of training steps at the committed"
-            f" s/iter (evaluations and {unknown} runs of unknown cost not counted)",
+            " s/iter or an interrupted run's own (evaluations and"
+            f" {unknown} runs of unknown cost not counted)",
             flush=True,
         )
         return todo
