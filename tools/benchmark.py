@@ -1289,13 +1289,13 @@ class Benchmark:
         print(f"[benchmark] {dataset}: {runs} to train", flush=True)
         for row_name, variant, seed in todo:
             step, source = self.step_seconds(committed, dataset, row_name)
-            done = self.steps_done(dataset, row_name, variant.removesuffix(AGAIN), seed)
+            run_variant = variant.removesuffix(AGAIN)  # the folder of a teacher trained again
+            done = self.steps_done(dataset, row_name, run_variant, seed)
             notes = [] if source in (row_name, None) else [f"from {source}'s s/iter"]
             if done and source != row_name:
                 # a borrowed s/iter misjudges a row that runs more than its root (the separate
                 # backbone, a student's teacher): the steps it has done measure the row itself
-                metrics = self.run_dir(dataset, row_name, variant.removesuffix(AGAIN), seed)
-                metrics = metrics / "metrics.json"
+                metrics = self.run_dir(dataset, row_name, run_variant, seed) / "metrics.json"
                 own = metrics.is_file() and read_metrics(metrics, 0)["train_s_per_iter"]
                 if own:
                     step, notes = own, ["at its own s/iter so far"]
