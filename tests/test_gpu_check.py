@@ -124,6 +124,10 @@ def test_dry_run_runs_every_cpu_step_and_writes_a_valid_report(tmp_path):
     expected["coco_cost"] = "ok" if coco_script else "skipped (dry run)"
     expected["layer_tests"] = "skipped (dry run)"
     assert status == expected
+    # the stand-ins' caps are three times the GPU's (data: 120 s there), so that two cores shared
+    # with other work do not time a step out
+    data_step = next(step for step in report["steps"] if step["name"] == "data")
+    assert data_step["timeout_s"] == 360
     for step in report["steps"]:
         if step["status"] == "ok":
             assert step["exit_code"] == 0 and step["duration_s"] > 0
