@@ -121,10 +121,16 @@ def summarize(runs, row_name):
         "train_s_per_iter": _mean([r["train_s_per_iter"] for r in same_device]),
         # the share of the machine each training had: None for runs recorded before it was
         "train_cpu_share": [r.get("train_cpu_share") for r in same_device],
-        # timing does not depend on the seed: the first seed's, measured after its training,
-        # with the yardstick timed interleaved (None for runs recorded before it was)
+        # the first seed's timing, measured after its training with the yardstick timed
+        # interleaved (None for runs recorded before it was), and every seed's ratio of the two:
+        # normalize_inference pools the ratios of every run of the same deploy network
         "infer_ms": first.get("infer_ms"),
         "yardstick_ms": first.get("yardstick_ms"),
+        "infer_ratios": [
+            r["infer_ms"] / r["yardstick_ms"]
+            for r in same_device
+            if r.get("yardstick_ms") and r.get("infer_ms") is not None
+        ],
         "params": first.get("params"),
         "gflops": first.get("gflops"),
         "max_iter": first["max_iter"],
@@ -184,22 +190,62 @@ def machine_model(machine):
     return ", ".join(part for part in (machine or "").split(", ") if "threads" not in part)
 
 
+def deploy_network(name, row):
+    """What a row deploys, for timing: its root detector (an ablation's or a distilled
+    student's change is training-only, so it deploys its parent's network) with its parameter
+    count (a run whose count differs deploys another network), on its kind of device."""
+    return root_row(name), row["params"], device_of(row["machine"])
+
+
+def retime_covers(rows, timing):
+    """Whether ``timing`` (``--retime``: one interleaved pass) timed the chosen variant of every
+    row that has a timing: only then does the table take its values, since a pass of many
+    models interleaved and a run's own pass of two (its model and the yardstick) are different
+    settings, and their ratios differ by more than the rows do (DeepForest, 2026-12-03: MimicDet
+    1.66 in the pass against 1.39-1.58 in its runs' own)."""
+    timed = (timing or {}).get("rows", {})
+    if not timing or not timing.get("yardstick_ms"):
+        return False
+    return all(
+        name in timed and timed[name]["variant"] == row["variant"]
+        for name, row in rows.items()
+        if row["infer_ratios"]
+    )
+
+
 def normalize_inference(rows, timing=None):
     """
-    Puts every row's inference on one scale: its ms divided by the yardstick's ms timed
-    interleaved with it (``infer_vs_yardstick``), times the median yardstick of the table's rows
-    on the same kind of device. A ``timing`` of ``--retime`` (all rows in one pass) replaces the
-    per-run ratios of the rows it timed. Rows timed without a yardstick keep their raw ms, and
+    Puts every row's inference on one scale: the median, over every run of its deploy network
+    (:func:`deploy_network`: MimicDet and its ablations, RetinaNet and its distilled students),
+    of the run's ms divided by the yardstick's ms timed interleaved with it
+    (``infer_vs_yardstick``), times the median yardstick of the table's rows on the same kind of
+    device. A network's runs come from different sittings and machines; one network timed as
+    several would show their noise as differences (DeepForest's four RetinaNet runs, trained
+    apart: 1.64-2.08 times the yardstick), though the weights barely matter (a trained
+    checkpoint against its network at initial weights in one process, -1% to +8%:
+    tools/timing_weights_check.py).
+    ``infer_runs`` counts the runs pooled, ``infer_spread`` is their (min, max) over the median.
+    A ``timing`` of ``--retime`` that timed every row (:func:`retime_covers`) replaces all of
+    it, ``infer_retimed`` True. Rows timed without a yardstick keep their raw ms, and
     ``infer_normalized`` False says so.
     """
+    retimed = retime_covers(rows, timing)
+    pooled = {}
     for name, row in rows.items():
-        retimed = (timing or {}).get("rows", {}).get(name)
-        if retimed and retimed["variant"] == row["variant"] and timing.get("yardstick_ms"):
-            row["infer_ms"], row["yardstick_ms"] = retimed["infer_ms"], timing["yardstick_ms"]
-            row["infer_retimed"] = True
-        timed = row.get("yardstick_ms") and row.get("infer_ms") is not None
-        ratio = row["infer_ms"] / row["yardstick_ms"] if timed else None
-        row["infer_vs_yardstick"] = ratio
+        pooled.setdefault(deploy_network(name, row), []).extend(row["infer_ratios"])
+    for name, row in rows.items():
+        row["infer_retimed"] = retimed and name in timing["rows"]
+        if row["infer_retimed"]:  # a row the pass missed has no timing at all: raw or none
+            row["infer_ms"] = timing["rows"][name]["infer_ms"]
+            row["yardstick_ms"] = timing["yardstick_ms"]
+            row["infer_vs_yardstick"] = row["infer_ms"] / row["yardstick_ms"]
+            row["infer_runs"], row["infer_spread"] = 1, None
+            continue
+        ratios = pooled[deploy_network(name, row)] if row["infer_ratios"] else []
+        median = statistics.median(ratios) if ratios else None
+        row["infer_vs_yardstick"] = median
+        row["infer_runs"] = len(ratios)
+        row["infer_spread"] = (min(ratios) / median, max(ratios) / median) if ratios else None
     references = {}
     for row in rows.values():
         if row["infer_vs_yardstick"] is not None:
@@ -211,6 +257,16 @@ def normalize_inference(rows, timing=None):
             reference = references[device_of(row["machine"])]
             row["infer_ms"] = row["infer_vs_yardstick"] * reference
     return references
+
+
+def timing_spread(rows):
+    """The widest spread, over the table's deploy networks timed in at least three runs, of
+    those runs' ratios to the yardstick around their median: (low, high), or None."""
+    spreads = [r["infer_spread"] for r in rows.values() if r.get("infer_runs", 0) >= 3]
+    spreads = [s for s in spreads if s is not None]
+    if not spreads:
+        return None
+    return min(s[0] for s in spreads), max(s[1] for s in spreads)
 
 
 def apply_train_timing(rows, train_timing=None):
@@ -338,14 +394,23 @@ def markdown(
     scale = ", ".join(f"{ms:.0f} ms on {device}" for device, ms in references.items())
     timed = (
         "inference: the deploy model at batch 1 after its training, timed image by image "
-        "interleaved with a yardstick (the shared MobileNetV2-FPN backbone alone), shown as the "
-        f"ratio of the two times the yardstick's median over this table ({scale or 'none yet'}), "
-        "so that runs timed in different sittings compare; † raw ms, timed without the yardstick"
+        "interleaved with a yardstick (the shared MobileNetV2-FPN backbone alone); a row shows "
+        "the median ratio of the two over every run of its deploy network (an ablation's or a "
+        "distilled student's change is training-only, so it shares its parent's network and "
+        "time) times the yardstick's median over this table "
+        f"({scale or 'none yet'}), so that runs timed in different sittings compare"
     )
-    if timing:
+    spread = timing_spread(rows)
+    if spread:
         timed += (
-            f"; * re-timed in one interleaved pass on {timing['machine']}, {timing['date']} "
-            "(`python tools/benchmark.py --retime`)"
+            f"; runs of one network spread from {spread[0] - 1:+.0%} to {spread[1] - 1:+.0%} "
+            "around its median"
+        )
+    timed += "; † raw ms, timed without the yardstick"
+    if any(r.get("infer_retimed") for r in rows.values()):
+        timed += (
+            f"; * re-timed: every row in one interleaved pass on {timing['machine']}, "
+            f"{timing['date']} (`python tools/benchmark.py --retime`)"
         )
     timed += (
         "; train s/iter: median step after warm-up, ‡ where another process had more than "
@@ -613,7 +678,8 @@ def readme_table(summary):
         )
         + "".join(f"; {text}" for mark, text in legend.items() if mark in used)
         + f"; ms: deploy model, batch 1, {short_title(first)}, on the CPU unless marked, on one "
-        "scale across sittings"
+        "scale across sittings, one per deploy network (a row that changes only the training "
+        "shares its parent's)"
         + (" († raw: timed before that scale existed)" if "†" in used else "")
         + ".",
         "",

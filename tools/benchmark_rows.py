@@ -102,7 +102,9 @@ class Row:
     title: str
     config: str  # file name inside the dataset's config folder
     parent: Optional[str] = None  # None: a tuned detector; else whose choice it takes
-    opts: Tuple[str, ...] = ()  # the row's one change (yacs pairs)
+    # the row's one change (yacs pairs); a row with a parent changes its training only, and
+    # the report times it as its parent's deploy network (benchmark_report.deploy_network)
+    opts: Tuple[str, ...] = ()
     key: Optional[Key] = None  # tuned detectors only
     teacher: Optional[str] = None  # distilled rows: the row whose checkpoint teaches
     seeds: int = 1  # reported seeds (1..seeds); seed 0 is the tuning sweep's
