@@ -221,7 +221,7 @@ def normalize_inference(rows, timing=None):
     (``infer_vs_yardstick``), times the median yardstick of the table's rows on the same kind of
     device. A network's runs come from different sittings and machines; one network timed as
     several would show their noise as differences (DeepForest's four RetinaNet runs, trained
-    apart: 1.64-2.08 times the yardstick), though the weights barely matter (a trained
+    apart: 1.64-2.08 times the yardstick), though the weights matter little (a trained
     checkpoint against its network at initial weights in one process, -1% to +8%:
     tools/timing_weights_check.py).
     ``infer_runs`` counts the runs pooled, ``infer_spread`` is their (min, max) over the median.

@@ -7,12 +7,13 @@ assumes.
 
     python tools/timing_weights_check.py --output /root/bench/output --dataset deepforest
 
-Every checkpoint of a chosen variant still in ``--output`` is timed twice, its
-deploy model at its own weights and the same network at its config's initial weights, with the
-yardstick, all interleaved image by image in one process (``benchmark.time_images``), so that
-machine load cancels. A network's cost can depend on its weights only after its convolutions,
-in how many candidates pass its score threshold into box decoding and NMS; so the detections per
-image are counted too. Writes ``<results>/runs/<dataset>/weights_timing.json`` and prints it.
+Every checkpoint of a chosen variant still in ``--output`` is timed twice, its deploy model at
+its own weights and the same network at its config's initial weights, with the yardstick, all
+interleaved image by image in one process (``benchmark.time_images``), so that machine load
+cancels; run it with nothing else training (the lanes paused). A network's cost can depend on
+its weights only after its convolutions, in how many candidates pass its score threshold into
+box decoding and NMS; so the detections per image are counted too. Writes
+``<results>/runs/<dataset>/weights_timing.json`` and prints it.
 """
 
 import argparse
