@@ -965,11 +965,11 @@ def test_a_distilled_row_trains_its_teacher_and_student_first_then_reports(tmp_p
     check = ["--dataset", "deepforest", "--smoke", "--max-iter", "1"]
     timing_weights_check.main(check + ["--results", str(results), "--output", str(out)])
     checked = json.loads((results / "runs/deepforest/weights_timing.json").read_text())
-    # every seed of the chosen variants: the tuning runs too (RetinaNet has no other)
     assert checked["command"] == shlex.join(
         ["python", "tools/timing_weights_check.py", *check, "--results", str(results),
          "--output", str(out)]
     )  # fmt: skip
+    # every seed of the chosen variants: the tuning runs too (RetinaNet has no other)
     assert set(checked["runs"]) == {
         "faster_rcnn/lr0.005-seed0", "faster_rcnn/lr0.005-seed1", "retinanet/lr0.005-seed0",
         "retinanet_fgfi/lr0.005-seed1",
@@ -984,7 +984,7 @@ def test_a_distilled_row_trains_its_teacher_and_student_first_then_reports(tmp_p
 
 def test_the_weights_check_times_only_checkpoints_that_a_committed_result_names(tmp_path, capsys):
     """A folder's model_final.pth is timed only if the run's committed result has its digest: a
-    checkpoint left from an earlier config, or retrained since, is another network's weights."""
+    checkpoint left from an earlier config, or trained again since, is not the run reported."""
     import timing_weights_check
 
     results, out = tmp_path / "results", tmp_path / "out"
