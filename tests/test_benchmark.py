@@ -829,15 +829,32 @@ def test_rows_that_deploy_one_network_share_the_median_of_all_its_runs_timings(t
     assert "runs of one network spread from -10% to +10%" in table
     assert "re-timed: every row in one interleaved pass" not in table
 
+    # a student timed before the yardstick existed (raw ms) takes its network's time; a seed
+    # timed with it after a first seed timed without counts, and its yardstick sets the scale
+    path = benchmark.result_path(tmp_path, "deepforest", "retinanet_fgfi", "lr0.005", 1)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "yardstick_ms": None}))
+    timed("retinanet_defeat", 1, 230.0)
+    path = benchmark.result_path(tmp_path, "deepforest", "retinanet_defeat", "lr0.005", 1)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "yardstick_ms": None}))
+    timed("retinanet_defeat", 2, 220.0)
+    rows = benchmark_report.write_report(tmp_path, "today")["datasets"]["deepforest"]["rows"]
+    for name in ("retinanet", "retinanet_fgfi", "retinanet_defeat"):  # 200 and 220 ms
+        assert rows[name]["infer_ms"] == pytest.approx(210.0) and rows[name]["infer_normalized"]
+
     # a pass over every row's chosen variant replaces the runs' own timings, row by row
     names = ("mimicdet", "mimicdet_nomimic", "mimicdet_cls_only", "retinanet", "retinanet_fgfi")
+    names += ("retinanet_defeat",)
     timing = {"date": "later", "machine": "a CPU, 2 threads, CPU", "yardstick_ms": 50.0}
     timing["rows"] = {n: {"variant": "lr0.005", "infer_ms": 60.0 + i} for i, n in enumerate(names)}
     path = tmp_path / "runs/deepforest/timing.json"
     path.write_text(json.dumps(timing))
     rows = benchmark_report.write_report(tmp_path, "today")["datasets"]["deepforest"]["rows"]
     assert not rows["mimicdet"]["infer_retimed"]  # Faster R-CNN is missing from the pass
-    timing["rows"]["faster_rcnn"] = {"variant": "lr0.005", "infer_ms": 99.0}
+    timing["rows"]["faster_rcnn"] = {"variant": "lr0.01", "infer_ms": 99.0}
+    path.write_text(json.dumps(timing))
+    rows = benchmark_report.write_report(tmp_path, "today")["datasets"]["deepforest"]["rows"]
+    assert not rows["mimicdet"]["infer_retimed"]  # it timed another Faster R-CNN variant
+    timing["rows"]["faster_rcnn"]["variant"] = "lr0.005"
     path.write_text(json.dumps(timing))
     rows = benchmark_report.write_report(tmp_path, "today")["datasets"]["deepforest"]["rows"]
     assert all(r["infer_retimed"] for r in rows.values())
@@ -998,13 +1015,16 @@ def test_the_weights_check_times_only_checkpoints_that_a_committed_result_names(
         folder = bench.run_dir("deepforest", "retinanet", "lr0.005", seed)
         folder.mkdir(parents=True)
         (folder / "model_final.pth").write_bytes(weights)
+    copy = bench.run_dir("deepforest", "retinanet", "lr0.005", 0).with_name("lr0.005-seed0.bak")
+    copy.mkdir()
+    (copy / "model_final.pth").write_bytes(b"reported")  # the right digest, in no run's folder
     found = timing_weights_check.checkpoints(bench, "deepforest")
     assert [(row, variant.name, seed) for row, variant, seed, _ in found] == [
         ("retinanet", "lr0.005", 0)
     ]
-    assert "lr0.005-seed1/model_final.pth: not the checkpoint of a committed result" in (
-        capsys.readouterr().out
-    )
+    printed = capsys.readouterr().out
+    assert "lr0.005-seed1/model_final.pth: not the checkpoint of a committed result" in printed
+    assert "lr0.005-seed0.bak/model_final.pth: not in a run's folder" in printed
 
 
 def finished_trainings(monkeypatch, weights=b"weights"):

@@ -110,6 +110,16 @@ def summarize(runs, row_name):
         for r in reported.values()
         if device_of(r.get("machine")) == device_of(first.get("machine"))
     ]
+    # the runs whose inference was timed with the yardstick beside it, of the first seed's
+    # network: a seed of another parameter count ran another config, so its time is not this one's
+    timed = [r for r in same_device if r.get("yardstick_ms") and r.get("infer_ms") is not None]
+    for r in timed:
+        if r.get("params") != first.get("params"):
+            print(
+                f"[benchmark] {row_name} {variant} seed {r['seed']}: {r.get('params')} parameters,"
+                f" not seed {first['seed']}'s {first.get('params')}: its inference left out"
+            )
+    timed = [r for r in timed if r.get("params") == first.get("params")]
     row = {
         "title": ROWS[row_name].title,
         "variant": variant,
@@ -121,16 +131,12 @@ def summarize(runs, row_name):
         "train_s_per_iter": _mean([r["train_s_per_iter"] for r in same_device]),
         # the share of the machine each training had: None for runs recorded before it was
         "train_cpu_share": [r.get("train_cpu_share") for r in same_device],
-        # the first seed's timing, measured after its training with the yardstick timed
-        # interleaved (None for runs recorded before it was), and every seed's ratio of the two:
-        # normalize_inference pools the ratios of every run of the same deploy network
+        # every timed seed's ratio of its inference to the yardstick timed interleaved with it,
+        # which normalize_inference pools over every run of the same deploy network, and their
+        # median yardstick; else the first seed's raw ms (runs recorded before the yardstick)
         "infer_ms": first.get("infer_ms"),
-        "yardstick_ms": first.get("yardstick_ms"),
-        "infer_ratios": [
-            r["infer_ms"] / r["yardstick_ms"]
-            for r in same_device
-            if r.get("yardstick_ms") and r.get("infer_ms") is not None
-        ],
+        "yardstick_ms": statistics.median(r["yardstick_ms"] for r in timed) if timed else None,
+        "infer_ratios": [r["infer_ms"] / r["yardstick_ms"] for r in timed],
         "params": first.get("params"),
         "gflops": first.get("gflops"),
         "max_iter": first["max_iter"],
@@ -199,17 +205,23 @@ def deploy_network(name, row):
 
 def retime_covers(rows, timing):
     """Whether ``timing`` (``--retime``: one interleaved pass) timed the chosen variant of every
-    row that has a timing: only then does the table take its values, since a pass of many
-    models interleaved and a run's own pass of two (its model and the yardstick) are different
-    settings, and their ratios differ by more than the rows do (DeepForest, 2026-12-03: MimicDet
-    1.66 in the pass against 1.39-1.58 in its runs' own)."""
-    timed = (timing or {}).get("rows", {})
-    if not timing or not timing.get("yardstick_ms"):
+    row that has a timing, on its device: only then does the table take its values, since a
+    pass of many models interleaved and a run's own pass of two (its model and the yardstick)
+    are different settings, and their ratios differ by more than the rows do (DeepForest,
+    2026-12-03: MimicDet 1.66 in the pass against 1.39-1.58 in its runs' own)."""
+    timed = [n for n, row in rows.items() if row["infer_ratios"] or row["infer_ms"] is not None]
+    if not timing or not timing.get("yardstick_ms") or not timed:
         return False
-    return all(
-        name in timed and timed[name]["variant"] == row["variant"]
-        for name, row in rows.items()
-        if row["infer_ratios"]
+    return all(retimed_as_is(rows[name], timing["rows"].get(name), timing) for name in timed)
+
+
+def retimed_as_is(row, retimed, timing):
+    """Whether ``retimed`` (a --retime pass's entry for ``row``, or None) timed the row's chosen
+    variant on the row's kind of device."""
+    return bool(
+        retimed
+        and retimed["variant"] == row["variant"]
+        and device_of(timing["machine"]) == device_of(row["machine"])
     )
 
 
@@ -222,33 +234,34 @@ def normalize_inference(rows, timing=None):
     device. A network's runs come from different sittings and machines; one network timed as
     several would show their noise as differences (DeepForest's four RetinaNet runs, trained
     apart: 1.64-2.08 times the yardstick), though the weights matter little (a trained
-    checkpoint against its network at initial weights in one process, -1% to +8%:
-    tools/timing_weights_check.py).
+    checkpoint's network timed at initial weights beside it in one process took -1% to +8%
+    longer: tools/timing_weights_check.py).
     ``infer_runs`` counts the runs pooled, ``infer_spread`` is their (min, max) over the median.
     A ``timing`` of ``--retime`` that timed every row (:func:`retime_covers`) replaces all of
-    it, ``infer_retimed`` True. Rows timed without a yardstick keep their raw ms, and
-    ``infer_normalized`` False says so.
+    it, ``infer_retimed`` True. A row whose network has no run timed with the yardstick keeps
+    its first seed's raw ms, and ``infer_normalized`` False says so.
     """
     retimed = retime_covers(rows, timing)
     pooled = {}
     for name, row in rows.items():
         pooled.setdefault(deploy_network(name, row), []).extend(row["infer_ratios"])
     for name, row in rows.items():
-        row["infer_retimed"] = retimed and name in timing["rows"]
-        if row["infer_retimed"]:  # a row the pass missed has no timing at all: raw or none
+        row["infer_retimed"] = retimed and retimed_as_is(row, timing["rows"].get(name), timing)
+        if row["infer_retimed"]:  # a row the pass missed has no timing at all
             row["infer_ms"] = timing["rows"][name]["infer_ms"]
             row["yardstick_ms"] = timing["yardstick_ms"]
             row["infer_vs_yardstick"] = row["infer_ms"] / row["yardstick_ms"]
             row["infer_runs"], row["infer_spread"] = 1, None
             continue
-        ratios = pooled[deploy_network(name, row)] if row["infer_ratios"] else []
+        # a row without a timed run of its own (raw ms) takes its network's, if it has one
+        ratios = pooled.get(deploy_network(name, row), [])
         median = statistics.median(ratios) if ratios else None
         row["infer_vs_yardstick"] = median
         row["infer_runs"] = len(ratios)
         row["infer_spread"] = (min(ratios) / median, max(ratios) / median) if ratios else None
     references = {}
     for row in rows.values():
-        if row["infer_vs_yardstick"] is not None:
+        if row["infer_vs_yardstick"] is not None and row["yardstick_ms"]:
             references.setdefault(device_of(row["machine"]), []).append(row["yardstick_ms"])
     references = {device: statistics.median(ms) for device, ms in references.items()}
     for row in rows.values():

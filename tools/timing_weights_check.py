@@ -42,7 +42,11 @@ def checkpoints(bench, dataset):
             continue
         folders = bench.run_dir(dataset, row_name, chosen.name, 0).parent
         for final in sorted(folders.glob(f"{chosen.name}-seed*/model_final.pth")):
-            seed = int(final.parent.name.rsplit("-seed", 1)[1])
+            seed = final.parent.name.removeprefix(f"{chosen.name}-seed")
+            if not seed.isdigit():  # a copy beside the runs (lr0.005-seed1.bak): no run's
+                print(f"[timing] {final}: not in a run's folder, left out")
+                continue
+            seed = int(seed)
             result = bench.result(dataset, row_name, chosen.name, seed) or {}
             if (result.get("sha256") or {}).get("model_final.pth") != benchmark.sha256(final):
                 print(f"[timing] {final}: not the checkpoint of a committed result, left out")
@@ -58,13 +62,10 @@ def detections(predictor, images):
 
 def check(bench, dataset, command, rounds=2, count_images=5):
     """Times each checkpoint at its weights and at initial weights (see the module's doc);
-    ``command`` is the command line that asked, for the record."""
+    ``command`` is the command line that asked, for the record. None if there is none."""
     found = checkpoints(bench, dataset)
     if not found:
-        raise SystemExit(
-            f"no checkpoint of a chosen {dataset} variant in {bench.output}: "
-            "this check needs the trainings' model_final.pth"
-        )
+        return None
     models, runs = {"yardstick": benchmark.Yardstick(dataset, bench.device)}, {}
     for row_name, variant, seed, out in found:
         row = ROWS[row_name]
@@ -110,8 +111,13 @@ def parse_args(argv=None):
     parser.add_argument("--output", default="output/benchmark", help="the trainings' folders")
     parser.add_argument("--results", default=str(REPO / "benchmarks"), help="the committed runs")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--smoke", action="store_true", help="one image (tests)")
-    parser.add_argument("--max-iter", type=int, default=None, help="the runs' schedule")
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="the runs of benchmark.py --smoke (tests): its one learning rate, one image timed",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-iter", type=int, default=None, help="the runs' schedule, as given to benchmark.py"
+    )
     return parser.parse_args(argv)
 
 
@@ -124,8 +130,13 @@ def main(argv=None):
     )
     given = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "tools/timing_weights_check.py", *given])
+    checked = []
     for dataset in args.dataset:
         timing = check(bench, dataset, command)
+        if timing is None:
+            print(f"[timing] {dataset}: no checkpoint of a chosen variant in {bench.output}")
+            continue
+        checked.append(dataset)
         path = Path(args.results) / "runs" / dataset / "weights_timing.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(timing, indent=1) + "\n")
@@ -138,6 +149,11 @@ def main(argv=None):
                 f"{run['detections_per_image']:.1f} and "
                 f"{run['detections_per_image_initial_weights']:.1f}"
             )
+    if not checked:
+        raise SystemExit(
+            f"no checkpoint of a chosen variant of {', '.join(args.dataset)} in {bench.output}:"
+            " this check needs the trainings' model_final.pth (--output: where they trained)"
+        )
 
 
 if __name__ == "__main__":
