@@ -621,6 +621,17 @@ def time_images(models, images, device="cpu"):
     return times
 
 
+def time_rounds(models, images, rounds, device="cpu", warmup=2):
+    """``{name: [ms per image]}`` of ``rounds`` passes of :func:`time_images` over ``images``,
+    after ``warmup`` untimed images: the re-timing passes' protocol."""
+    time_images(models, images[:warmup], device)
+    times = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, ms in time_images(models, images, device).items():
+            times[name] += ms
+    return times
+
+
 def measure_inference(
     config, opts, weights, images, yardstick, device="cpu", deploy=False, warmup=2
 ):
@@ -1126,11 +1137,7 @@ class Benchmark:
             raise SystemExit(f"--retime: no chosen {dataset} checkpoint in {self.output}")
         predictors["yardstick"] = Yardstick(dataset, self.device)
         images = val_images(dataset, 1 if self.smoke else None)
-        time_images(predictors, images[:2], self.device)  # warm-up
-        times = {name: [] for name in predictors}
-        for _ in range(rounds):
-            for name, ms in time_images(predictors, images, self.device).items():
-                times[name] += ms
+        times = time_rounds(predictors, images, rounds, self.device)
         timing = {
             "date": now(),
             "machine": machine(self.device),

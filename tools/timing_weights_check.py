@@ -17,7 +17,6 @@ box decoding and NMS; so the detections per image are counted too. Writes
 """
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -77,11 +76,7 @@ def check(bench, dataset, command, rounds=2, count_images=5):
         models[name + "@initial"] = benchmark.build_predictor(config, opts, "", bench.device)
         runs[name] = {"checkpoint": str(trained)}
     images = benchmark.val_images(dataset, 1 if bench.smoke else None)
-    benchmark.time_images(models, images[:2], bench.device)  # warm-up
-    times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, ms in benchmark.time_images(models, images, bench.device).items():
-            times[name] += ms
+    times = benchmark.time_rounds(models, images, rounds, bench.device)
     yardstick = statistics.median(times["yardstick"])
     for name, run in runs.items():
         trained, initial = (statistics.median(times[n]) for n in (name, name + "@initial"))
@@ -137,10 +132,8 @@ def main(argv=None):
             print(f"[timing] {dataset}: no checkpoint of a chosen variant in {bench.output}")
             continue
         checked.append(dataset)
-        path = Path(args.results) / "runs" / dataset / "weights_timing.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(timing, indent=1) + "\n")
-        print(f"[timing] {dataset}: yardstick {timing['yardstick_ms']:.1f} ms, {path}")
+        bench.write_timing(dataset, "weights_timing.json", timing)
+        print(f"[timing] {dataset}: yardstick {timing['yardstick_ms']:.1f} ms")
         for name, run in timing["runs"].items():
             print(
                 f"  {name}: {run['infer_ms']:.1f} ms trained, "
