@@ -653,6 +653,7 @@ def test_a_row_that_does_not_run_on_a_dataset_reads_not_applicable(tmp_path, mon
     assert "| RetinaNet + RM + PFI | 9.0 (9.9) | n/a | 100 |" in text
     assert "| MimicDet | – | 40.0 (44.0)* | – |" in text
     assert "| FCOS | – | – | – |" in text  # no run on either dataset yet, still a row
+    assert "| MimicDet at least 2 AP above RetinaNet + RM + PFI | pending | n/a |" in text
     # a row whose runs exist but did not learn is not "not run yet"
     fake_result(tmp_path, "deepforest", "faster_rcnn", "lr0.005", 0, 0.0)
     benchmark_report.write_report(tmp_path, "today", readme=readme)
@@ -685,7 +686,9 @@ def test_targets_say_met_not_met_or_pending_with_the_measured_difference(tmp_pat
     for row, seed in itertools.product(("mimicdet", "mimicdet_nomimic"), (1, 2)):
         path = benchmark.result_path(tmp_path, "deepforest", row, "lr0.005", seed)
         path.write_text(json.dumps({**json.loads(path.read_text()), "infer_ms": 60.0}))
-    summary = benchmark_report.write_report(tmp_path, "today")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- benchmark-table -->\n<!-- /benchmark-table -->\n")
+    summary = benchmark_report.write_report(tmp_path, "today", readme=readme)
     goals = {g["target"]: g for g in summary["datasets"]["deepforest"]["targets"]}
     fcos = goals["MimicDet at least 2 AP above FCOS"]
     assert fcos["status"] == "met" and fcos["detail"].startswith("+3.0 AP")
@@ -700,10 +703,20 @@ def test_targets_say_met_not_met_or_pending_with_the_measured_difference(tmp_pat
         "| mimicking worth at least 1 AP | not met | +0.5 AP"
         in (tmp_path / "deepforest.md").read_text()
     )
+    # the README lists every target beside the headline table, a column per dataset: status
+    # and the measured difference; a target whose row has no run yet is pending
+    text = readme.read_text()
+    assert "| target | DeepForest |" in text
+    assert "| MimicDet at least 2 AP above FCOS | met: +3.0 AP |" in text
+    assert "| mimicking worth at least 1 AP | not met: +0.5 AP |" in text
+    assert "| shared backbone at least as good as separate | pending |" in text
+    assert "| MimicDet at most 0.8x Faster R-CNN's inference time | met: 0.60x on CPU |" in text
     # FCOS is due two reported seeds that learned: with one, whether its seed 2 failed or has
     # not run, its target stands on one seed's AP, so only provisionally
     fake_result(tmp_path, "deepforest", "fcos", "lr0.005", 2, 0.0)
-    summary = benchmark_report.write_report(tmp_path, "today")
+    summary = benchmark_report.write_report(tmp_path, "today", readme=readme)
+    text = readme.read_text()
+    assert "| MimicDet at least 2 AP above FCOS | met (provisional): +3.0 AP |" in text
     goals = {g["target"]: g for g in summary["datasets"]["deepforest"]["targets"]}
     assert goals["MimicDet at least 2 AP above FCOS"]["detail"].startswith("+3.0 AP")
     assert goals["MimicDet at least 2 AP above FCOS"]["provisional"]

@@ -700,8 +700,39 @@ def readme_table(summary):
         "|---" * (len(datasets) + 2) + "|",
         *table,
     ]
+    lines += ["", *readme_targets(summary)]
     lines += ["", f"![AP vs iteration, {first}](benchmarks/{first}_ap_curves.png)"]
     return "\n".join(lines)
+
+
+def readme_targets(summary):
+    """The README's second table: where each of the issue's targets stands on each dataset, the
+    status and the measured difference (the dataset's report has the two values compared)."""
+    datasets = list(summary["datasets"])
+    by_dataset = {d: {g["target"]: g for g in summary["datasets"][d]["targets"]} for d in datasets}
+    labels = list(dict.fromkeys(g for d in datasets for g in by_dataset[d]))
+
+    def cell(goal):
+        if goal is None or goal["status"] == "pending":
+            return "pending"
+        if goal["status"] == "not applicable":
+            return "n/a"
+        measured = goal["detail"].split(" (")[0]  # "+2.3 AP (10.3 vs 8.0)": the difference
+        provisional = " (provisional)" if goal.get("provisional") else ""
+        return f"{goal['status']}{provisional}: {measured}"
+
+    lines = [
+        "The issue's targets, MimicDet against the row named (provisional: a row involved has "
+        "only its tuning run, or fewer reported seeds that learned than it is due; each "
+        "dataset's report under `benchmarks/` gives the values compared):",
+        "",
+        "| target | " + " | ".join(short_title(d) for d in datasets) + " |",
+        "|---" * (len(datasets) + 1) + "|",
+    ]
+    for label in labels:
+        cells = [cell(by_dataset[d].get(label)) for d in datasets]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def replace_between_markers(path, start, end, text):
