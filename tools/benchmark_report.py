@@ -685,14 +685,16 @@ def readme_table(summary):
     }
     lines = [
         f"`python tools/benchmark.py --report`, {summary['date']}, from the runs committed under "
-        "`benchmarks/runs/`: val AP (AP50), mean of the reported seeds, at batch 2 for "
+        "`benchmarks/runs/`: val AP (AP50), mean of the reported seeds that learned (the "
+        "dataset's report names any that did not), at batch 2 for "
         + ", ".join(
             f"{summary['datasets'][d]['max_iter']} iterations on {short_title(d)}" for d in datasets
         )
         + "".join(f"; {text}" for mark, text in legend.items() if mark in used)
-        + f"; ms: deploy model, batch 1, {short_title(first)}, on the CPU unless marked, on one "
-        "scale across sittings, one per deploy network (a row that changes only the training "
-        "shares its parent's)"
+        + f"; ms: deploy model, batch 1, {short_title(first)}, on the CPU unless marked, scaled "
+        "by a backbone-only yardstick timed beside it so that runs of different days compare; a "
+        "row that changes only the training (an ablation, a distilled student) shares its "
+        "parent's network and time"
         + (" († raw: timed before that scale existed)" if "†" in used else "")
         + ".",
         "",
@@ -706,7 +708,7 @@ def readme_table(summary):
 
 
 def readme_targets(summary):
-    """The README's second table: where each of the issue's targets stands on each dataset, the
+    """The README's second table: where each of the benchmark's targets stands on each dataset, the
     status and the measured difference (the dataset's report has the two values compared)."""
     datasets = list(summary["datasets"])
     by_dataset = {d: {g["target"]: g for g in summary["datasets"][d]["targets"]} for d in datasets}
@@ -722,8 +724,8 @@ def readme_targets(summary):
         return f"{goal['status']}{provisional}: {measured}"
 
     lines = [
-        "The issue's targets, MimicDet against the row named (provisional: a row involved has "
-        "only its tuning run, or fewer reported seeds that learned than it is due; each "
+        "The benchmark's targets, MimicDet against the row named (provisional: a row compared "
+        "has fewer reported seeds that learned than planned, or only its tuning run; each "
         "dataset's report under `benchmarks/` gives the values compared):",
         "",
         "| target | " + " | ".join(short_title(d) for d in datasets) + " |",
