@@ -21,5 +21,7 @@ dataloader.train.mapper.augmentations = [
 dataloader.train.mapper.use_instance_mask = False
 optimizer.lr = 0.01
 train.init_checkpoint = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+# default (detectron2's): float32; True: float16 autocast, as SOLVER.AMP.ENABLED in the yaml twin
+train.amp.enabled = False
 # detectron2 built without its C++ ops has no fast COCOeval; use pycocotools' own
 dataloader.evaluator.use_fast_impl = HAS_DETECTRON2_OPS
