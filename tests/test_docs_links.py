@@ -45,7 +45,8 @@ def test_slug_follows_githubs_rules():
     assert slug("Fashion scenes: in progress (3600 iterations, 10 classes)") == (
         "fashion-scenes-in-progress-3600-iterations-10-classes"
     )
-    assert slug("4. Runs") == "4-runs" and slug("`--resume` after a crash") == "--resume-after-a-crash"
+    assert slug("4. Runs") == "4-runs"
+    assert slug("`--resume` after a crash") == "--resume-after-a-crash"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
