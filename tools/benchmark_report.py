@@ -317,6 +317,8 @@ def targets(rows, dataset):
     """
     Where each goal stands on one dataset: ``met``, ``not met``, ``pending`` while a row has
     no result or did not learn, or ``not applicable`` where its row cannot run on the dataset.
+    A met or not met goal carries ``measured``, the difference (or ratio) alone, and ``detail``,
+    which adds the two values compared.
     ``provisional`` when a row involved has only its tuning run, or fewer reported seeds that
     learned than it is due (``Row.seeds``): one seed's evaluations move by more than some
     margins, and a seed that failed adds nothing to the mean.
@@ -350,11 +352,13 @@ def targets(rows, dataset):
         digits = 1
         while digits < 4 and (round(diff, digits) >= margin) != (diff >= margin):
             digits += 1
+        measured = f"{diff:+.{digits}f} AP"
         out.append(
             {
                 "target": label,
                 "status": "met" if diff >= margin else "not met",
-                "detail": f"{diff:+.{digits}f} AP ({rows[row]['AP']:.{digits}f} vs "
+                "measured": measured,
+                "detail": f"{measured} ({rows[row]['AP']:.{digits}f} vs "
                 f"{rows[other]['AP']:.{digits}f})",
                 "provisional": provisional(row, other),
             }
@@ -376,10 +380,12 @@ def speed_target(rows, provisional):
     if len(devices) > 1:
         return {"target": label, "status": "pending", "detail": f"timed on {sorted(devices)}"}
     ratio = pair[0]["infer_ms"] / pair[1]["infer_ms"]
+    measured = f"{ratio:.2f}x on {devices.pop()}"
     return {
         "target": label,
         "status": "met" if ratio <= SPEED_TARGET else "not met",
-        "detail": f"{ratio:.2f}x on {devices.pop()}",
+        "measured": measured,
+        "detail": measured,
         "provisional": provisional("mimicdet", "faster_rcnn"),
     }
 
@@ -719,9 +725,8 @@ def readme_targets(summary):
             return "pending"
         if goal["status"] == "not applicable":
             return "n/a"
-        measured = goal["detail"].split(" (")[0]  # "+2.3 AP (10.3 vs 8.0)": the difference
         provisional = " (provisional)" if goal.get("provisional") else ""
-        return f"{goal['status']}{provisional}: {measured}"
+        return f"{goal['status']}{provisional}: {goal['measured']}"
 
     lines = [
         "The benchmark's targets, MimicDet against the row named (provisional: a row compared "
