@@ -212,11 +212,17 @@ ROWS = {
             "retinanet_rm_pfi", "RetinaNet + RM + PFI", "retinanet_MNV2_FPN.yaml",
             parent="retinanet", teacher="faster_rcnn",
             opts=distill_opts(
-                ("MODEL.DISTILL.RANK.WEIGHT", "4.0", "MODEL.DISTILL.PFI.WEIGHT", "1.5")
+                (
+                    "MODEL.DISTILL.RANK.WEIGHT", "4.0",
+                    "MODEL.DISTILL.PFI.WEIGHT", "1.5",
+                    "MODEL.DISTILL.PFI.PREDICTION_GAP", "probability",
+                )
             ),
             paper="distillation from Faster R-CNN",
-            # PFI reads the teacher's RPN at every student anchor; Rank Mimicking ranks the RPN's
-            # candidates by the teacher's second stage (mimicdet/distill/dense_view.py)
+            # PFI reads the teacher's RPN at every student anchor, and weighs by the gap of
+            # probabilities: the RPN's background logits sit far below the student's, so the logit
+            # gap weighed that offset (since 2026-12-07, docs/distillation.md); Rank Mimicking
+            # ranks the RPN's candidates by the teacher's second stage (dense_view.py)
             needs_teacher_anchors=True,
         ),
     )  # fmt: skip

@@ -10,6 +10,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from mimicdet import get_mimicdet_cfg
+from mimicdet.distill import pfi_loss
 
 KD_TERMS = {"loss_kd_fgfi", "loss_kd_defeat_fg", "loss_kd_defeat_bg", "loss_kd_rank", "loss_kd_pfi"}
 
@@ -171,6 +172,28 @@ def test_a_teacher_without_weights_is_refused_unless_allowed(teacher_files):
         build_model(cfg)
     cfg.MODEL.DISTILL.TEACHER.ALLOW_RANDOM = True
     assert build_model(cfg).teacher is not None
+
+
+def test_the_pfi_prediction_gap_reaches_the_loss_and_an_unknown_one_is_refused(
+    teacher_files, make_inputs, monkeypatch
+):
+    import mimicdet.distill.meta_arch as meta_arch
+
+    seen = []
+
+    def recording(*args):
+        seen.append(args[-1])
+        return pfi_loss(*args)
+
+    monkeypatch.setattr(meta_arch, "pfi_loss", recording)
+    cfg = _distiller_cfg(teacher_files, fgfi=0.0, defeat_fg=0.0, defeat_bg=0.0, rank=0.0)
+    cfg.MODEL.DISTILL.PFI.PREDICTION_GAP = "probability"
+    torch.manual_seed(0)
+    losses = _train_step(build_model(cfg), make_inputs(num_images=2))
+    assert seen == ["probability"] and torch.isfinite(losses["loss_kd_pfi"])
+    cfg.MODEL.DISTILL.PFI.PREDICTION_GAP = "softmax"
+    with pytest.raises(ValueError, match="MODEL.DISTILL.PFI.PREDICTION_GAP"):
+        build_model(cfg)  # at construction, before any training
 
 
 def test_features_the_teacher_lacks_are_a_clear_error(teacher_files):

@@ -77,3 +77,23 @@ def test_pfi_weights_each_location_by_the_prediction_difference():
     grad = student.grad[0, 0, 0]
     assert grad[1] / grad[0] == pytest.approx(9.0)  # the location the predictions disagree on
     assert s_logits.grad is None  # the weight guides, it is not trained
+
+
+def test_pfi_on_probabilities_weighs_disagreement_not_a_calibration_offset():
+    """An RPN's objectness sits far below a focal-loss student's logits where both say
+    "background": the logit gap there outweighs a real disagreement, the probability gap does
+    not (MODEL.DISTILL.PFI.PREDICTION_GAP)."""
+    student = torch.zeros(1, 2, 1, 2, requires_grad=True)
+    teacher = torch.ones(1, 2, 1, 2)  # the same feature gap at both locations
+    s_logits = torch.tensor([[[[-4.0, -1.0]]]])
+    t_logits = torch.tensor([[[[-11.0, 3.0]]]])  # background both / an object the student misses
+    by_logit = pfi_loss([student], [teacher], [s_logits], [t_logits])
+    assert by_logit.item() == pytest.approx((49.0 + 16.0) / 2)  # the background weighs more
+    loss = pfi_loss([student], [teacher], [s_logits], [t_logits], prediction_gap="probability")
+    gaps = (t_logits.sigmoid() - s_logits.sigmoid()).pow(2)[0, 0, 0]
+    assert loss.item() == pytest.approx(gaps.mean().item())
+    loss.backward()
+    grad = student.grad[0, 0, 0]
+    assert grad[1] / grad[0] > 1000  # nearly all of it where the predictions disagree
+    with pytest.raises(ValueError, match="MODEL.DISTILL.PFI.PREDICTION_GAP"):
+        pfi_loss([student], [teacher], [s_logits], [t_logits], prediction_gap="softmax")

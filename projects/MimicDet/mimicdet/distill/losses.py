@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["fgfi_loss", "defeat_losses", "rank_mimic_loss", "pfi_loss"]
+__all__ = [
+    "fgfi_loss",
+    "defeat_losses",
+    "rank_mimic_loss",
+    "pfi_loss",
+    "PFI_PREDICTION_GAPS",
+    "check_pfi_prediction_gap",
+]
 
 
 def _zero(tensors: Sequence[Tensor]) -> Tensor:
@@ -78,15 +85,29 @@ def rank_mimic_loss(teacher_scores: List[Tensor], student_scores: List[Tensor]) 
     return torch.stack(terms).mean()
 
 
+# what PFI's weight compares (MODEL.DISTILL.PFI.PREDICTION_GAP)
+PFI_PREDICTION_GAPS = ("logit", "probability")
+
+
+def check_pfi_prediction_gap(prediction_gap: str) -> None:
+    """Refuses a ``MODEL.DISTILL.PFI.PREDICTION_GAP`` not in :data:`PFI_PREDICTION_GAPS`."""
+    if prediction_gap not in PFI_PREDICTION_GAPS:
+        raise ValueError(
+            f"MODEL.DISTILL.PFI.PREDICTION_GAP must be one of {PFI_PREDICTION_GAPS}, "
+            f"got {prediction_gap!r}"
+        )
+
+
 def pfi_loss(
     student: Sequence[Tensor],
     teacher: Sequence[Tensor],
     student_logits: Sequence[Tensor],
     teacher_logits: Sequence[Tensor],
+    prediction_gap: str = "logit",
 ) -> Tensor:
     """
     Prediction-guided Feature Imitation (Li et al., AAAI 2022): per location, the mean over
-    channels of the squared teacher-student logit difference weights the squared feature
+    channels of the squared teacher-student prediction difference weights the squared feature
     difference (mean over channels, default: ours, the paper leaves the reduction open); the
     weighted differences are averaged over locations, then over levels. The weight is a guide
     and gets no gradient (default, ours), so the student cannot lower the loss by matching
@@ -95,9 +116,15 @@ def pfi_loss(
     Args:
         student, teacher: per level ``(N, C, H, W)`` features.
         student_logits, teacher_logits: per level ``(N, K, H, W)`` classification logits.
+        prediction_gap: ``"logit"`` compares the logits (the paper's as our notes read it),
+            ``"probability"`` their sigmoids (ours, for logits calibrated apart, as an RPN's
+            objectness and a focal-loss student's are).
     """
+    check_pfi_prediction_gap(prediction_gap)
     terms = []
     for s, t, s_logit, t_logit in zip(student, teacher, student_logits, teacher_logits):
+        if prediction_gap == "probability":
+            t_logit, s_logit = t_logit.sigmoid(), s_logit.sigmoid()
         weight = (t_logit - s_logit).detach().pow(2).mean(dim=1)  # (N, H, W)
         terms.append((weight * (s - t).pow(2).mean(dim=1)).mean())
     return torch.stack(terms).mean()

@@ -23,7 +23,13 @@ from .dense_view import (
     per_anchor_logits,
     same_anchors,
 )
-from .losses import defeat_losses, fgfi_loss, pfi_loss, rank_mimic_loss
+from .losses import (
+    check_pfi_prediction_gap,
+    defeat_losses,
+    fgfi_loss,
+    pfi_loss,
+    rank_mimic_loss,
+)
 from .masks import defeat_foreground_masks, fgfi_masks
 from .teacher import FrozenTeacher, load_teacher_weights
 
@@ -93,6 +99,7 @@ def distiller_arguments(distill_cfg) -> Dict:
         "fgfi_psi": distill_cfg.FGFI.PSI,
         "gt_level_scale": distill_cfg.GT_LEVEL_SCALE,
         "rank_two_stage_scores": distill_cfg.RANK.TWO_STAGE_SCORES,
+        "pfi_prediction_gap": distill_cfg.PFI.PREDICTION_GAP,
     }
 
 
@@ -126,6 +133,7 @@ class Distiller(nn.Module):
         fgfi_psi: float,
         gt_level_scale: float = 56.0,
         rank_two_stage_scores: str = "roi_head",
+        pfi_prediction_gap: str = "logit",
     ):
         """
         Args:
@@ -141,6 +149,8 @@ class Distiller(nn.Module):
             gt_level_scale: the level rule of FGFI's and DeFeat's masks (:func:`gt_levels`).
             rank_two_stage_scores: a two-stage teacher's class scores for Rank Mimicking
                 (:func:`dense_view`).
+            pfi_prediction_gap: what PFI's weight compares, logits or probabilities
+                (:func:`pfi_loss`).
         """
         super().__init__()
         if not isinstance(getattr(student, "backbone", None), Backbone):
@@ -156,6 +166,8 @@ class Distiller(nn.Module):
         self.fgfi_psi = fgfi_psi
         self.gt_level_scale = gt_level_scale
         self.rank_two_stage_scores = rank_two_stage_scores
+        check_pfi_prediction_gap(pfi_prediction_gap)  # refused before any training
+        self.pfi_prediction_gap = pfi_prediction_gap
         self.kd_adapters = nn.ModuleDict()
         if teacher is None:
             self.teacher_dense = None
@@ -389,6 +401,7 @@ class Distiller(nn.Module):
                 t_feats,
                 [comparable(s_logits[i]) for i in levels],
                 [t_logits[i] for i in levels],
+                self.pfi_prediction_gap,
             )
         if "rank" in self.weights:
             losses["loss_kd_rank"] = self._rank_loss(
