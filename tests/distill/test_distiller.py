@@ -1,6 +1,8 @@
 """The Distiller: a tiny RetinaNet student with a tiny RetinaNet teacher, on the CPU."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -495,3 +497,32 @@ def test_teacher_opts_reach_the_teachers_config(teacher_files):
     cfg.MODEL.DISTILL.RANK.WEIGHT = 1.0
     with pytest.raises(ValueError, match="the same anchors"):
         build_model(cfg)
+
+
+def test_pfi_weight_tool_splits_the_weight_inside_and_outside_the_boxes(
+    tmp_path, teacher_files, tiny_coco
+):
+    """tools/pfi_weight.py on a checkpoint: its PFI term for the gap trained with is the one the
+    training forward computes, and a config without PFI is refused."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    from pfi_weight import main as pfi_weight
+
+    name = tiny_coco("mimicdet_tiny_pfi_weight")
+    cfg = _distiller_cfg(teacher_files, fgfi=0.0, defeat_fg=0.0, defeat_bg=0.0, rank=0.0, pfi=2.0)
+    cfg.merge_from_list(_tiny_train_opts(name, str(tmp_path / "out"), 96))
+    config_file, weights = tmp_path / "distiller.yaml", tmp_path / "model.pth"
+    config_file.write_text(cfg.dump())
+    torch.manual_seed(0)
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
+    args = ["--config-file", str(config_file), "--batches", "1", "MODEL.WEIGHTS", str(weights)]
+
+    result = pfi_weight(args)
+    assert result["trained_with"] == "logit"
+    assert result["logit_pfi"] * 2.0 == pytest.approx(result["losses"]["loss_kd_pfi"], rel=1e-5)
+    for gap in ("logit", "probability"):
+        assert 0.0 <= result[f"{gap}_share_outside"] <= 1.0
+        assert result[f"{gap}_weight_outside"] >= 0.0
+    assert 0.0 <= result["probability_weight_outside"] <= 1.0
+    assert 0.0 < result["cells_inside"] < 1.0
+    with pytest.raises(SystemExit, match="PFI.WEIGHT"):
+        pfi_weight(args + ["MODEL.DISTILL.PFI.WEIGHT", "0.0"])

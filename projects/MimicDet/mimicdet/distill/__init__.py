@@ -12,12 +12,13 @@ this package.
 
 from .config import add_distill_config
 from .dense_view import DenseView, candidate_matches, dense_view
-from .losses import defeat_losses, fgfi_loss, pfi_loss, rank_mimic_loss
+from .losses import PFI_PREDICTION_GAPS, defeat_losses, fgfi_loss, pfi_loss, rank_mimic_loss
 from .masks import defeat_foreground_masks, fgfi_masks, gt_levels
 from .meta_arch import Distiller, build_teacher, distiller_arguments
 from .teacher import FrozenTeacher, load_teacher_weights
 
 __all__ = [
+    "PFI_PREDICTION_GAPS",
     "DenseView",
     "Distiller",
     "FrozenTeacher",
