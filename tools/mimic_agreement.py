@@ -159,6 +159,14 @@ def mean_over_batches(records, key):
     return sum(values) / len(values) if values else math.nan
 
 
+def report(result, output=None):
+    """Prints ``result`` as JSON, also writes it to ``output`` if given, and returns it."""
+    print(json.dumps(result, indent=1))
+    if output:
+        Path(output).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True, help="a MimicDet yaml config")
@@ -180,10 +188,7 @@ def main(argv=None):
     cfg.freeze()
     result = {"weights": cfg.MODEL.WEIGHTS, "batches": args.batches, "seed": args.seed}
     result.update(measure(cfg, args.batches, args.seed, args.gradients))
-    print(json.dumps(result, indent=1))
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return report(result, args.output)
 
 
 if __name__ == "__main__":

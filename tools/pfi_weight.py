@@ -20,7 +20,7 @@ teacher's and the student's mean logit outside the boxes, and the training forwa
 
 import argparse
 import contextlib
-import json
+import math
 import sys
 from pathlib import Path
 
@@ -35,7 +35,8 @@ from detectron2.utils.events import EventStorage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "MimicDet"))
 import mimicdet.distill.meta_arch as meta_arch  # noqa: E402
 from mimicdet import get_mimicdet_cfg  # noqa: E402
-from mimicdet.distill import PFI_PREDICTION_GAPS  # noqa: E402
+from mimicdet.distill import PFI_PREDICTION_GAPS, pfi_weight  # noqa: E402
+from mimic_agreement import mean_over_batches, report  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -66,9 +67,9 @@ def inside_boxes(boxes, grid, stride):
 
 
 def masked_mean(values, mask):
-    """The mean of ``values`` where ``mask`` holds, None where it holds nowhere (a coarse level
-    whose every cell touches a box)."""
-    return values[mask].mean().item() if mask.any() else None
+    """The mean of ``values`` where ``mask`` holds, NaN where it holds nowhere (a coarse level
+    whose every cell touches a box), which the means over levels leave out."""
+    return values[mask].mean().item() if mask.any() else math.nan
 
 
 def level_statistics(student, teacher, s_logits, t_logits, inside):
@@ -82,21 +83,13 @@ def level_statistics(student, teacher, s_logits, t_logits, inside):
         "cells_inside": inside.float().mean().item(),
     }
     for gap in PFI_PREDICTION_GAPS:
-        t, s = t_logits, s_logits
-        if gap == "probability":
-            t, s = t.sigmoid(), s.sigmoid()
-        weight = (t - s).pow(2).mean(dim=1)
+        weight = pfi_weight(s_logits, t_logits, gap)
         weighted = weight * feature_gap
         out[f"{gap}_weight_inside"] = masked_mean(weight, inside)
         out[f"{gap}_weight_outside"] = masked_mean(weight, outside)
         out[f"{gap}_share_outside"] = (weighted[outside].sum() / weighted.sum()).item()
         out[f"{gap}_pfi"] = weighted.mean().item()
     return out
-
-
-def mean_of(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
 
 
 def measure(cfg, batches, seed=0):
@@ -130,8 +123,8 @@ def measure(cfg, batches, seed=0):
                     [inside_boxes(x["instances"].gt_boxes.tensor, grid, stride) for x in batch]
                 )
                 per_level.append(level_statistics(student, teacher, s_logits, t_logits, inside))
-    result = {key: mean_of([s[key] for s in per_level]) for key in per_level[0]}
-    result["losses"] = {key: mean_of([l[key] for l in losses]) for key in losses[0]}
+    result = {key: mean_over_batches(per_level, key) for key in per_level[0]}
+    result["losses"] = {key: mean_over_batches(losses, key) for key in losses[0]}
     result["trained_with"] = cfg.MODEL.DISTILL.PFI.PREDICTION_GAP
     return result
 
@@ -148,10 +141,7 @@ def main(argv=None):
     cfg.freeze()
     result = {"weights": cfg.MODEL.WEIGHTS, "batches": args.batches, "seed": args.seed}
     result.update(measure(cfg, args.batches, args.seed))
-    print(json.dumps(result, indent=1))
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return report(result, args.output)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,14 @@ this package.
 
 from .config import add_distill_config
 from .dense_view import DenseView, candidate_matches, dense_view
-from .losses import PFI_PREDICTION_GAPS, defeat_losses, fgfi_loss, pfi_loss, rank_mimic_loss
+from .losses import (
+    PFI_PREDICTION_GAPS,
+    defeat_losses,
+    fgfi_loss,
+    pfi_loss,
+    pfi_weight,
+    rank_mimic_loss,
+)
 from .masks import defeat_foreground_masks, fgfi_masks, gt_levels
 from .meta_arch import Distiller, build_teacher, distiller_arguments
 from .teacher import FrozenTeacher, load_teacher_weights
@@ -34,5 +41,6 @@ __all__ = [
     "gt_levels",
     "load_teacher_weights",
     "pfi_loss",
+    "pfi_weight",
     "rank_mimic_loss",
 ]

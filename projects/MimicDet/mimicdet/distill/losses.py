@@ -13,6 +13,7 @@ __all__ = [
     "defeat_losses",
     "rank_mimic_loss",
     "pfi_loss",
+    "pfi_weight",
     "PFI_PREDICTION_GAPS",
     "check_pfi_prediction_gap",
 ]
@@ -123,8 +124,15 @@ def pfi_loss(
     check_pfi_prediction_gap(prediction_gap)
     terms = []
     for s, t, s_logit, t_logit in zip(student, teacher, student_logits, teacher_logits):
-        if prediction_gap == "probability":
-            t_logit, s_logit = t_logit.sigmoid(), s_logit.sigmoid()
-        weight = (t_logit - s_logit).detach().pow(2).mean(dim=1)  # (N, H, W)
+        weight = pfi_weight(s_logit, t_logit, prediction_gap)
         terms.append((weight * (s - t).pow(2).mean(dim=1)).mean())
     return torch.stack(terms).mean()
+
+
+def pfi_weight(student_logits: Tensor, teacher_logits: Tensor, prediction_gap: str) -> Tensor:
+    """PFI's ``(N, H, W)`` weight on one level (:func:`pfi_loss`): the mean over channels of the
+    squared teacher-student gap of the logits or of their sigmoids, without gradient."""
+    t, s = teacher_logits.detach(), student_logits.detach()
+    if prediction_gap == "probability":
+        t, s = t.sigmoid(), s.sigmoid()
+    return (t - s).pow(2).mean(dim=1)
