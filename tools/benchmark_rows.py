@@ -214,6 +214,7 @@ ROWS = {
             opts=distill_opts(
                 (
                     "MODEL.DISTILL.RANK.WEIGHT", "4.0",
+                    "MODEL.DISTILL.RANK.SCORE", "probability",
                     "MODEL.DISTILL.PFI.WEIGHT", "1.5",
                     "MODEL.DISTILL.PFI.PREDICTION_GAP", "probability",
                 )
@@ -222,7 +223,8 @@ ROWS = {
             # PFI reads the teacher's RPN at every student anchor, and weighs by the gap of
             # probabilities: the RPN's background logits sit far below the student's, so the logit
             # gap weighed that offset (since 2026-12-07, docs/distillation.md); Rank Mimicking
-            # ranks the RPN's candidates by the teacher's second stage (dense_view.py)
+            # ranks the RPN's candidates by the teacher's second stage, by probabilities (the
+            # default, named so that runs ranked by logits, before 2026-12-07, are not reused)
             needs_teacher_anchors=True,
         ),
     )  # fmt: skip

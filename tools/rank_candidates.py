@@ -9,7 +9,14 @@ was a one-stage detector with the student's assigner; a Faster R-CNN teacher's R
 anchor at IoU 0.7 (or the GT's best), RetinaNet at 0.5. This prints both counts over the
 student's training batches (its augmentation and input sizes), by GT size.
 
+With ``--teacher-weights``, it also shows how peaked the trained teacher's ranking of those
+candidates is, the target Rank Mimicking hands the student: per GT with two or more candidates,
+the spread of the second stage's log-odds and the largest share of the softmax under each
+``MODEL.DISTILL.RANK.SCORE``.
+
     python tools/rank_candidates.py --dataset fashion_scenes --batches 25
+    python tools/rank_candidates.py --dataset fashion_scenes --batches 10 \
+        --teacher-weights <faster_rcnn run>/model_final.pth
 """
 
 import argparse
@@ -49,11 +56,54 @@ def count_candidates(student, assigners, batches):
     return counts
 
 
+def teacher_rankings(student, teacher, batches):
+    """Per GT with two or more RPN candidates on ``student``'s anchors: ``(spread, shares)``,
+    the max minus the min of the teacher's second-stage log-odds of the GT's class over the
+    candidates, and per ``RANK_SCORES`` entry the largest share of the softmax Rank Mimicking
+    takes as its target."""
+    import torch.nn.functional as F
+    from detectron2.structures import Boxes
+
+    from mimicdet.distill import RANK_SCORES, candidate_matches, dense_view
+
+    view = dense_view(teacher, student.num_classes, "roi_head")
+    rankings = []
+    with torch.no_grad():
+        for batch in batches:
+            features = student.backbone(student.preprocess_image(batch).tensor)
+            anchors = student.anchor_generator([features[f] for f in student.head_in_features])
+            t_images = teacher.preprocess_image(batch)
+            t_features = teacher.backbone(t_images.tensor)
+            gts = [x["instances"] for x in batch]
+            matches = candidate_matches(view.assigner, anchors, gts)
+            candidates = [(m >= 0).nonzero().squeeze(1) for m in matches]
+            scores = view.candidate_scores(
+                t_features, None, Boxes.cat(anchors), candidates, t_images.image_sizes
+            )
+            for matched, idx, gt, image_scores in zip(matches, candidates, gts, scores):
+                owner = matched[idx]
+                for g, cls in enumerate(gt.gt_classes.tolist()):
+                    log_odds = image_scores[owner == g, cls]
+                    if len(log_odds) < 2:
+                        continue
+                    by_score = {"probability": log_odds.sigmoid(), "logit": log_odds}
+                    shares = {k: F.softmax(by_score[k], 0).max().item() for k in RANK_SCORES}
+                    rankings.append(((log_odds.max() - log_odds.min()).item(), shares))
+    return rankings
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--dataset", choices=sorted(FOLDERS), default="fashion_scenes")
     parser.add_argument("--batches", type=int, default=25, help="training batches looked at")
+    parser.add_argument(
+        "--teacher-weights",
+        help="the dataset's trained Faster R-CNN (model_final.pth): also measure how peaked its "
+        "ranking of each GT's candidates is",
+    )
     args = parser.parse_args(argv)
+    if args.teacher_weights and not Path(args.teacher_weights).is_file():
+        parser.error(f"--teacher-weights {args.teacher_weights}: no such file")
 
     from detectron2.data import build_detection_train_loader
     from detectron2.modeling import build_model
@@ -83,6 +133,22 @@ def main(argv=None):
         lo, hi = SIZE_EDGES[bucket], SIZE_EDGES[bucket + 1]
         cells = [f"{sum(r) / len(r):.1f} ({sum(n == 1 for n in r) / len(r):.0%})" for r in rows]
         print(f"| {lo:g}-{hi:g} | {len(rows[0])} | " + " | ".join(cells) + " |")
+    if args.teacher_weights:
+        from detectron2.checkpoint import DetectionCheckpointer
+
+        DetectionCheckpointer(teacher).load(args.teacher_weights)
+        batches = islice(build_detection_train_loader(student_cfg), args.batches)
+        rankings = teacher_rankings(student, teacher, batches)
+        if not rankings:
+            raise SystemExit("no GT with two or more candidates in these batches")
+        spreads = torch.tensor([spread for spread, _ in rankings])
+        print(f"\nThe trained teacher's ranking, {len(rankings)} GTs with two or more candidates:")
+        print(f"log-odds spread over a GT's candidates: median {spreads.median():.1f}, "
+              f"quartiles {spreads.quantile(0.25):.1f}-{spreads.quantile(0.75):.1f}")
+        for score in rankings[0][1]:
+            top = torch.tensor([shares[score] for _, shares in rankings])
+            print(f"RANK.SCORE {score}: the top candidate's share of the target, mean "
+                  f"{top.mean():.2f}; above 0.9 for {(top > 0.9).float().mean():.0%} of GTs")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from mimicdet import get_mimicdet_cfg
-from mimicdet.distill import pfi_loss
+from mimicdet.distill import RANK_SCORES, pfi_loss, rank_mimic_loss
 
 KD_TERMS = {"loss_kd_fgfi", "loss_kd_defeat_fg", "loss_kd_defeat_bg", "loss_kd_rank", "loss_kd_pfi"}
 
@@ -195,6 +195,29 @@ def test_the_pfi_prediction_gap_reaches_the_loss_and_an_unknown_one_is_refused(
     assert seen == ["probability"] and torch.isfinite(losses["loss_kd_pfi"])
     cfg.MODEL.DISTILL.PFI.PREDICTION_GAP = "softmax"
     with pytest.raises(ValueError, match="MODEL.DISTILL.PFI.PREDICTION_GAP"):
+        build_model(cfg)  # at construction, before any training
+
+
+def test_the_rank_score_reaches_the_loss_and_an_unknown_one_is_refused(
+    teacher_files, make_inputs, monkeypatch
+):
+    import mimicdet.distill.meta_arch as meta_arch
+
+    seen = []
+
+    def recording(*args):
+        seen.append(args[-1])
+        return rank_mimic_loss(*args)
+
+    monkeypatch.setattr(meta_arch, "rank_mimic_loss", recording)
+    cfg = _distiller_cfg(teacher_files, fgfi=0.0, defeat_fg=0.0, defeat_bg=0.0, pfi=0.0)
+    assert cfg.MODEL.DISTILL.RANK.SCORE == "probability"  # the public port's
+    cfg.MODEL.DISTILL.RANK.SCORE = "logit"
+    torch.manual_seed(0)
+    losses = _train_step(build_model(cfg), make_inputs(num_images=2))
+    assert seen and set(seen) == {"logit"} and torch.isfinite(losses["loss_kd_rank"])
+    cfg.MODEL.DISTILL.RANK.SCORE = "log_odds"
+    with pytest.raises(ValueError, match="MODEL.DISTILL.RANK.SCORE"):
         build_model(cfg)  # at construction, before any training
 
 
@@ -526,3 +549,31 @@ def test_pfi_weight_tool_splits_the_weight_inside_and_outside_the_boxes(
     assert 0.0 < result["cells_inside"] < 1.0
     with pytest.raises(SystemExit, match="PFI.WEIGHT"):
         pfi_weight(args + ["MODEL.DISTILL.PFI.WEIGHT", "0.0"])
+
+
+def test_kd_gradients_tool_measures_each_term_on_the_class_branch(
+    tmp_path, teacher_files, tiny_coco
+):
+    """tools/kd_gradients.py: each loss's gradient on the student's class branch, the box loss
+    reaching none of it; Rank Mimicking on probabilities pulls less than on logits (the sigmoid's
+    slope damps it); a config that is not a Distiller is refused."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    from kd_gradients import main as kd_gradients
+
+    name = tiny_coco("mimicdet_tiny_kd_gradients")
+    cfg = _distiller_cfg(teacher_files, fgfi=0.0, defeat_fg=0.0, defeat_bg=0.0, rank=4.0, pfi=0.0)
+    cfg.merge_from_list(_tiny_train_opts(name, str(tmp_path / "out"), 96))
+    config_file = tmp_path / "distiller.yaml"
+    config_file.write_text(cfg.dump())
+    args = ["--config-file", str(config_file), "--batches", "1"]
+
+    by_score = {s: kd_gradients(args + ["MODEL.DISTILL.RANK.SCORE", s]) for s in RANK_SCORES}
+    for result in by_score.values():
+        assert result["class_branch_grad_norm_box_reg"] == 0.0
+        assert result["class_branch_grad_norm_cls"] > 0.0
+        assert result["backbone_grad_norm_box_reg"] > 0.0
+        assert set(result["losses"]) == {"loss_cls", "loss_box_reg", "loss_kd_rank"}
+    rank = {s: r["class_branch_grad_norm_kd_rank"] for s, r in by_score.items()}
+    assert 0.0 < rank["probability"] < rank["logit"]
+    with pytest.raises(SystemExit, match="Distiller"):
+        kd_gradients(args + ["MODEL.META_ARCHITECTURE", "RetinaNet"])

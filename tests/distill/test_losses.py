@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mimicdet.distill import defeat_losses, fgfi_loss, pfi_loss, rank_mimic_loss
 
@@ -42,28 +43,56 @@ def test_defeat_averages_over_all_levels_a_level_without_foreground_adding_zero(
     assert zero.item() == 0.0 and zero.requires_grad  # DDP still sees the student used
 
 
-def test_rank_mimic_loss_is_zero_for_equal_scores_and_positive_when_the_order_differs():
+@pytest.mark.parametrize("score", ["probability", "logit"])
+def test_rank_mimic_loss_is_zero_for_equal_scores_and_positive_when_the_order_differs(score):
     teacher = [torch.tensor([3.0, 1.0, 0.0]), torch.tensor([0.5, 2.0])]
-    assert rank_mimic_loss(teacher, [t.clone() for t in teacher]).item() == pytest.approx(0.0)
+    equal = rank_mimic_loss(teacher, [t.clone() for t in teacher], score)
+    assert equal.item() == pytest.approx(0.0, abs=1e-7)
     swapped = [torch.tensor([0.0, 1.0, 3.0]), torch.tensor([2.0, 0.5])]
-    assert rank_mimic_loss(teacher, swapped).item() > 0.1
+    assert rank_mimic_loss(teacher, swapped, score).item() > 0.01
 
 
-def test_rank_mimic_loss_is_unchanged_when_both_sides_permute_their_anchors_together():
+@pytest.mark.parametrize("score", ["probability", "logit"])
+def test_rank_mimic_loss_is_unchanged_when_both_sides_permute_their_anchors_together(score):
     gen = torch.Generator().manual_seed(0)
     teacher = [torch.randn(7, generator=gen), torch.randn(3, generator=gen)]
     student = [torch.randn(7, generator=gen), torch.randn(3, generator=gen)]
     perms = [torch.randperm(7, generator=gen), torch.randperm(3, generator=gen)]
-    loss = rank_mimic_loss(teacher, student)
+    loss = rank_mimic_loss(teacher, student, score)
     permuted = rank_mimic_loss(
-        [t[p] for t, p in zip(teacher, perms)], [s[p] for s, p in zip(student, perms)]
+        [t[p] for t, p in zip(teacher, perms)], [s[p] for s, p in zip(student, perms)], score
     )
-    assert permuted.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert permuted.item() == pytest.approx(loss.item(), rel=1e-5)
     # sorting each side on its own, as one public port does, is a different (wrong) quantity
     sorted_each = rank_mimic_loss(
-        [t.sort().values for t in teacher], [s.sort().values for s in student]
+        [t.sort().values for t in teacher], [s.sort().values for s in student], score
     )
     assert sorted_each.item() != pytest.approx(loss.item(), rel=1e-3)
+
+
+def test_rank_mimic_loss_on_probabilities_is_the_kl_of_softmaxes_over_sigmoids_and_stays_bounded():
+    """The "probability" score (MODEL.DISTILL.RANK.SCORE): a softmax over values in [0, 1] puts
+    at most e times more mass on one candidate than on another, so a confident teacher (log-odds
+    far apart) cannot make a near one-hot target: the KL stays below 2 per GT, where the logits'
+    grows with the teacher's confidence."""
+    gen = torch.Generator().manual_seed(1)
+    teacher = [50 * torch.randn(5, generator=gen), 50 * torch.randn(4, generator=gen)]
+    student = [torch.randn(5, generator=gen), torch.randn(4, generator=gen)]
+    expected = torch.stack(
+        [
+            F.kl_div(
+                F.log_softmax(s.sigmoid(), 0), F.log_softmax(t.sigmoid(), 0),
+                reduction="sum", log_target=True,
+            )
+            for t, s in zip(teacher, student)
+        ]
+    ).mean()
+    loss = rank_mimic_loss(teacher, student, "probability")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert 0 < loss.item() < 2.0
+    assert rank_mimic_loss(teacher, student, "logit").item() > 10 * loss.item()
+    with pytest.raises(ValueError, match="MODEL.DISTILL.RANK.SCORE"):
+        rank_mimic_loss(teacher, student, "rank")
 
 
 def test_pfi_weights_each_location_by_the_prediction_difference():

@@ -14,6 +14,7 @@ from .config import add_distill_config
 from .dense_view import DenseView, candidate_matches, dense_view
 from .losses import (
     PFI_PREDICTION_GAPS,
+    RANK_SCORES,
     defeat_losses,
     fgfi_loss,
     pfi_loss,
@@ -26,6 +27,7 @@ from .teacher import FrozenTeacher, load_teacher_weights
 
 __all__ = [
     "PFI_PREDICTION_GAPS",
+    "RANK_SCORES",
     "DenseView",
     "Distiller",
     "FrozenTeacher",

@@ -71,6 +71,11 @@ def add_distill_config(cfg):
     # PFI always compares the RPN's objectness with the student's largest class logit per anchor
     # (ours; the logit itself with one class)
     _C.MODEL.DISTILL.RANK.TWO_STAGE_SCORES = "roi_head"
+    # what the softmax over a GT's candidates reads: "probability", each score's sigmoid (the
+    # public port's; the paper says "scores"), or "logit", the log-odds themselves (ours until
+    # 2026-12-07: a confident teacher's near one-hot ranking fought the focal loss and slowed a
+    # ten-class student to a quarter of RetinaNet's AP at 600 iterations; docs/distillation.md)
+    _C.MODEL.DISTILL.RANK.SCORE = "probability"
     _C.MODEL.DISTILL.PFI = CN()
     # public port: 1.5
     _C.MODEL.DISTILL.PFI.WEIGHT = 0.0

@@ -11,6 +11,8 @@ from torch import Tensor
 __all__ = [
     "fgfi_loss",
     "defeat_losses",
+    "RANK_SCORES",
+    "check_rank_score",
     "rank_mimic_loss",
     "pfi_loss",
     "pfi_weight",
@@ -63,7 +65,19 @@ def defeat_losses(
     return torch.stack(fg_terms).mean(), torch.stack(bg_terms).mean()
 
 
-def rank_mimic_loss(teacher_scores: List[Tensor], student_scores: List[Tensor]) -> Tensor:
+# what Rank Mimicking's softmax ranks the candidates by (MODEL.DISTILL.RANK.SCORE)
+RANK_SCORES = ("probability", "logit")
+
+
+def check_rank_score(score: str) -> None:
+    """Refuses a ``MODEL.DISTILL.RANK.SCORE`` not in :data:`RANK_SCORES`."""
+    if score not in RANK_SCORES:
+        raise ValueError(f"MODEL.DISTILL.RANK.SCORE must be one of {RANK_SCORES}, got {score!r}")
+
+
+def rank_mimic_loss(
+    teacher_scores: List[Tensor], student_scores: List[Tensor], score: str = "probability"
+) -> Tensor:
     """
     Rank Mimicking (Li et al., AAAI 2022): per GT, the scores of its candidate anchors at the
     GT's class, teacher and student in the same anchor order, each turned into a distribution by
@@ -71,8 +85,15 @@ def rank_mimic_loss(teacher_scores: List[Tensor], student_scores: List[Tensor]) 
     would lose the anchor correspondence that the loss is about.
 
     Args:
-        teacher_scores, student_scores: per GT, ``(K_g,)`` logits of the same K_g anchors.
+        teacher_scores, student_scores: per GT, ``(K_g,)`` logits (log-odds) of the same K_g
+            anchors.
+        score: what the softmax reads: ``"probability"``, the sigmoid of each logit (the public
+            port's: a soft ranking, at most e times more mass on one candidate than on
+            another), or ``"logit"`` itself (ours until 2026-12-07: a confident teacher's
+            log-odds, 10 or more apart, make a near one-hot target that pushes the other
+            candidates' logits down against the student's own classification loss).
     """
+    check_rank_score(score)
     if not student_scores:
         raise ValueError("rank_mimic_loss needs at least one GT (use a zero loss without GTs)")
     terms = []
@@ -81,7 +102,10 @@ def rank_mimic_loss(teacher_scores: List[Tensor], student_scores: List[Tensor]) 
             raise ValueError(
                 f"rank_mimic_loss: teacher {tuple(t.shape)} vs student {tuple(s.shape)}"
             )
-        log_p_t, log_p_s = F.log_softmax(t.float(), dim=0), F.log_softmax(s.float(), dim=0)
+        t, s = t.float(), s.float()
+        if score == "probability":
+            t, s = t.sigmoid(), s.sigmoid()
+        log_p_t, log_p_s = F.log_softmax(t, dim=0), F.log_softmax(s, dim=0)
         terms.append((log_p_t.exp() * (log_p_t - log_p_s)).sum())
     return torch.stack(terms).mean()
 

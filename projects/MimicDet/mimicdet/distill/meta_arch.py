@@ -25,6 +25,7 @@ from .dense_view import (
 )
 from .losses import (
     check_pfi_prediction_gap,
+    check_rank_score,
     defeat_losses,
     fgfi_loss,
     pfi_loss,
@@ -99,6 +100,7 @@ def distiller_arguments(distill_cfg) -> Dict:
         "fgfi_psi": distill_cfg.FGFI.PSI,
         "gt_level_scale": distill_cfg.GT_LEVEL_SCALE,
         "rank_two_stage_scores": distill_cfg.RANK.TWO_STAGE_SCORES,
+        "rank_score": distill_cfg.RANK.SCORE,
         "pfi_prediction_gap": distill_cfg.PFI.PREDICTION_GAP,
     }
 
@@ -133,6 +135,7 @@ class Distiller(nn.Module):
         fgfi_psi: float,
         gt_level_scale: float = 56.0,
         rank_two_stage_scores: str = "roi_head",
+        rank_score: str = "probability",
         pfi_prediction_gap: str = "logit",
     ):
         """
@@ -149,6 +152,8 @@ class Distiller(nn.Module):
             gt_level_scale: the level rule of FGFI's and DeFeat's masks (:func:`gt_levels`).
             rank_two_stage_scores: a two-stage teacher's class scores for Rank Mimicking
                 (:func:`dense_view`).
+            rank_score: what Rank Mimicking's softmax ranks by, probabilities or logits
+                (:func:`rank_mimic_loss`).
             pfi_prediction_gap: what PFI's weight compares, logits or probabilities
                 (:func:`pfi_loss`).
         """
@@ -166,6 +171,8 @@ class Distiller(nn.Module):
         self.fgfi_psi = fgfi_psi
         self.gt_level_scale = gt_level_scale
         self.rank_two_stage_scores = rank_two_stage_scores
+        check_rank_score(rank_score)  # refused before any training
+        self.rank_score = rank_score
         check_pfi_prediction_gap(pfi_prediction_gap)  # refused before any training
         self.pfi_prediction_gap = pfi_prediction_gap
         self.kd_adapters = nn.ModuleDict()
@@ -437,7 +444,7 @@ class Distiller(nn.Module):
                     student_scores.append(s_flat[i, idx[mine], cls])
         if not student_scores:
             return s_flat.sum() * 0.0
-        return rank_mimic_loss(teacher_scores, student_scores)
+        return rank_mimic_loss(teacher_scores, student_scores, self.rank_score)
 
 
 def _ignore_adapters(model: Distiller, incompatible_keys):
