@@ -208,3 +208,26 @@ def test_a_student_with_other_anchors_than_the_teachers_is_refused(rm_pfi_cfg):
     rm_pfi_cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
     with pytest.raises(ValueError, match="same anchors"):
         build_model(rm_pfi_cfg)
+
+
+def test_rank_candidates_tool_reads_the_teachers_ranking_of_each_gts_candidates(
+    rm_pfi_cfg, make_inputs
+):
+    """tools/rank_candidates.py --teacher-weights: one ranking per GT with two or more
+    candidates; the probabilities' softmax is never more peaked than the logits' (sigmoids lie
+    closer together than their logits)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from rank_candidates import teacher_rankings
+
+    torch.manual_seed(0)
+    model = build_model(two_classes(rm_pfi_cfg)).eval()
+    # the shapes of two 50.8 px P3 anchors: each has its 4 neighbours as candidates too
+    boxes = ((38.6, 38.6, 89.4, 89.4), (142.6, 110.6, 193.4, 161.4))
+    inputs = make_inputs(num_images=2, size=256, boxes_per_image=boxes)
+    rankings = teacher_rankings(model.student, model.teacher.model, [inputs])
+    assert len(rankings) == 4  # 2 GTs in each of 2 images
+    for spread, shares in rankings:
+        assert spread >= 0.0
+        assert 0.0 < shares["probability"] <= shares["logit"] + 1e-6 <= 1.0 + 1e-6

@@ -73,8 +73,9 @@ def add_distill_config(cfg):
     _C.MODEL.DISTILL.RANK.TWO_STAGE_SCORES = "roi_head"
     # what the softmax over a GT's candidates reads: "probability", each score's sigmoid (the
     # public port's; the paper says "scores"), or "logit", the log-odds themselves (ours until
-    # 2026-12-07: a confident teacher's near one-hot ranking fought the focal loss and slowed a
-    # ten-class student to a quarter of RetinaNet's AP at 600 iterations; docs/distillation.md)
+    # 2026-12-07: undamped by the sigmoid's slope, at the port's weight it pulled a ten-class
+    # student's classifier as hard as its own loss and slowed it to a quarter of RetinaNet's AP at
+    # 600 iterations; docs/distillation.md)
     _C.MODEL.DISTILL.RANK.SCORE = "probability"
     _C.MODEL.DISTILL.PFI = CN()
     # public port: 1.5

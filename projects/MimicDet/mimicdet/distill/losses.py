@@ -88,10 +88,10 @@ def rank_mimic_loss(
         teacher_scores, student_scores: per GT, ``(K_g,)`` logits (log-odds) of the same K_g
             anchors.
         score: what the softmax reads: ``"probability"``, the sigmoid of each logit (the public
-            port's: a soft ranking, at most e times more mass on one candidate than on
-            another), or ``"logit"`` itself (ours until 2026-12-07: a confident teacher's
-            log-odds, 10 or more apart, make a near one-hot target that pushes the other
-            candidates' logits down against the student's own classification loss).
+            port's: a soft ranking, at most e times more mass on one candidate than on another,
+            whose gradient the sigmoid's slope p(1 - p) damps wherever the student is sure), or
+            ``"logit"`` itself (ours until 2026-12-07: undamped, it can pull the student's
+            classifier as hard as the student's own classification loss; docs/distillation.md).
     """
     check_rank_score(score)
     if not student_scores:
