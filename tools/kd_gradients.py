@@ -13,21 +13,21 @@ training forward, one backward pass per loss, no step taken), at a checkpoint or
         MODEL.WEIGHTS output/.../model_0001199.pth MODEL.DISTILL.RANK.SCORE logit
 """
 
-import argparse
 import sys
 from pathlib import Path
 
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
-from detectron2.data.samplers import TrainingSampler
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "MimicDet"))
-from mimicdet import get_mimicdet_cfg  # noqa: E402
-from mimic_agreement import gradient_statistics, mean_over_batches, report  # noqa: E402
+from mimic_agreement import (  # noqa: E402
+    distiller_tool_main,
+    gradient_statistics,
+    mean_over_batches,
+    training_batches,
+)
 
 
 def class_branch_groups(student):
@@ -45,6 +45,14 @@ def class_branch_groups(student):
     }
 
 
+def readings(cfg):
+    """What the result records of the terms' settings: their gradients depend on them."""
+    return {
+        "rank_score": cfg.MODEL.DISTILL.RANK.SCORE,
+        "pfi_prediction_gap": cfg.MODEL.DISTILL.PFI.PREDICTION_GAP,
+    }
+
+
 def measure(cfg, batches, seed=0):
     """Means of ``gradient_statistics`` over ``batches`` training batches of ``cfg``'s Distiller,
     loaded from ``cfg.MODEL.WEIGHTS`` (none: the student as it starts), and the losses."""
@@ -59,14 +67,10 @@ def measure(cfg, batches, seed=0):
         DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.train()
     groups = class_branch_groups(model.student)
-    dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN)
-    loader = build_detection_train_loader(
-        cfg, dataset=dataset, sampler=TrainingSampler(len(dataset), seed=seed)
-    )
     records, losses = [], []
     # the iteration only decides the KD warm-up: past it, every term counts
     with EventStorage(start_iter=cfg.MODEL.DISTILL.WARMUP_ITERS):
-        for _, batch in zip(range(batches), loader):
+        for batch in training_batches(cfg, batches, seed):
             step = model(batch)
             names = [k for k in step if k.startswith("loss_") and step[k].requires_grad]
             records.append(gradient_statistics(step, groups, names))
@@ -77,20 +81,7 @@ def measure(cfg, batches, seed=0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config-file", required=True, help="the Distiller's config (a run's)")
-    parser.add_argument("--batches", type=int, default=4, help="training batches to measure")
-    parser.add_argument("--seed", type=int, default=0, help="images and augmentation")
-    parser.add_argument("--output", help="also write the results to this JSON file")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
-    args = parser.parse_args(argv)
-    cfg = get_mimicdet_cfg(args.config_file, args.opts)
-    cfg.freeze()
-    result = {"weights": cfg.MODEL.WEIGHTS, "batches": args.batches, "seed": args.seed}
-    result["rank_score"] = cfg.MODEL.DISTILL.RANK.SCORE
-    result["pfi_prediction_gap"] = cfg.MODEL.DISTILL.PFI.PREDICTION_GAP
-    result.update(measure(cfg, args.batches, args.seed))
-    return report(result, args.output)
+    return distiller_tool_main(argv, __doc__, measure, readings)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import contextlib
 import json
 import math
 import sys
-from itertools import combinations
+from itertools import combinations, islice
 from pathlib import Path
 
 import torch
@@ -134,15 +134,9 @@ def measure(cfg, batches, seed=0, gradients=False):
     seed_all_rng(seed)
     model = load_full_model(cfg)
     model.train()  # the training forward is what samples and pairs the boxes
-    dataset = get_detection_dataset_dicts(
-        cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-    )
-    loader = build_detection_train_loader(
-        cfg, dataset=dataset, sampler=TrainingSampler(len(dataset), seed=seed)
-    )
     groups = gradient_groups(model)
     with recording_mimic_pairs(model) as records, EventStorage():
-        for _, batch in zip(range(batches), loader):
+        for batch in training_batches(cfg, batches, seed):
             with torch.set_grad_enabled(gradients):
                 losses = model(batch)
             if gradients:
@@ -150,6 +144,18 @@ def measure(cfg, batches, seed=0, gradients=False):
     if not records:
         raise SystemExit(f"no mimicked pairs in {batches} batches of {cfg.DATASETS.TRAIN}")
     return {key: mean_over_batches(records, key) for key in records[0]}
+
+
+def training_batches(cfg, batches, seed=0):
+    """The first ``batches`` batches of ``cfg``'s training loader (its augmentation), in the order
+    a sampler seeded with ``seed`` draws the images: the same batches for every model measured."""
+    dataset = get_detection_dataset_dicts(
+        cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+    )
+    loader = build_detection_train_loader(
+        cfg, dataset=dataset, sampler=TrainingSampler(len(dataset), seed=seed)
+    )
+    return islice(loader, batches)
 
 
 def mean_over_batches(records, key):
@@ -167,19 +173,40 @@ def report(result, output=None):
     return result
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config-file", required=True, help="a MimicDet yaml config")
-    parser.add_argument("--batches", type=int, default=10, help="training batches to measure")
+def measuring_parser(doc, config_help, batches):
+    """The arguments of the tools that measure a model on training batches (this one,
+    pfi_weight.py, kd_gradients.py): ``--config-file``, ``--batches``, ``--seed``, ``--output``
+    and the config overrides; ``doc``'s first paragraph describes the tool."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--config-file", required=True, help=config_help)
+    parser.add_argument("--batches", type=int, default=batches, help="training batches to measure")
     parser.add_argument("--seed", type=int, default=0, help="images, augmentation and sampling")
     parser.add_argument("--output", help="also write the results to this JSON file")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
+    return parser
+
+
+def distiller_tool_main(argv, doc, measure, describe):
+    """``main`` of a tool that measures a Distiller's checkpoint (pfi_weight.py, kd_gradients.py):
+    its config and overrides, then ``describe(cfg)`` (what the result says it measured) and
+    ``measure(cfg, batches, seed)``, reported as JSON."""
+    args = measuring_parser(doc, "the Distiller's config (a run's)", batches=4).parse_args(argv)
+    cfg = get_mimicdet_cfg(args.config_file, args.opts)
+    cfg.freeze()
+    result = {"weights": cfg.MODEL.WEIGHTS, "batches": args.batches, "seed": args.seed}
+    result.update(describe(cfg))
+    result.update(measure(cfg, args.batches, args.seed))
+    return report(result, args.output)
+
+
+def main(argv=None):
+    parser = measuring_parser(__doc__, "a MimicDet yaml config", batches=10)
     parser.add_argument(
         "--gradients",
         action="store_true",
         help="also compare the losses' gradients on the S-head's shared convs and on the "
         "backbone (runs backward)",
     )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
     args = parser.parse_args(argv)
 
     # both paths measured, whichever the checkpoint trained with

@@ -18,7 +18,6 @@ gap that lies outside, and the PFI term it gives (unweighted by ``PFI.WEIGHT``);
 teacher's and the student's mean logit outside the boxes, and the training forward's losses.
 """
 
-import argparse
 import contextlib
 import math
 import sys
@@ -26,17 +25,18 @@ from pathlib import Path
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
-from detectron2.data.samplers import TrainingSampler
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "MimicDet"))
 import mimicdet.distill.meta_arch as meta_arch  # noqa: E402
-from mimicdet import get_mimicdet_cfg  # noqa: E402
 from mimicdet.distill import PFI_PREDICTION_GAPS, pfi_weight  # noqa: E402
-from mimic_agreement import mean_over_batches, report  # noqa: E402
+from mimic_agreement import (  # noqa: E402
+    distiller_tool_main,
+    mean_over_batches,
+    training_batches,
+)
 
 
 @contextlib.contextmanager
@@ -107,13 +107,9 @@ def measure(cfg, batches, seed=0):
     model.train()
     shapes = model.student.backbone.output_shape()
     strides = [shapes[f].stride for f in model.kd_adapters]
-    dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN)
-    loader = build_detection_train_loader(
-        cfg, dataset=dataset, sampler=TrainingSampler(len(dataset), seed=seed)
-    )
     per_level, losses = [], []
     with recording_pfi_inputs([]) as records, EventStorage(), torch.no_grad():
-        for _, batch in zip(range(batches), loader):
+        for batch in training_batches(cfg, batches, seed):
             records.clear()
             losses.append({k: v.item() for k, v in model(batch).items()})
             levels = zip(*records[0], strides)
@@ -130,18 +126,7 @@ def measure(cfg, batches, seed=0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config-file", required=True, help="the Distiller's config (a run's)")
-    parser.add_argument("--batches", type=int, default=4, help="training batches to measure")
-    parser.add_argument("--seed", type=int, default=0, help="images and augmentation")
-    parser.add_argument("--output", help="also write the results to this JSON file")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
-    args = parser.parse_args(argv)
-    cfg = get_mimicdet_cfg(args.config_file, args.opts)
-    cfg.freeze()
-    result = {"weights": cfg.MODEL.WEIGHTS, "batches": args.batches, "seed": args.seed}
-    result.update(measure(cfg, args.batches, args.seed))
-    return report(result, args.output)
+    return distiller_tool_main(argv, __doc__, measure, lambda cfg: {})
 
 
 if __name__ == "__main__":
