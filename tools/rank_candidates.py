@@ -60,11 +60,10 @@ def teacher_rankings(student, teacher, batches):
     """Per GT with two or more RPN candidates on ``student``'s anchors: ``(spread, shares)``,
     the max minus the min of the teacher's second-stage log-odds of the GT's class over the
     candidates, and per ``RANK_SCORES`` entry the largest share of the softmax Rank Mimicking
-    takes as its target."""
+    takes as its target (``mimicdet.distill.rank_targets``, what the loss compares)."""
     import torch.nn.functional as F
-    from detectron2.structures import Boxes
 
-    from mimicdet.distill import RANK_SCORES, candidate_matches, dense_view
+    from mimicdet.distill import RANK_SCORES, dense_view, rank_targets
 
     view = dense_view(teacher, student.num_classes, "roi_head")
     rankings = []
@@ -75,20 +74,14 @@ def teacher_rankings(student, teacher, batches):
             t_images = teacher.preprocess_image(batch)
             t_features = teacher.backbone(t_images.tensor)
             gts = [x["instances"] for x in batch]
-            matches = candidate_matches(view.assigner, anchors, gts)
-            candidates = [(m >= 0).nonzero().squeeze(1) for m in matches]
-            scores = view.candidate_scores(
-                t_features, None, Boxes.cat(anchors), candidates, t_images.image_sizes
-            )
-            for matched, idx, gt, image_scores in zip(matches, candidates, gts, scores):
-                owner = matched[idx]
-                for g, cls in enumerate(gt.gt_classes.tolist()):
-                    log_odds = image_scores[owner == g, cls]
-                    if len(log_odds) < 2:
-                        continue
-                    by_score = {"probability": log_odds.sigmoid(), "logit": log_odds}
-                    shares = {k: F.softmax(by_score[k], 0).max().item() for k in RANK_SCORES}
-                    rankings.append(((log_odds.max() - log_odds.min()).item(), shares))
+            for *_, log_odds in rank_targets(
+                view, t_features, None, anchors, gts, t_images.image_sizes
+            ):
+                if len(log_odds) < 2:
+                    continue
+                by_score = {"probability": log_odds.sigmoid(), "logit": log_odds}
+                shares = {k: F.softmax(by_score[k], 0).max().item() for k in RANK_SCORES}
+                rankings.append(((log_odds.max() - log_odds.min()).item(), shares))
     return rankings
 
 

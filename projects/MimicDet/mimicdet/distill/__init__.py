@@ -11,7 +11,7 @@ this package.
 """
 
 from .config import add_distill_config
-from .dense_view import DenseView, candidate_matches, dense_view
+from .dense_view import DenseView, candidate_matches, dense_view, rank_targets
 from .losses import (
     PFI_PREDICTION_GAPS,
     RANK_SCORES,
@@ -45,4 +45,5 @@ __all__ = [
     "pfi_loss",
     "pfi_weight",
     "rank_mimic_loss",
+    "rank_targets",
 ]

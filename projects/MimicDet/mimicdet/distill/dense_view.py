@@ -27,6 +27,7 @@ __all__ = [
     "TWO_STAGE_SCORES",
     "candidate_matches",
     "dense_view",
+    "rank_targets",
     "anchor_generator_of",
     "per_anchor_logits",
 ]
@@ -242,3 +243,39 @@ def candidate_matches(
         matched, labels = assigner.anchor_matcher(pairwise_iou(gt.gt_boxes, all_anchors))
         matches.append(torch.where(labels == 1, matched, torch.full_like(matched, -1)))
     return matches
+
+
+@torch.no_grad()
+def rank_targets(
+    view: DenseView,
+    t_features: Dict[str, Tensor],
+    t_logits: Optional[List[Tensor]],
+    anchors: List[Boxes],
+    gt_instances: List[Instances],
+    image_sizes: List[Tuple[int, int]],
+) -> List[Tuple[int, Tensor, int, Tensor]]:
+    """
+    What Rank Mimicking compares, per GT with at least one candidate: ``(image index, its
+    candidate anchors' indices (K_g,) into all levels concatenated, its class, the teacher's
+    scores of those anchors at that class (K_g,))``, GTs in image order. The one place that
+    groups the teacher's candidates by GT, for the loss and for the tools that measure it.
+
+    Args:
+        view: the teacher's :class:`DenseView` (its assigner and candidate scores).
+        t_features, t_logits: the teacher's pyramid and ``view.class_logits`` of it (None for a
+            two-stage teacher, whose second stage scores the candidates from its features).
+        anchors: the student's anchors per level; gt_instances, image_sizes: per image.
+    """
+    matches = candidate_matches(view.assigner, anchors, gt_instances)
+    candidates = [(matched >= 0).nonzero().squeeze(1) for matched in matches]
+    scores = view.candidate_scores(
+        t_features, t_logits, Boxes.cat(anchors), candidates, image_sizes
+    )
+    targets = []
+    for i, (matched, idx, gt) in enumerate(zip(matches, candidates, gt_instances)):
+        owner = matched[idx]  # the GT each candidate belongs to
+        for g, cls in enumerate(gt.gt_classes.tolist()):
+            mine = owner == g
+            if mine.any():
+                targets.append((i, idx[mine], cls, scores[i][mine, cls]))
+    return targets

@@ -10,7 +10,6 @@ from detectron2.config import LazyConfig, configurable, instantiate
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
-from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
@@ -18,9 +17,9 @@ from ..config import get_mimicdet_cfg
 from .dense_view import (
     DenseView,
     anchor_generator_of,
-    candidate_matches,
     dense_view,
     per_anchor_logits,
+    rank_targets,
     same_anchors,
 )
 from .losses import (
@@ -425,26 +424,17 @@ class Distiller(nn.Module):
         self, anchors, s_logits, t_features, t_logits, image_sizes, gt_instances
     ) -> Tensor:
         """Rank Mimicking over the teacher's positives of each GT, at the GT's class."""
-        view = self.teacher_dense
-        matches = candidate_matches(view.assigner, anchors, gt_instances)
-        candidates = [(matched >= 0).nonzero().squeeze(1) for matched in matches]
-        with torch.no_grad():
-            t_scores = view.candidate_scores(
-                t_features, t_logits, Boxes.cat(anchors), candidates, image_sizes
-            )
-        num_classes = self.student.num_classes
-        s_flat = per_anchor_logits(s_logits, num_classes)
-        teacher_scores, student_scores = [], []
-        for i, (matched, idx, gt) in enumerate(zip(matches, candidates, gt_instances)):
-            owner = matched[idx]  # the GT each candidate belongs to
-            for g, cls in enumerate(gt.gt_classes.tolist()):
-                mine = owner == g
-                if mine.any():
-                    teacher_scores.append(t_scores[i][mine, cls])
-                    student_scores.append(s_flat[i, idx[mine], cls])
-        if not student_scores:
+        targets = rank_targets(
+            self.teacher_dense, t_features, t_logits, anchors, gt_instances, image_sizes
+        )
+        s_flat = per_anchor_logits(s_logits, self.student.num_classes)
+        if not targets:
             return s_flat.sum() * 0.0
-        return rank_mimic_loss(teacher_scores, student_scores, self.rank_score)
+        return rank_mimic_loss(
+            [t_scores for *_, t_scores in targets],
+            [s_flat[i, idx, cls] for i, idx, cls, _ in targets],
+            self.rank_score,
+        )
 
 
 def _ignore_adapters(model: Distiller, incompatible_keys):
