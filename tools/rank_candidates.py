@@ -17,11 +17,12 @@ the spread of the second stage's log-odds and the largest share of the softmax u
     python tools/rank_candidates.py --dataset fashion_scenes --batches 25
     python tools/rank_candidates.py --dataset fashion_scenes --batches 10 \
         --teacher-weights <faster_rcnn run>/model_final.pth
+
+``--seed`` (default 0) picks the batches: the same seed gives the same numbers.
 """
 
 import argparse
 from collections import defaultdict
-from itertools import islice
 from pathlib import Path
 
 import torch
@@ -94,14 +95,18 @@ def main(argv=None):
         help="the dataset's trained Faster R-CNN (model_final.pth): also measure how peaked its "
         "ranking of each GT's candidates is",
     )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="which images, in which order and augmentation"
+    )
     args = parser.parse_args(argv)
     if args.teacher_weights and not Path(args.teacher_weights).is_file():
         parser.error(f"--teacher-weights {args.teacher_weights}: no such file")
 
-    from detectron2.data import build_detection_train_loader
     from detectron2.modeling import build_model
+    from detectron2.utils.env import seed_all_rng
 
     import mimicdet  # noqa: F401  (registers the datasets)
+    from mimic_agreement import training_batches
     from mimicdet.config import get_mimicdet_cfg
 
     folder = REPO / "configs" / FOLDERS[args.dataset]
@@ -113,8 +118,14 @@ def main(argv=None):
     student, teacher = build_model(student_cfg).eval(), build_model(teacher_cfg).eval()
     # the distiller's assigner of a Faster R-CNN teacher is its RPN (dense_view)
     assigners = {"teacher's RPN": teacher.proposal_generator, "student's own": student}
-    batches = islice(build_detection_train_loader(student_cfg), args.batches)
-    counts = count_candidates(student, assigners, batches)
+
+    def batches():
+        """The same training batches at every call (the student's augmentation and input sizes):
+        the numbers printed depend on the images, so a seed makes them reproducible."""
+        seed_all_rng(args.seed)
+        return training_batches(student_cfg, args.batches, args.seed)
+
+    counts = count_candidates(student, assigners, batches())
     print(f"{args.dataset}, {args.batches} training batches: candidates per GT (mean; share of")
     print("GTs with exactly one, whose KL is 0)")
     print("| GT size (px) | GTs | " + " | ".join(assigners) + " |")
@@ -130,8 +141,7 @@ def main(argv=None):
         from detectron2.checkpoint import DetectionCheckpointer
 
         DetectionCheckpointer(teacher).load(args.teacher_weights)
-        batches = islice(build_detection_train_loader(student_cfg), args.batches)
-        rankings = teacher_rankings(student, teacher, batches)
+        rankings = teacher_rankings(student, teacher, batches())
         if not rankings:
             raise SystemExit("no GT with two or more candidates in these batches")
         spreads = torch.tensor([spread for spread, _ in rankings])
