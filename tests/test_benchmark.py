@@ -1314,6 +1314,39 @@ def test_retimed_training_steps_replace_those_of_the_rows_variant_only(tmp_path)
     assert "`python tools/benchmark.py --retime-training`" in table
 
 
+def test_a_retime_training_pass_is_kept_while_it_times_every_chosen_row_at_its_variant(
+    tmp_path, monkeypatch, capsys
+):
+    """A stages file with --retime-training can be started over after a stop: a pass that already
+    times exactly the rows and variants the next would is kept, not built again; one that misses a
+    row, or timed another variant, is redone."""
+    for row in ("retinanet", "fcos", "faster_rcnn"):
+        fake_result(tmp_path, "deepforest", row, "lr0.005", 0, 8.0, max_iter=benchmark.SMOKE_ITERS)
+    bench = benchmark.Benchmark(tmp_path, tmp_path / "out", smoke=True)  # one rate: lr0.005
+    timed = bench.retimed_variants("deepforest")
+    students = {"retinanet_fgfi", "retinanet_defeat", "retinanet_rm_pfi"}
+    # the distilled students come with their teacher's choice
+    assert set(timed) == {"retinanet", "fcos", "faster_rcnn", *students}
+
+    built = []
+
+    def build_training(config, opts, device):
+        built.append(config)
+        raise RuntimeError("built")
+
+    monkeypatch.setattr(benchmark, "build_training", build_training)
+    rows = {name: {"variant": "lr0.005", "train_s_per_iter": 0.5} for name in timed}
+    path = tmp_path / "runs/deepforest/train_timing.json"
+    path.write_text(json.dumps({"date": "then", "rows": rows}))
+    assert bench.retime_training("deepforest")["date"] == "then"
+    assert not built and "kept (delete it to time again)" in capsys.readouterr().out
+    for stale in ({**rows, "fcos": {"variant": "lr0.01"}}, {k: rows[k] for k in students}):
+        path.write_text(json.dumps({"date": "then", "rows": stale}))
+        with pytest.raises(RuntimeError, match="built"):
+            bench.retime_training("deepforest")
+    assert len(built) == 2
+
+
 @pytest.mark.slow
 def test_retiming_training_builds_every_chosen_row_as_train_net_does(tmp_path):
     """A smoke --retime-training of the rows whose detectors chose (yacs RetinaNet and Faster

@@ -1151,6 +1151,20 @@ class Benchmark:
         }
         return self.write_timing(dataset, "timing.json", timing)
 
+    def retimed_variants(self, dataset):
+        """The rows a --retime-training pass times, with their chosen variants: every row of
+        ``dataset`` whose detector (and, for a distilled row, whose teacher) has chosen."""
+        timed = {}
+        for row_name, row in ROWS.items():
+            chosen = self.chosen(dataset, row_name)
+            if chosen is None or dataset not in row.datasets:
+                continue
+            if row.teacher is not None and self.chosen(dataset, row.teacher) is None:
+                print(f"[benchmark] {row_name}: its teacher has no chosen variant: skipped")
+                continue
+            timed[row_name] = chosen
+        return timed
+
     def retime_training(self, dataset):
         """
         Times a training step of every row's chosen variant (a distilled row with its teacher,
@@ -1159,19 +1173,31 @@ class Benchmark:
         sees the same machine load; writes ``runs/<dataset>/train_timing.json``, whose seconds
         per step the report prefers to those of runs trained in different sittings (None when
         no row has chosen its variant yet).
+
+        Like a training run, a pass is not redone: where ``train_timing.json`` already times
+        exactly the rows and variants this pass would, it is kept and returned (delete it to
+        time again), so that a stages file holding this pass can be started over after a stop.
         """
+        timed = self.retimed_variants(dataset)
+        path = self.results / "runs" / dataset / "train_timing.json"
+        if timed and path.is_file():
+            kept = json.loads(path.read_text())
+            if {name: r["variant"] for name, r in kept["rows"].items()} == {
+                name: chosen.name for name, chosen in timed.items()
+            }:
+                print(
+                    f"[benchmark] --retime-training: {path} already times every chosen {dataset}"
+                    " row at its variant: kept (delete it to time again)",
+                    flush=True,
+                )
+                return kept
         trainers, variants = {}, {}
         max_iter, eval_period = self.max_iter(dataset), self.eval_period(dataset)
-        for row_name, row in ROWS.items():
-            chosen = self.chosen(dataset, row_name)
-            if chosen is None or dataset not in row.datasets:
-                continue
+        for row_name, chosen in timed.items():
+            row = ROWS[row_name]
             opts = [*row.opts, *chosen.opts]
             if row.teacher is not None:
                 t_chosen = self.chosen(dataset, row.teacher)
-                if t_chosen is None:
-                    print(f"[benchmark] {row_name}: its teacher has no chosen variant: skipped")
-                    continue
                 t_variant = self.teacher_variant(dataset, row, chosen, t_chosen)
                 t_out = self.run_dir(dataset, row.teacher, t_variant.name, self.seeds(row_name)[0])
                 t_config = REPO / config_path(dataset, ROWS[row.teacher])

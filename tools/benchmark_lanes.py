@@ -10,10 +10,11 @@ The stages file (``tools/benchmark_stages.txt`` by default) has one stage a line
 when the one before it has ended. In a line, ``|`` separates *lanes* that run side by side, each
 at ``cores // lanes`` threads, and ``;`` separates the commands a lane runs in turn; a failed
 command ends its lane and, once the other lanes are done, the whole run. A command is ``DATASET
-ROW [benchmark.py flags]`` (ROW ``all``: every row). Training commands are idempotent
-(``benchmark.py`` never trains a run whose result exists, and resumes an interrupted one from its
-checkpoint in ``--output``), so after a stop the same command line goes on where the last sitting
-ended: nothing to edit.
+ROW [benchmark.py flags]`` (ROW ``all``: every row). Commands are idempotent (``benchmark.py``
+never trains a run whose result exists, resumes an interrupted one from its checkpoint in
+``--output``, and keeps a ``--retime-training`` pass that already times every chosen row at its
+variant), so after a stop the same command line goes on where the last sitting ended: nothing to
+edit.
 
 Why lanes: two trainings side by side at one thread each make 1.19x the steps of one alone at
 two threads on the 2-core CPU (RetinaNet, 2026-12-04: 0.91 s a step alone, 1.53 s each side by
