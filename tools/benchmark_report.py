@@ -127,6 +127,9 @@ def summarize(runs, row_name):
         "seeds": sorted(reported),
         "tuning_run_only": 0 in reported,
         "AP_per_seed": [reported[s]["final"].get("AP") for s in sorted(reported)],
+        # where each seed trained: seeds added in a later sitting may come from another machine
+        # or thread count
+        "machine_per_seed": [reported[s].get("machine") for s in sorted(reported)],
         "did_not_learn": [s for s in sorted(reported) if not reported[s]["learned"]],
         "train_s_per_iter": _mean([r["train_s_per_iter"] for r in same_device]),
         # the share of the machine each training had: None for runs recorded before it was
@@ -459,11 +462,18 @@ def markdown(
     ]
     machines = {machine_model(r["machine"]) for r in rows.values()}
     for name, r in rows.items():
-        per_seed = ", ".join(_fmt(a) for a in r["AP_per_seed"])
+        seed_machines = r.get("machine_per_seed") or [r["machine"]]
+        if len(machines) > 1 and len(set(seed_machines)) > 1:
+            # each seed with its own machine, where a row's seeds did not all train on one
+            per_seed = "; ".join(
+                f"{_fmt(a)} on {m}" for a, m in zip(r["AP_per_seed"], seed_machines)
+            )
+        else:
+            per_seed = ", ".join(_fmt(a) for a in r["AP_per_seed"])
         per_seed += " (tuning run only)" if r["tuning_run_only"] else ""
         if r["did_not_learn"]:
             per_seed += f" (seed {', '.join(map(str, r['did_not_learn']))} did not learn)"
-        if len(machines) > 1:
+        if len(machines) > 1 and len(set(seed_machines)) == 1:
             per_seed += f" on {r['machine']}"
         params = None if r["params"] is None else r["params"] / 1e6
         variant = r["variant"] + ("" if r["sweep_complete"] else " (sweep incomplete)")
