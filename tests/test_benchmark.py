@@ -923,13 +923,15 @@ def test_the_table_names_a_rows_machine_only_where_the_rows_came_from_different_
     table = (tmp_path / "deepforest.md").read_text()
     assert "| 7.0 on a CPU, 1 threads (inference timed at 2), torch 2, CPU |" in table
     assert "| 9.0 on another CPU, 2 threads, CPU |" in table
-    # a seed added later on another machine: each seed of that row names its own
-    result = fake_result(tmp_path, "deepforest", "fcos", "lr0.005", 2, 6.0)
-    path = benchmark.result_path(tmp_path, "deepforest", "fcos", "lr0.005", 2)
-    path.write_text(json.dumps({**result, "machine": "another CPU, 1 threads, CPU"}))
+    # seeds added later on another machine: each run of seeds of that row names its own
+    for seed, ap in ((2, 6.0), (3, 7.0)):
+        result = fake_result(tmp_path, "deepforest", "fcos", "lr0.005", seed, ap)
+        path = benchmark.result_path(tmp_path, "deepforest", "fcos", "lr0.005", seed)
+        path.write_text(json.dumps({**result, "machine": "another CPU, 1 threads, CPU"}))
     benchmark_report.write_report(tmp_path, "today")
     table = (tmp_path / "deepforest.md").read_text()
-    assert "| 8.0 on a CPU, 2 threads, torch 2, CPU; 6.0 on another CPU, 1 threads, CPU |" in table
+    cell = "| 8.0 on a CPU, 2 threads, torch 2, CPU; 6.0, 7.0 on another CPU, 1 threads, CPU |"
+    assert cell in table
 
 
 def test_the_cpu_share_counts_the_trainings_own_worker_processes():

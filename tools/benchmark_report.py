@@ -10,6 +10,7 @@ Writes ``<results>/results.json``, ``<results>/<dataset>.md``, ``<results>/<data
 sweep) and ``<results>/<dataset>_speed_accuracy.png`` for every dataset with results.
 """
 
+import itertools
 import json
 import statistics
 from pathlib import Path
@@ -464,9 +465,10 @@ def markdown(
     for name, r in rows.items():
         seed_machines = r.get("machine_per_seed") or [r["machine"]]
         if len(machines) > 1 and len(set(seed_machines)) > 1:
-            # each seed with its own machine, where a row's seeds did not all train on one
+            # where a row's seeds did not all train on one machine, each run of seeds names its own
+            runs = itertools.groupby(zip(r["AP_per_seed"], seed_machines), key=lambda x: x[1])
             per_seed = "; ".join(
-                f"{_fmt(a)} on {m}" for a, m in zip(r["AP_per_seed"], seed_machines)
+                ", ".join(_fmt(a) for a, _ in group) + f" on {m}" for m, group in runs
             )
         else:
             per_seed = ", ".join(_fmt(a) for a in r["AP_per_seed"])
