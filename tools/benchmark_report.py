@@ -463,8 +463,9 @@ def markdown(
     ]
     machines = {machine_model(r["machine"]) for r in rows.values()}
     for name, r in rows.items():
-        seed_machines = r.get("machine_per_seed") or [r["machine"]]
-        if len(machines) > 1 and len(set(seed_machines)) > 1:
+        seed_machines = r["machine_per_seed"]
+        one_machine = len(set(seed_machines)) == 1
+        if len(machines) > 1 and not one_machine:
             # where a row's seeds did not all train on one machine, each run of seeds names its own
             runs = itertools.groupby(zip(r["AP_per_seed"], seed_machines), key=lambda x: x[1])
             per_seed = "; ".join(
@@ -475,7 +476,7 @@ def markdown(
         per_seed += " (tuning run only)" if r["tuning_run_only"] else ""
         if r["did_not_learn"]:
             per_seed += f" (seed {', '.join(map(str, r['did_not_learn']))} did not learn)"
-        if len(machines) > 1 and len(set(seed_machines)) == 1:
+        if len(machines) > 1 and one_machine:
             per_seed += f" on {r['machine']}"
         params = None if r["params"] is None else r["params"] / 1e6
         variant = r["variant"] + ("" if r["sweep_complete"] else " (sweep incomplete)")
